@@ -1,0 +1,280 @@
+"""Loading real models and building random-weight twins, all as TransformerLens 4.3 ``TransformerBridge``s.
+
+Supported: GPT-2 small / medium / large and OPT-1.3B (HF ids accepted too). Every bridge factlens returns
+has been through :func:`prepare`, which makes TL's own ``hook_pattern`` / ``hook_attn_scores`` hooks take
+effect on OPT as on GPT-2 (see :mod:`factlens.attention`).
+
+**Compatibility mode** (TL's ``fold_ln`` + weight centring) is on by default in :func:`load`, because the
+Lv et al. analyses (logit lens, direct logit attribution, MLP-output decomposition) read weights and
+intermediate activations in HookedTransformer numerics. It changes no logits. It edits weights in place,
+must be applied once only, and changes what the parameters mean, so **training never uses it**: the
+biography trainer trains plain HF models (:func:`build_hf`) and wraps copies with :func:`bridge_from_hf`
+(``compat=False`` by default) for analysis. :func:`tiny` and :func:`full_size` default to ``compat=False``.
+
+TransformerLens traps handled here (``notes/transformerlens-4.md`` §1.1):
+
+- TL reloads tokenizers through ``AutoTokenizer`` from their ``name_or_path``; in-memory tokenizers fail.
+  factlens's tokenizers are always saved to a directory first (:mod:`factlens.tokenizers`).
+- Booting rewrites the wrapped HF model in place (GPT-2's ``attn`` becomes a ``JointQKVAttentionBridge``)
+  and ``hf.save_pretrained()`` then fails. :func:`bridge_from_hf` therefore wraps a *copy*; checkpoints are
+  saved from the plain HF model or via ``bridge.state_dict()``.
+- Booting forces eager attention; :func:`prepare` re-points OPT at factlens's function.
+
+Example:
+    >>> import factlens
+    >>> model = factlens.tiny("gpt2")          # random weights, real GPT-2 layer types and tokenizer
+    >>> model.cfg.n_layers, model.cfg.n_heads
+    (2, 4)
+    >>> model.to_tokens(" Paris", prepend_bos=False).tolist()
+    [[6342]]
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedModel
+
+from factlens.attention import install_bridge_hooks, use_factlens_attention
+from factlens.errors import ConfigError, UnknownModelError
+from factlens.tokenizers import gpt2_tokenizer, opt_style_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A supported model: its HF id, family and the full-size architecture."""
+
+    name: str
+    hf_id: str
+    family: str  # "gpt2" | "opt"
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    n_ctx: int
+    vocab_size: int
+
+
+SUPPORTED: dict[str, ModelSpec] = {
+    "gpt2": ModelSpec("gpt2", "openai-community/gpt2", "gpt2", 12, 12, 768, 3072, 1024, 50257),
+    "gpt2-medium": ModelSpec("gpt2-medium", "openai-community/gpt2-medium", "gpt2", 24, 16, 1024, 4096, 1024, 50257),
+    "gpt2-large": ModelSpec("gpt2-large", "openai-community/gpt2-large", "gpt2", 36, 20, 1280, 5120, 1024, 50257),
+    "opt-1.3b": ModelSpec("opt-1.3b", "facebook/opt-1.3b", "opt", 24, 32, 2048, 8192, 2048, 50272),
+}
+_ALIASES = {
+    "gpt2-small": "gpt2",
+    "openai-community/gpt2": "gpt2",
+    "openai-community/gpt2-medium": "gpt2-medium",
+    "openai-community/gpt2-large": "gpt2-large",
+    "facebook/opt-1.3b": "opt-1.3b",
+    "opt-1.3B": "opt-1.3b",
+}
+FAMILIES = ("gpt2", "opt")
+
+
+def resolve(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` for a short name or HF id; :class:`UnknownModelError` lists the choices."""
+    key = _ALIASES.get(name, _ALIASES.get(name.lower(), name.lower()))
+    if key not in SUPPORTED:
+        choices = ", ".join(list(SUPPORTED) + sorted(_ALIASES))
+        raise UnknownModelError(
+            f"factlens does not support model {name!r}. Supported: {choices}. For a random-weight twin of an "
+            "architecture use factlens.tiny('gpt2'|'opt') or factlens.full_size(name)."
+        )
+    return SUPPORTED[key]
+
+
+def prepare(bridge):
+    """Make a bridge factlens-ready: TL pattern/score hooks take effect on OPT too. Idempotent.
+
+    Returns the same bridge, with ``bridge.factlens_family`` set to ``"gpt2"`` or ``"opt"``.
+    """
+    hf_type = getattr(bridge.original_model.config, "model_type", "")
+    if hf_type not in FAMILIES:
+        raise UnknownModelError(
+            f"factlens supports the GPT-2 and OPT architectures; this bridge wraps {hf_type!r}. "
+            "Use factlens.load('gpt2'|'gpt2-medium'|'gpt2-large'|'opt-1.3b')."
+        )
+    install_bridge_hooks(bridge)
+    bridge.factlens_family = hf_type
+    return bridge
+
+
+def _boot(name: str, hf_model: PreTrainedModel, tokenizer, device, compat: bool):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings(), _quiet_transformers():
+        warnings.simplefilter("ignore", UserWarning)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
+    prepare(bridge)
+    if compat:
+        bridge.enable_compatibility_mode()
+    return bridge.eval()
+
+
+class _quiet_transformers:
+    """Silence transformers' INFO/WARNING chatter while booting offline models."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("transformers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+         compat: bool = True, revision: str | None = None, **boot_kwargs):
+    """Load a supported pretrained model from the hub (or the local HF cache) as a prepared bridge.
+
+    Args:
+        name: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``opt-1.3b`` or their HF ids.
+        device: torch device; default CUDA when available.
+        dtype: weight dtype (default float32).
+        compat: enable TL compatibility mode (fold LN, centre weights). Needed for the Lv analyses;
+            do not train a model loaded this way.
+        revision: an HF revision (branch/tag/commit).
+        **boot_kwargs: passed on to ``TransformerBridge.boot_transformers``.
+
+    Example:
+        >>> model = factlens.load("gpt2")                       # doctest: +SKIP (needs the hub)
+        >>> model.to_str_tokens("The capital of France is")     # doctest: +SKIP
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    spec = resolve(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bridge = TransformerBridge.boot_transformers(
+        spec.hf_id, device=device, dtype=dtype or torch.float32, revision=revision, **boot_kwargs
+    )
+    prepare(bridge)
+    if compat:
+        bridge.enable_compatibility_mode()
+    return bridge.eval()
+
+
+def hf_config(arch: str, *, full_size: bool = False, **overrides):
+    """An HF ``GPT2Config``/``OPTConfig``: tiny defaults for a family, or a supported model's full size.
+
+    ``hf_config("gpt2")`` is the tiny twin; ``hf_config("gpt2", full_size=True)`` GPT-2 small;
+    ``hf_config("opt-1.3b")`` (a model name that is not a family) is always full size.
+
+    Overrides use HF field names (``n_layer``, ``n_head``, ``n_embd``... for GPT-2; ``num_hidden_layers``,
+    ``num_attention_heads``, ``hidden_size``, ``ffn_dim``... for OPT). Dropout defaults to 0.
+    """
+    if arch in FAMILIES and not full_size:
+        spec = None
+    else:
+        spec = resolve(arch)
+        arch = spec.family
+    if arch == "gpt2":
+        base = dict(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=256,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256)
+        if spec:
+            base.update(n_positions=spec.n_ctx, n_embd=spec.d_model, n_layer=spec.n_layers, n_head=spec.n_heads,
+                        n_inner=None, vocab_size=spec.vocab_size)
+        base.update(overrides)
+        return GPT2Config(**base)
+    if arch == "opt":
+        base = dict(vocab_size=50272, max_position_embeddings=128, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=64, do_layer_norm_before=True,
+                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+                    pad_token_id=50258, bos_token_id=50257, eos_token_id=50257, enable_bias=True)
+        if spec:
+            base.update(max_position_embeddings=spec.n_ctx, hidden_size=spec.d_model, word_embed_proj_dim=spec.d_model,
+                        num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, ffn_dim=spec.d_mlp,
+                        vocab_size=spec.vocab_size)
+        base.update(overrides)
+        if base.get("word_embed_proj_dim") != base["hidden_size"] and "word_embed_proj_dim" not in overrides:
+            base["word_embed_proj_dim"] = base["hidden_size"]
+        return OPTConfig(**base)
+    raise UnknownModelError(f"unknown architecture {arch!r}: use 'gpt2' or 'opt' (or a supported model name).")
+
+
+def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, full_size: bool = False,
+             **overrides) -> PreTrainedModel:
+    """A plain HF ``GPT2LMHeadModel`` / ``OPTForCausalLM`` with random weights, on factlens attention.
+
+    This is the model the biography trainer trains: stock HF layers, SDPA attention when nothing is
+    patched (:mod:`factlens.attention`), no TransformerLens overhead.
+
+    Example:
+        >>> hf = build_hf("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=100)
+        >>> type(hf).__name__, hf.config._attn_implementation
+        ('GPT2LMHeadModel', 'factlens')
+    """
+    config = hf_config(arch, full_size=full_size, **overrides)
+    if config.model_type == "opt" and not config.do_layer_norm_before:
+        raise ConfigError("post-norm OPT (opt-350m style) is not supported; keep do_layer_norm_before=True.")
+    gen = torch.random.fork_rng(devices=[])
+    with gen:
+        torch.manual_seed(seed)
+        cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
+        model = cls(config).to(dtype)
+    use_factlens_attention(model)
+    return model
+
+
+def _tokenizer_for(family: str):
+    return gpt2_tokenizer() if family == "gpt2" else opt_style_tokenizer()
+
+
+def bridge_from_hf(hf_model: PreTrainedModel, tokenizer=None, *, device=None, compat: bool = False,
+                   copy_model: bool = True):
+    """Wrap an HF GPT-2/OPT model (e.g. one trained by factlens) in a prepared bridge.
+
+    Args:
+        hf_model: the model. Booting rewrites a model in place, so it is deep-copied unless
+            ``copy_model=False``.
+        tokenizer: its tokenizer (saved to a directory; see :mod:`factlens.tokenizers`). Default: the
+            offline GPT-2 / OPT-style BPE.
+        device: where the bridge lives (default: the model's device).
+        compat: enable TL compatibility mode on the copy.
+    """
+    family = hf_model.config.model_type
+    if family not in FAMILIES:
+        raise UnknownModelError(f"bridge_from_hf supports GPT-2 and OPT models, got {family!r}.")
+    model = copy.deepcopy(hf_model) if copy_model else hf_model
+    device = device or next(model.parameters()).device
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(family)
+    name = "openai-community/gpt2" if family == "gpt2" else "facebook/opt-125m"
+    return _boot(name, model, tokenizer, device, compat)
+
+
+def tiny(arch: str = "gpt2", *, seed: int = 0, compat: bool = False, device=None, **overrides):
+    """A small random-init bridge of the real GPT-2 or OPT architecture, offline, with the real BPE.
+
+    Defaults: 2 layers, 4 heads, d_model 64, d_mlp 256, context 128, the GPT-2 vocabulary (so real
+    token ids such as ``" Paris" = 6342`` apply). HF field names override (``n_layer=3`` for GPT-2,
+    ``num_hidden_layers=3`` for OPT).
+
+    Example:
+        >>> tiny("opt").cfg.n_layers
+        2
+    """
+    if arch not in FAMILIES:
+        raise UnknownModelError(f"tiny() builds 'gpt2' or 'opt' twins, got {arch!r}.")
+    hf = build_hf(arch, seed=seed, **overrides).eval()
+    return bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
+
+
+def full_size(name: str, *, seed: int = 0, compat: bool = False, device=None, dtype=torch.float32):
+    """A random-weight bridge with the full-size config of a supported model (offline).
+
+    For shape tests and benchmarks: ``full_size("gpt2-large").cfg.n_layers == 36``. OPT-1.3B in fp32 needs
+    about 5.3 GB.
+    """
+    spec = resolve(name)
+    hf = build_hf(spec.name, seed=seed, dtype=dtype, full_size=True).eval()
+    return bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
+
+
+def family_of(model) -> str:
+    """``"gpt2"`` or ``"opt"`` for a bridge or HF model."""
+    config = getattr(model, "original_model", model).config
+    return config.model_type

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random-weight GPT-2 and OPT bridges (offline), built once per session."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import factlens
+
+warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "opt"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict:
+    return {a: factlens.tiny(a, seed=0) for a in ("gpt2", "opt")}
+
+
+@pytest.fixture
+def model(tiny_models, arch):
+    m = tiny_models[arch]
+    m.eval()
+    m.reset_hooks()
+    return m
+
+
+@pytest.fixture
+def tokens(model) -> torch.Tensor:
+    return model.to_tokens(["The capital of France is", "Keep in mind, the capital of Japan is"])

@@ -1,0 +1,172 @@
+"""The intervention layer: patterns, scores and vectors take effect on GPT-2 and OPT, and prove it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformer_lens import patching
+
+import factlens
+from factlens import add_vector, attend_to_self, hook, intervene, patch_pattern
+
+
+def uniform_pattern(model, tokens):
+    p = tokens.shape[1]
+    causal = torch.tril(torch.ones(p, p))
+    return (causal / causal.sum(-1, keepdim=True)).expand(tokens.shape[0], model.cfg.n_heads, p, p).clone()
+
+
+def test_own_pattern_patch_is_identity(model, tokens):
+    base, cache = model.run_with_cache(tokens)
+    with intervene(model, patch_pattern(model, cache), on_no_effect="ignore") as run:
+        out = model(tokens)
+    torch.testing.assert_close(out, base, atol=1e-5, rtol=0)
+    assert all(r.calls == 1 for r in run.records.values())
+    assert len(run.records) == model.cfg.n_layers
+
+
+def test_own_pattern_patch_raises_without_opt_out(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(factlens.InterventionNoEffectError, match="on_no_effect='ignore'"), \
+            intervene(model, patch_pattern(model, cache)):
+        model(tokens)
+
+
+def test_uniform_pattern_changes_logits(model, tokens):
+    base = model(tokens)
+    with intervene(model, patch_pattern(model, uniform_pattern(model, tokens))) as run:
+        out = model(tokens)
+    assert (out - base).abs().max() > 1e-4
+    assert all(r.changed for r in run.records.values())
+
+
+def test_pattern_patch_matches_tl_patching(model, tokens):
+    """Golden reference: TL's own pattern-patching sweep (which is a no-op on stock OPT) agrees with ours."""
+    other = model.to_tokens(["The capital of Spain is", "Keep in mind, the capital of Italy is"])
+    assert other.shape == tokens.shape
+    _, clean_cache = model.run_with_cache(other)
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, 6342].mean()
+
+    tl = patching.get_act_patch_attn_head_pattern_all_pos(model, tokens, clean_cache, metric)
+    for layer in range(model.cfg.n_layers):
+        for head in (0, model.cfg.n_heads - 1):
+            with intervene(model, patch_pattern(model, clean_cache, layers=layer, heads=[head])):
+                ours = metric(model(tokens))
+            assert abs(float(ours) - float(tl[layer, head])) < 1e-5
+    baseline = metric(model(tokens))
+    assert (tl - baseline).abs().max() > 1e-6, "TL's own hook_pattern sweep must take effect (OPT too)"
+
+
+def test_attend_to_self_only_changes_last_position(model, tokens):
+    base, cache = model.run_with_cache(tokens)
+    last = model.cfg.n_layers - 1
+    with intervene(model, attend_to_self(model, layers=-1, positions=-1)):
+        out, edited = model.run_with_cache(tokens)
+    assert (out[:, -1] - base[:, -1]).abs().max() > 1e-4
+    torch.testing.assert_close(out[:, :-1], base[:, :-1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(edited[f"blocks.{last}.hook_resid_pre"], cache[f"blocks.{last}.hook_resid_pre"])
+    pattern = edited[f"blocks.{last}.attn.hook_pattern"][:, :, -1]  # [b, h, k]
+    assert torch.allclose(pattern[..., -1], torch.ones_like(pattern[..., -1]))
+
+
+def test_attend_to_self_per_prompt_positions(model):
+    tokens = model.to_tokens(["The capital of France is", "Keep in mind, the capital of Japan is"])
+    lengths = (tokens != model.tokenizer.pad_token_id).sum(-1) - 1
+    base = model(tokens)
+    with intervene(model, attend_to_self(model, positions=lengths)):
+        out = model(tokens)
+    changed = (out - base).abs().amax(-1) > 1e-6  # [b, p]
+    expected = torch.zeros_like(changed)
+    expected[torch.arange(len(lengths)), lengths] = True
+    assert torch.equal(changed, expected)
+
+
+def test_empty_head_list_and_zero_vector_are_identity(model, tokens):
+    base = model(tokens)
+    edits = [attend_to_self(model, heads=[]), patch_pattern(model, uniform_pattern(model, tokens), heads=[]),
+             add_vector(model, torch.zeros(model.cfg.d_model))]
+    assert all(e.identity for e in edits)
+    with intervene(model, *edits):
+        out = model(tokens)
+    torch.testing.assert_close(out, base)
+
+
+def test_add_vector_equals_residual_shift(model, tokens):
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    last = model.cfg.n_layers - 1
+    with intervene(model, add_vector(model, vector, layer=-1, component="mlp_out", positions=-1)):
+        a = model(tokens)
+    with intervene(model, add_vector(model, vector, hook_name=f"blocks.{last}.hook_resid_post", positions=-1)):
+        b = model(tokens)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_hook_that_never_fires_raises(model, tokens):
+    with pytest.raises(factlens.HookDidNotFireError, match="never fired"), \
+            intervene(model, hook("blocks.1.hook_mlp_out", lambda t, h: t + 1)):
+        model(tokens, stop_at_layer=1)
+    with pytest.raises(factlens.HookDidNotFireError, match="Closest names"), \
+            intervene(model, hook("blocks.0.attn.hook_patern", lambda t, h: t)):
+        model(tokens)
+
+
+def test_bad_inputs(model, tokens):
+    with pytest.raises(factlens.ConfigError, match="out of range"):
+        attend_to_self(model, layers=model.cfg.n_layers)
+    with pytest.raises(factlens.ConfigError, match="head"):
+        patch_pattern(model, uniform_pattern(model, tokens), heads=[model.cfg.n_heads])
+    bad = uniform_pattern(model, tokens) * 2
+    with pytest.raises(factlens.ShapeError, match="sum to 1"), intervene(model, patch_pattern(model, bad)):
+        model(tokens)
+    wrong = uniform_pattern(model, tokens)[:, :, :-1, :-1]
+    with pytest.raises(factlens.ShapeError, match="shape"), intervene(model, patch_pattern(model, wrong)):
+        model(tokens)
+    nan = uniform_pattern(model, tokens)
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(factlens.ShapeError, match="NaN"), intervene(model, patch_pattern(model, nan)):
+        model(tokens)
+    with pytest.raises(factlens.ShapeError, match="d_model"):
+        add_vector(model, torch.ones(3))
+
+
+def test_stop_gradient_in_train_mode(arch):
+    model = factlens.tiny(arch, seed=5)
+    model.train()
+    tokens = model.to_tokens(["The capital of France is", "Keep in mind, the capital of Japan is"])
+    _, cache = model.run_with_cache(tokens)
+    with intervene(model, patch_pattern(model, cache), on_no_effect="ignore"):
+        loss = model(tokens, return_type="loss")
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    qk = [n for n in grads if any(s in n for s in ("attn.q.", "attn.k.", "q_proj", "k_proj"))]
+    vo = [n for n in grads if any(s in n for s in ("attn.v.", "attn.o.", "v_proj", "out_proj"))]
+    mlp = [n for n in grads if any(s in n for s in ("mlp", "fc1", "fc2"))]
+    assert qk and vo and mlp
+    assert all(grads[n] is None or not grads[n].any() for n in qk)
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in vo + mlp)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_interventions_change_output_only_when_they_should(tiny_models, data):
+    arch = data.draw(st.sampled_from(["gpt2", "opt"]))
+    model = tiny_models[arch]
+    model.eval()
+    tokens = model.to_tokens(["The capital of France is", "Keep in mind, the capital of Japan is"])
+    layer = data.draw(st.integers(0, model.cfg.n_layers - 1))
+    heads = data.draw(st.lists(st.integers(0, model.cfg.n_heads - 1), min_size=1, max_size=3, unique=True))
+    position = data.draw(st.integers(1, tokens.shape[1] - 1))
+    base = model(tokens)
+    for edit in (attend_to_self(model, layers=layer, heads=heads, positions=position),
+                 patch_pattern(model, uniform_pattern(model, tokens), layers=layer, heads=heads, positions=position),
+                 add_vector(model, torch.ones(model.cfg.d_model) + torch.arange(model.cfg.d_model) / 10,
+                            layer=layer, positions=position)):
+        with intervene(model, edit):
+            out = model(tokens)
+        delta = (out - base).abs().amax(-1)  # [b, p]
+        assert delta[:, position:].max() > 0
+        assert delta[:, :position].max() == 0  # causal: earlier positions never change
