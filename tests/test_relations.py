@@ -96,13 +96,14 @@ def test_opt_bos_shifts_positions_by_one(gpt2, opt):
 
 def test_one_shot_example_matches_notes(gpt2):
     ds = make_dataset(CAPITALS, gpt2, shots=1, seed=0)
-    assert all(p.startswith("The capital of ") and p.count(". ") >= 1 for p in ds.prompts)
-    row = next(i for i, s in enumerate(ds.specs) if s.shot_subjects == ("Japan",)
-               and ds.relation.templates[s.template_idx].startswith("Don't forget"))
-    if row is not None:
-        assert len(gpt2(ds.prompts[row])["input_ids"]) == int(ds.lengths[row])
-    ds2 = make_dataset(CAPITALS, gpt2, shots=1, seed=0)
-    assert ds2.prompts == ds.prompts  # seeded
+    assert all(p.startswith("The capital of ") for p in ds.prompts)
+    row = next(i for i, s in enumerate(ds.specs)
+               if s.subject == "France" and ds.relation.templates[s.template_idx].startswith("Don't forget"))
+    demo = ds.specs[row].shot_subjects[0]
+    expected = f"The capital of {demo} is {CAPITALS.answer_of(demo)}. Don't forget, the capital of France is"
+    assert ds.prompts[row] == expected
+    assert int(ds.lengths[row]) == 16  # notes §2.1: the 1-shot example is 16 tokens
+    assert make_dataset(CAPITALS, gpt2, shots=1, seed=0).prompts == ds.prompts  # seeded
     assert make_dataset(CAPITALS, gpt2, shots=1, seed=1).prompts != ds.prompts
 
 
@@ -166,7 +167,8 @@ def test_sampling_n_and_subjects(gpt2):
     with pytest.raises(ConfigError, match="n <= 225"):
         make_dataset(CAPITALS, gpt2, n=226)
     df = ds.to_dataframe()
-    assert len(df) == 40 and {"prompt", "subject", "answer_id", "pos_N", "pos_R", "pos_end"} <= set(df.columns)
+    assert len(df) == 40
+    assert {"prompt", "subject", "answer_id", "pos_N", "pos_R", "pos_end"} <= set(df.columns)
     assert (df["answer_token"] == [" " + a for a in ds.answers]).all()
 
 
@@ -216,7 +218,8 @@ def test_prompt_dataset_biographies(gpt2, opt):
              ("Alan Turing was born in", "Alan Turing", "London"),
              ("Everyone knows that Grace Hopper was born in", "Grace Hopper", "Washington")]
     for tok in (gpt2, opt):
-        ds = make_prompt_dataset(items, tok, shot_template="{subject} was born in {answer}. ", shots=1, seed=0)
+        ds = make_prompt_dataset(items, tok, shot_template="{subject} was born in {answer}. ", shots=1,
+                                 seed=0)
         for i, (_, subject, _) in enumerate(items):
             span = ds.tokens[i, ds.positions["N"][i]: ds.positions["N_last"][i] + 1]
             assert tok.decode(span).strip() == subject

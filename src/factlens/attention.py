@@ -56,10 +56,14 @@ class LayerEdit:
     Attributes:
         scores_fn: applied to the masked pre-softmax scores ``[batch, head, query, key]``.
         pattern_fn: applied to the post-softmax pattern ``[batch, head, query, key]``.
+        replace: returns a complete pattern that replaces this layer's own in every head. The layer then
+            skips ``QK^T`` and the softmax altogether (its W_Q/W_K receive no gradient either way), so a
+            fully patched layer costs one ``pattern @ V``.
     """
 
     scores_fn: TensorFn | None = None
     pattern_fn: TensorFn | None = None
+    replace: Callable[[], torch.Tensor] | None = None
 
 
 def set_layer_edit(module: torch.nn.Module, edit: LayerEdit | None) -> None:
@@ -136,6 +140,10 @@ def factlens_attention(
     """
     edit = getattr(module, _EDIT_ATTR, None)
     scores_fn = getattr(module, "_factlens_scores_hook", None)
+    if edit is not None and edit.replace is not None and pattern_fn is None and scores_fn is None:
+        pattern = edit.replace().to(value.dtype)  # [b, h, q, k]
+        pattern = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
+        return torch.matmul(pattern, value).transpose(1, 2).contiguous(), None
     if edit is not None:
         scores_fn = _compose(scores_fn, edit.scores_fn)
         pattern_fn = _compose(pattern_fn, edit.pattern_fn)

@@ -53,11 +53,13 @@ def _check(target: torch.Tensor, regressors: torch.Tensor) -> None:
         raise ShapeError(f"target {tuple(target.shape)} and regressors {tuple(regressors.shape)} disagree on "
                          "n (dim 0) or d (last dim); pass the same prompts and the same residual width")
     if target.shape[0] == 0 or regressors.shape[1] == 0 or target.shape[1] == 0:
-        raise EmptyDatasetError(f"empty input: n={target.shape[0]}, k={regressors.shape[1]}, d={target.shape[1]}; "
-                                "pass at least one prompt and one regressor")
+        n, k, d = regressors.shape
+        raise EmptyDatasetError(f"empty input: n={n}, k={k}, d={d}; pass at least one prompt and one "
+                                "regressor")
     for name, x in (("target", target), ("regressors", regressors)):
         if x.is_complex() or not torch.isfinite(x.double()).all():
-            raise ShapeError(f"{name} has NaN/inf or complex values; drop those prompts or recompute in float32")
+            raise ShapeError(f"{name} has NaN/inf or complex values; drop those prompts or recompute them "
+                             "in float32")
 
 
 @dataclass
@@ -90,12 +92,13 @@ class Decomposition:
     fit_intercept: bool = True
 
     def predict(self, regressors: Float[torch.Tensor, "n k d"]) -> Float[torch.Tensor, "n d"]:
-        """``Σ_j beta_j · regressors[:, j] + intercept`` (computed in float64, returned in the input dtype)."""
+        """``Σ_j beta_j · regressors[:, j] + intercept`` (float64 inside, returned in the input dtype)."""
         if regressors.ndim != 3 or regressors.shape[1:] != (len(self.beta), len(self.intercept)):
             raise ShapeError(f"regressors must be [n, {len(self.beta)}, {len(self.intercept)}], got "
                              f"{tuple(regressors.shape)}; pass the same heads/width the fit used")
         beta = self.beta.to(regressors.device, torch.float64)
-        out = torch.einsum("nkd,k->nd", regressors.double(), beta) + self.intercept.to(regressors.device).double()
+        intercept = self.intercept.to(regressors.device, torch.float64)  # [d]
+        out = torch.einsum("nkd,k->nd", regressors.double(), beta) + intercept  # [n, d]
         return out.to(regressors.dtype if regressors.is_floating_point() else torch.float64)
 
     def residual(self, target: Float[torch.Tensor, "n d"], regressors: Float[torch.Tensor, "n k d"]
@@ -104,9 +107,10 @@ class Decomposition:
         _check(target, regressors)
         return target - self.predict(regressors).to(target.dtype)
 
-    def intercept_logits(self, W_U: Float[torch.Tensor, "d vocab"], ln_scale: float | torch.Tensor | None = None,
+    def intercept_logits(self, W_U: Float[torch.Tensor, "d vocab"],
+                         ln_scale: float | torch.Tensor | None = None,
                          b_U: Float[torch.Tensor, " vocab"] | None = None) -> Float[torch.Tensor, " vocab"]:
-        """Logits of the intercept, ``(c / ln_scale) @ W_U + b_U`` (ln_scale: e.g. ``ln_final.hook_scale``)."""
+        """Logits of the intercept, ``(c / ln_scale) @ W_U + b_U`` (ln_scale: ``ln_final.hook_scale``)."""
         return _logits(self.intercept, W_U, ln_scale, b_U)
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -125,7 +129,8 @@ class Decomposition:
                        zip(df["regressor"], df["beta"], df["share"])], hoverinfo="text"))
         fig.add_hline(y=-1, line_dash="dash", line_color="firebrick", annotation_text="erased")
         fig.add_hline(y=0, line_dash="dash", line_color="gray", annotation_text="unchanged")
-        fig.update_layout(title=title or f"MLP-output decomposition (R² = {self.r2:.3f}, n = {self.n_samples})",
+        default = f"MLP-output decomposition (R² = {self.r2:.3f}, n = {self.n_samples})"
+        fig.update_layout(title=title or default,
                           xaxis_title="regressor", yaxis_title="β (dimensionless; share after MLP = 1 + β)")
         return fig
 
@@ -181,8 +186,9 @@ def fit_decomposition(
     if ridge > 0 and scale > 0:
         G = G + ridge * scale * torch.eye(k, dtype=G.dtype, device=G.device)
     eig = torch.linalg.eigvalsh(G)  # ascending
-    if eig[-1] <= 0 or eig[0] <= eig[-1] / COND_LIMIT:
-        few = f"n={n} prompt{'s' if n != 1 else ''}" + (" (centring needs n >= 2)" if fit_intercept and n < 2 else "")
+    energy = float(torch.einsum("nkd,nkd->k", h, h).max())  # uncentred: centring round-off is ~1e-32 of it
+    if eig[-1] <= 0 or eig[0] <= max(float(eig[-1]) / COND_LIMIT, 1e-20 * energy):
+        few = f"n={n} prompt(s)" + (" (centring needs n >= 2)" if fit_intercept and n < 2 else "")
         raise ConfigError(
             f"the regression is rank-deficient: G (k={k} regressors) has rank < {k} with {few}; add prompts "
             "(k+1 varied samples normally suffice), drop duplicate or constant regressors, or use ridge>0")
@@ -272,7 +278,7 @@ def fit_per_group(
     groups: Sequence[Hashable] | Int[torch.Tensor, " n"],
     **kwargs: Any,
 ) -> GroupedDecomposition:
-    """Fit one decomposition per group label (e.g. ``dataset.subjects``); kwargs go to :func:`fit_decomposition`.
+    """Fit one decomposition per group label (e.g. ``dataset.subjects``); kwargs: :func:`fit_decomposition`.
 
     Example:
         >>> import torch
@@ -283,7 +289,8 @@ def fit_per_group(
     _check(target, regressors)
     labels = groups.tolist() if isinstance(groups, torch.Tensor) else list(groups)
     if len(labels) != target.shape[0]:
-        raise ShapeError(f"got {len(labels)} group labels for n={target.shape[0]} samples; pass one per sample")
+        raise ShapeError(f"got {len(labels)} group labels for n={target.shape[0]} samples; pass one per "
+                         "sample")
     order = list(dict.fromkeys(labels))
     fits = {}
     for label in order:
@@ -299,13 +306,15 @@ def fit_per_group(
 def _logits(vector: torch.Tensor, W_U: torch.Tensor, ln_scale: float | torch.Tensor | None,
             b_U: torch.Tensor | None) -> torch.Tensor:
     if vector.ndim != 1 or W_U.ndim != 2 or W_U.shape[0] != vector.shape[0]:
-        raise ShapeError(f"need vector [d] and W_U [d, vocab], got {tuple(vector.shape)} and {tuple(W_U.shape)}; "
+        raise ShapeError(f"need vector [d] and W_U [d, vocab], got {tuple(vector.shape)} and "
+                         f"{tuple(W_U.shape)}; "
                          "pass model.W_U (for an HF lm_head.weight pass weight.T)")
     v = vector.to(W_U.device, W_U.dtype)  # [d]
     if ln_scale is not None:
         s = torch.as_tensor(ln_scale, dtype=W_U.dtype, device=W_U.device).mean()  # per-prompt scales: mean
         if not torch.isfinite(s) or s <= 0:
-            raise ShapeError(f"ln_scale must be positive and finite, got {float(s)}; pass ln_final.hook_scale at end")
+            raise ShapeError(f"ln_scale must be positive and finite, got {float(s)}; pass "
+                             "ln_final.hook_scale at end")
         v = v / s
     logits = v @ W_U  # [vocab]
     if b_U is not None:
@@ -335,8 +344,9 @@ class VocabProjection:
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format: kind ("top"/"answer"), rank (0 = top), token_id, token, logit."""
-        top = pd.DataFrame({"kind": "top", "rank": range(len(self.top_ids)), "token_id": self.top_ids.tolist(),
-                            "token": self.top_tokens, "logit": self.top_logits.tolist()})
+        top = pd.DataFrame({"kind": "top", "rank": range(len(self.top_ids)),
+                            "token_id": self.top_ids.tolist(), "token": self.top_tokens,
+                            "logit": self.top_logits.tolist()})
         ans = pd.DataFrame({"kind": "answer", "rank": self.answer_ranks.tolist(),
                             "token_id": self.answer_ids.tolist(), "token": self.answer_tokens,
                             "logit": self.answer_logits.tolist()})
@@ -376,8 +386,9 @@ def project_to_vocab(
     Example:
         >>> import torch
         >>> W_U = torch.eye(4)
-        >>> project_to_vocab(torch.tensor([0.0, 0.0, 3.0, 1.0]), W_U, None, k=2, answer_ids=2).answer_ranks.tolist()
-        [0]
+        >>> proj = project_to_vocab(torch.tensor([0.0, 0.0, 3.0, 1.0]), W_U, None, k=2, answer_ids=2)
+        >>> proj.answer_ranks.tolist(), proj.top_ids.tolist()
+        ([0], [2, 3])
     """
     logits = _logits(vector, W_U, ln_scale, b_U).detach().float().cpu()  # [vocab]
     if not 1 <= k <= logits.numel():

@@ -178,6 +178,7 @@ def hf_config(arch: str, *, full_size: bool = False, **overrides):
         if spec:
             base.update(n_positions=spec.n_ctx, n_embd=spec.d_model, n_layer=spec.n_layers, n_head=spec.n_heads,
                         n_inner=None, vocab_size=spec.vocab_size)
+        base.update(_special_ids(overrides))
         base.update(overrides)
         return GPT2Config(**base)
     if arch == "opt":
@@ -189,11 +190,19 @@ def hf_config(arch: str, *, full_size: bool = False, **overrides):
             base.update(max_position_embeddings=spec.n_ctx, hidden_size=spec.d_model, word_embed_proj_dim=spec.d_model,
                         num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, ffn_dim=spec.d_mlp,
                         vocab_size=spec.vocab_size)
+        base.update(_special_ids(overrides))
         base.update(overrides)
         if base.get("word_embed_proj_dim") != base["hidden_size"] and "word_embed_proj_dim" not in overrides:
             base["word_embed_proj_dim"] = base["hidden_size"]
         return OPTConfig(**base)
     raise UnknownModelError(f"unknown architecture {arch!r}: use 'gpt2' or 'opt' (or a supported model name).")
+
+
+def _special_ids(overrides: dict) -> dict:
+    """With a custom ``vocab_size``, special ids default to factlens's task-vocab convention (pad 0, bos 1, eos 2)."""
+    if "vocab_size" not in overrides:
+        return {}
+    return {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, full_size: bool = False,
@@ -216,6 +225,20 @@ def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, fu
         torch.manual_seed(seed)
         cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
         model = cls(config).to(dtype)
+    use_factlens_attention(model)
+    return model
+
+
+def from_config(config) -> PreTrainedModel:
+    """An HF GPT-2/OPT model (random init, factlens attention) from an HF config or its ``to_dict()``."""
+    from transformers import AutoConfig
+
+    if isinstance(config, dict):
+        config = AutoConfig.for_model(**config)
+    if config.model_type not in FAMILIES:
+        raise UnknownModelError(f"factlens trains GPT-2 and OPT models, got {config.model_type!r}.")
+    cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
+    model = cls(config)
     use_factlens_attention(model)
     return model
 

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,12 +72,9 @@ def _check_template(template: str, where: str) -> None:
     if "{subject}" not in template:
         raise TokenizationError(f"{where} {template!r} has no '{{subject}}' slot; add one, e.g. "
                                 "'the capital of {subject} is'")
-    if "{answer}" in template:
-        raise ConfigError(f"{where} {template!r} contains '{{answer}}'; a query template must stop right "
-                          "before the answer (put demonstrations in shot_template)")
-    if template != template.rstrip():
-        raise ConfigError(f"{where} {template!r} ends with whitespace; strip it (the answer is scored as "
-                          "the first token of ' ' + answer)")
+    if "{answer}" in template or template != template.rstrip():
+        raise ConfigError(f"{where} {template!r} contains '{{answer}}' or ends with whitespace; a query "
+                          "template must stop right before the answer (scored as ' ' + answer): cut it there")
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ class Relation:
         shot_template: Demonstration with ``{subject}`` and ``{answer}`` (None: no few-shot prompts).
         lead_ins: The lead-ins the templates were built from (informational).
         relation_word: Word whose last occurrence in the query is position ``R`` (None: no ``R``).
-        multi_token_subjects: Allow subjects that are several tokens (position ``N`` starts the span).
+        multi_token_subjects: Allow subjects that are several tokens (``N``..``N_last`` is the span).
         variants: Other template sets by name, selected with ``make_dataset(variant=...)``.
 
     Example:
@@ -109,66 +107,62 @@ class Relation:
 
     def __post_init__(self) -> None:
         pairs = tuple((str(s), str(a)) for s, a in self.pairs)
-        object.__setattr__(self, "pairs", pairs)
-        object.__setattr__(self, "templates", tuple(self.templates))
-        object.__setattr__(self, "lead_ins", tuple(self.lead_ins))
-        object.__setattr__(self, "variants", tuple((k, tuple(v)) for k, v in self.variants))
-        if not pairs:
-            raise EmptyDatasetError(f"relation {self.name!r} has no (subject, answer) pairs; pass at least one")
-        if not self.templates:
-            raise EmptyDatasetError(f"relation {self.name!r} has no templates; pass at least one with "
-                                    "'{subject}'")
+        for key, value in (("pairs", pairs), ("templates", tuple(self.templates)),
+                           ("lead_ins", tuple(self.lead_ins)),
+                           ("variants", tuple((k, tuple(v)) for k, v in self.variants))):
+            object.__setattr__(self, key, value)
+        if not pairs or not self.templates or any(not v for _, v in self.variants):
+            raise EmptyDatasetError(f"relation {self.name!r} has no pairs or no templates (or an empty "
+                                    "variant); pass at least one (subject, answer) pair and one template")
         for s, a in pairs:
             if not s or not a or s != s.strip() or a != a.strip():
                 raise ConfigError(f"pair {(s, a)!r} of relation {self.name!r} is empty or has surrounding "
                                   "whitespace; strip it (a leading space is added when tokenizing)")
-        subjects = [s for s, _ in pairs]
-        dup = sorted({s for s in subjects if subjects.count(s) > 1})
+        dup = sorted({s for s, _ in pairs if self.subjects.count(s) > 1})
         if dup:
             raise ConfigError(f"relation {self.name!r} lists subjects {dup} more than once; keep one answer "
                               "per subject (split other answers into a separate relation)")
-        for t in self.templates:
-            _check_template(t, "template")
-        for vname, vtemplates in self.variants:
-            if not vtemplates:
-                raise EmptyDatasetError(f"variant {vname!r} has no templates; pass at least one")
-            for t in vtemplates:
-                _check_template(t, f"variant {vname!r} template")
-        if self.shot_template is not None:
-            if "{subject}" not in self.shot_template:
-                raise TokenizationError(f"shot_template {self.shot_template!r} has no '{{subject}}' slot; "
-                                        "use e.g. 'The capital of {subject} is {answer}. '")
-            if "{answer}" not in self.shot_template:
-                raise ConfigError(f"shot_template {self.shot_template!r} has no '{{answer}}' slot; add one")
+        for where, templates in (("template", self.templates),
+                                 *((f"variant {k!r} template", v) for k, v in self.variants)):
+            for t in templates:
+                _check_template(t, where)
+        if self.shot_template is not None and "{subject}" not in self.shot_template:
+            raise TokenizationError(f"shot_template {self.shot_template!r} has no '{{subject}}' slot; "
+                                    "use e.g. 'The capital of {subject} is {answer}. '")
+        if self.shot_template is not None and "{answer}" not in self.shot_template:
+            raise ConfigError(f"shot_template {self.shot_template!r} has no '{{answer}}' slot; add one")
 
-    @property
+    @functools.cached_property
     def subjects(self) -> tuple[str, ...]:
         """The subjects, in pair order."""
         return tuple(s for s, _ in self.pairs)
 
+    @functools.cached_property
+    def _answers(self) -> dict[str, str]:
+        return dict(self.pairs)
+
     def answer_of(self, subject: str) -> str:
         """The answer paired with ``subject`` (ConfigError if unknown)."""
-        for s, a in self.pairs:
-            if s == subject:
-                return a
-        raise ConfigError(f"{subject!r} is not a subject of relation {self.name!r}; pick one of "
-                          f"{list(self.subjects)}")
+        if subject not in self._answers:
+            raise ConfigError(f"{subject!r} is not a subject of relation {self.name!r}; pick one of "
+                              f"{list(self.subjects)}")
+        return self._answers[subject]
 
     def variant(self, name: str) -> Relation:
         """This relation with the template set ``name`` ("main" = the templates it has)."""
-        if name == "main":
-            return self
-        for vname, vtemplates in self.variants:
-            if vname == name:
-                return dataclasses.replace(self, templates=vtemplates, variants=())
-        raise ConfigError(f"relation {self.name!r} has no variant {name!r}; pick one of "
-                          f"{['main', *(v for v, _ in self.variants)]}")
+        found = dict(self.variants, main=self.templates)
+        if name not in found:
+            raise ConfigError(f"relation {self.name!r} has no variant {name!r}; pick one of {list(found)}")
+        return self if name == "main" else dataclasses.replace(self, templates=found[name], variants=())
+
+    def demo(self, subject: str) -> str:
+        """One demonstration, ``shot_template`` filled with ``subject`` and its answer."""
+        return self.shot_template.replace("{subject}", subject).replace("{answer}", self.answer_of(subject))
 
     def render(self, spec: PromptSpec) -> tuple[str, str]:
         """Render a prompt: ``(shots_prefix, query)``; the full prompt is their concatenation."""
-        shots = "".join(self.shot_template.replace("{subject}", s).replace("{answer}", self.answer_of(s))
-                        for s in spec.shot_subjects) if spec.shot_subjects else ""
-        return shots, self.templates[spec.template_idx].replace("{subject}", spec.subject)
+        return ("".join(self.demo(s) for s in spec.shot_subjects),
+                self.templates[spec.template_idx].replace("{subject}", spec.subject))
 
 
 def make_relation(
@@ -180,8 +174,9 @@ def make_relation(
     lead_ins: Sequence[str] = (),
     relation_word: str | None = None,
     multi_token_subjects: bool = False,
+    variants: Mapping[str, str | Sequence[str]] | None = None,
 ) -> Relation:
-    """Build a user relation; with ``lead_ins`` every template is a body combined with each lead-in.
+    """Build a user relation; with ``lead_ins`` every template (and variant) body gets each lead-in.
 
     Example:
         >>> rel = make_relation("languages", {"France": "French", "Germany": "German"},
@@ -191,23 +186,25 @@ def make_relation(
         >>> rel.templates[1]
         'As we all know, the official language of {subject} is'
     """
+    def expand(bodies: str | Sequence[str]) -> tuple[str, ...]:
+        bodies = (bodies,) if isinstance(bodies, str) else tuple(bodies)
+        return tuple(with_lead_in(li, b) for b in bodies for li in lead_ins) if lead_ins else bodies
+
     pair_tuple = tuple(pairs.items()) if isinstance(pairs, Mapping) else tuple(tuple(p) for p in pairs)
-    bodies = (templates,) if isinstance(templates, str) else tuple(templates)
-    full = tuple(with_lead_in(li, b) for b in bodies for li in lead_ins) if lead_ins else bodies
-    return Relation(name, pair_tuple, full, shot_template, tuple(lead_ins), relation_word,  # type: ignore[arg-type]
-                    multi_token_subjects)
+    return Relation(name, pair_tuple, expand(templates), shot_template,  # type: ignore[arg-type]
+                    tuple(lead_ins), relation_word, multi_token_subjects,
+                    tuple((k, expand(v)) for k, v in (variants or {}).items()))
 
 
 CAPITALS = make_relation("capitals", CAPITAL_PAIRS, "the capital of {subject} is", CAPITAL_SHOT_TEMPLATE,
-                         lead_ins=CAPITAL_LEAD_INS, relation_word="capital")
-CAPITALS = dataclasses.replace(
-    CAPITALS, variants=(("appendix", tuple(with_lead_in(li, "{subject}'s capital is") for li in CAPITAL_LEAD_INS)),))
+                         lead_ins=CAPITAL_LEAD_INS, relation_word="capital",
+                         variants={"appendix": "{subject}'s capital is"})
 CAPITALS_APPENDIX = dataclasses.replace(CAPITALS.variant("appendix"), name="capitals-appendix")
 
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """One prompt before tokenization: template index, subject, its answer, demo subjects (outermost first)."""
+    """One prompt before tokenization: template index, subject, answer, demo subjects (outermost first)."""
 
     template_idx: int
     subject: str
@@ -216,122 +213,94 @@ class PromptSpec:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _pieces(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens, dropping leading whitespace-only pieces (SentencePiece)."""
-    ids = _ids(tokenizer, text)
-    while len(ids) > 1 and not tokenizer.decode([ids[0]]).strip():
+def _ids(tokenizer: Any, text: str, strip: bool = False) -> list[int]:
+    """Ids without special tokens; ``strip`` drops leading whitespace-only pieces (SentencePiece "▁")."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    while strip and len(ids) > 1 and not tokenizer.decode([ids[0]]).strip():
         ids = ids[1:]
     return ids
 
 
 def _find(seq: list[int], sub: list[int], start: int = 0) -> list[int]:
-    m = len(sub)
-    return [i for i in range(start, len(seq) - m + 1) if seq[i:i + m] == sub] if m else []
+    return [i for i in range(start, len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub] if sub else []
 
 
-def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[int], int]:
-    """(model ids with the tokenizer's own BOS, ids without special tokens, number of leading specials)."""
-    plain = _ids(tokenizer, text)
-    full = list(tokenizer(text)["input_ids"])
-    starts = _find(full, plain)
-    if not starts:
-        raise TokenizationError(f"the tokenizer's special-token wrapping of {text!r} does not contain its plain "
-                                "tokenization; use a tokenizer whose add_special_tokens only prepends a BOS")
-    return full[:starts[0]] + plain, plain, starts[0]
-
-
-def _span(tokenizer: Any, plain: list[int], word: str, text: str, char_at: int, start: int) -> tuple[int, int]:
-    spaced = char_at > 0 and text[char_at - 1].isspace()
-    cands = [_ids(tokenizer, " " + word), _pieces(tokenizer, " " + word), _ids(tokenizer, word)]
-    if not spaced:
-        cands.reverse()
-    for cand in cands:
-        hits = _find(plain, cand, start)
-        if hits:
-            return hits[0], hits[0] + len(cand)
-    return -1, -1
-
-
-def _single(tokenizer: Any, word: str, what: str, relation: str, first_piece: bool, allow_multi: bool) -> int:
-    pieces = _pieces(tokenizer, " " + word)
-    if not pieces:
-        raise TokenizationError(f"{what} {word!r} tokenizes to nothing; fix the pair in relation {relation!r}")
-    if len(pieces) > 1 and not (first_piece or allow_multi):
+def _first_id(tokenizer: Any, word: str, what: str, rel: Relation, multi_ok: bool) -> int:
+    """First token of ``" " + word``; TokenizationError naming the fix when it is several and not allowed."""
+    pieces = _ids(tokenizer, " " + word, strip=True)
+    if len(pieces) != 1 and not (multi_ok and pieces):
         strs = [tokenizer.decode([p]) for p in pieces]
         raise TokenizationError(
-            f"{what} {word!r} of relation {relation!r} is {len(pieces)} tokens {strs} for this tokenizer, but "
-            f"the metric scores one token; pass first_piece=True to score its first piece {strs[0]!r}, or "
-            "drop the pair")
+            f"{what} {word!r} of relation {rel.name!r} is {len(pieces)} tokens {strs} for this tokenizer, "
+            f"but the metric scores one token; pass first_piece=True to score its first piece "
+            f"{(strs or [''])[0]!r}, or drop the pair")
     return pieces[0]
 
 
-def _build(relation: Relation, tokenizer: Any, specs: Sequence[PromptSpec], *, shots: int, seed: int,
+def _positions(tokenizer: Any, rel: Relation, spec: PromptSpec, first_piece: bool) -> dict[str, Any]:
+    """Model ids (with the tokenizer's own BOS) and named positions of one prompt, by token matching."""
+    shots_text, query = rel.render(spec)
+    text = shots_text + query
+    plain, full = _ids(tokenizer, text), list(tokenizer(text)["input_ids"])
+    off = next(iter(_find(full, plain)), None)  # special tokens the tokenizer prepends (BOS)
+    if off is None:
+        raise TokenizationError(f"the tokenizer's special-token wrapping of {text!r} does not contain its "
+                                "plain tokenization; use a tokenizer whose special tokens are only a BOS")
+    q = 0  # first token of the query = end of the demos' common token prefix
+    pre = _ids(tokenizer, shots_text.rstrip()) if shots_text.strip() else []
+    while q < min(len(pre), len(plain)) and pre[q] == plain[q]:
+        q += 1
+    at = len(shots_text) + rel.templates[spec.template_idx].index("{subject}")
+    cands = [_ids(tokenizer, " " + spec.subject), _ids(tokenizer, " " + spec.subject, strip=True),
+             _ids(tokenizer, spec.subject)]
+    hits = [(h[0], len(c)) for c in (cands if at and text[at - 1].isspace() else cands[::-1])
+            if (h := _find(plain, c, q))]
+    if not hits:
+        raise TokenizationError(f"subject {spec.subject!r} is not found as tokens in the query of {text!r}; "
+                                "put a space or punctuation before and after '{subject}' in the template")
+    n0, width = hits[0]
+    if width > 1 and not (first_piece or rel.multi_token_subjects):
+        raise TokenizationError(f"subject {spec.subject!r} is {width} tokens inside {text!r}; pass "
+                                "first_piece=True (N = its first token) or use multi_token_subjects=True")
+    row = dict(ids=full[:off] + plain, N=n0 + off, N_last=n0 + width - 1 + off, end=off + len(plain) - 1,
+               text=text, answer_id=_first_id(tokenizer, spec.answer, "answer", rel, first_piece),
+               subject_id=_first_id(tokenizer, spec.subject, "subject", rel,
+                                    first_piece or rel.multi_token_subjects))
+    if rel.relation_word is not None:
+        word = rel.relation_word
+        ends = [h[-1] + len(c) - 1 for c in (_ids(tokenizer, " " + word), _ids(tokenizer, word))
+                if (h := _find(plain, c, q))]  # last token of the last occurrence in the query
+        if not ends:
+            raise TokenizationError(f"relation word {word!r} is not in the query of {text!r}; put it in "
+                                    "every template or build the relation with relation_word=None")
+        row["R"] = ends[0] + off
+    return row
+
+
+def _build(rel: Relation, tokenizer: Any, specs: Sequence[PromptSpec], *, shots: int, seed: int,
            first_piece: bool, variant: str) -> RelationDataset:
-    """Tokenize ``specs`` and find their named positions."""
+    """Tokenize ``specs`` (right padding) and collect their named positions."""
     if not specs:
-        raise EmptyDatasetError(f"no prompts to build for relation {relation.name!r}; pass a non-empty "
-                                "subject list / n >= 1")
+        raise EmptyDatasetError(f"no prompts to build for relation {rel.name!r}; pass a non-empty list")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError("the tokenizer has neither pad_token_id nor eos_token_id; set tokenizer.pad_token")
-    rows, prompts, n_special = [], [], 0
-    for spec in specs:
-        shots_text, query = relation.render(spec)
-        text = shots_text + query
-        ids, plain, n_special = _encode(tokenizer, text)
-        qstart = 0
-        if shots_text.strip():
-            pre = _ids(tokenizer, shots_text.rstrip())
-            while qstart < min(len(pre), len(plain)) and pre[qstart] == plain[qstart]:
-                qstart += 1
-        subj_char = len(shots_text) + relation.templates[spec.template_idx].index("{subject}")
-        s0, s1 = _span(tokenizer, plain, spec.subject, text, subj_char, qstart)
-        if s0 < 0:
-            raise TokenizationError(f"subject {spec.subject!r} is not found as tokens in the query of {text!r}; "
-                                    "put a space or punctuation before and after '{subject}' in the template")
-        if s1 - s0 > 1 and not (first_piece or relation.multi_token_subjects):
-            raise TokenizationError(
-                f"subject {spec.subject!r} is {s1 - s0} tokens inside {text!r}; pass first_piece=True (N = its "
-                "first token) or build the relation with multi_token_subjects=True")
-        r = None
-        if relation.relation_word is not None:
-            rw = relation.relation_word
-            for cand in (_ids(tokenizer, " " + rw), _ids(tokenizer, rw)):
-                hits = _find(plain, cand, qstart)
-                if hits:
-                    r = hits[-1] + len(cand) - 1  # last token of the last occurrence
-                    break
-            if r is None:
-                raise TokenizationError(f"relation word {rw!r} is not in the query of {text!r}; put it in "
-                                        "every template or build the relation with relation_word=None")
-        rows.append(dict(
-            ids=ids, N=s0 + n_special, N_last=s1 - 1 + n_special,
-            R=None if r is None else r + n_special, end=len(ids) - 1,
-            answer_id=_single(tokenizer, spec.answer, "answer", relation.name, first_piece, False),
-            subject_id=_single(tokenizer, spec.subject, "subject", relation.name, first_piece,
-                               relation.multi_token_subjects)))
-        prompts.append(text)
-    n, width = len(rows), max(len(r["ids"]) for r in rows)
-    tokens = torch.full((n, width), int(pad), dtype=torch.long)  # [b, p]
-    mask = torch.zeros((n, width), dtype=torch.long)  # [b, p]
+    rows = [_positions(tokenizer, rel, spec, first_piece) for spec in specs]
+    lengths = torch.tensor([len(r["ids"]) for r in rows], dtype=torch.long)  # [b]
+    tokens = torch.full((len(rows), int(lengths.max())), int(pad), dtype=torch.long)  # [b, p]
     for i, r in enumerate(rows):
         tokens[i, :len(r["ids"])] = torch.tensor(r["ids"], dtype=torch.long)
-        mask[i, :len(r["ids"])] = 1
+    mask = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]).long()  # [b, p]
     col = lambda key: torch.tensor([r[key] for r in rows], dtype=torch.long)  # noqa: E731
-    positions = {"N": col("N"), "N_last": col("N_last"), "end": col("end"), "starts": torch.zeros(n, dtype=torch.long)}
+    names = ["N", "N_last", "end"] + (["R"] if rel.relation_word is not None else [])
+    positions = {k: col(k) for k in names} | {"starts": torch.zeros(len(rows), dtype=torch.long)}
     if bool((positions["N"] > 0).all()):
         positions["N-1"] = positions["N"] - 1
-    if relation.relation_word is not None:
-        positions["R"] = col("R")
     return RelationDataset(
-        relation=relation, specs=tuple(specs), prompts=prompts, tokens=tokens, attention_mask=mask,
-        lengths=mask.sum(1), positions=positions, answer_ids=col("answer_id"), subject_ids=col("subject_id"),
-        shots=shots, seed=seed, first_piece=first_piece, variant=variant, n_special_prefix=n_special,
-        tokenizer=tokenizer)
+        relation=rel, specs=tuple(specs), prompts=[r["text"] for r in rows], tokens=tokens,
+        attention_mask=mask, lengths=lengths, positions=positions, answer_ids=col("answer_id"),
+        subject_ids=col("subject_id"), shots=shots, seed=seed, first_piece=first_piece, variant=variant,
+        n_special_prefix=len(rows[0]["ids"]) - len(_ids(tokenizer, rows[0]["text"])), tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------- the dataset
@@ -339,19 +308,12 @@ def _build(relation: Relation, tokenizer: Any, specs: Sequence[PromptSpec], *, s
 class RelationDataset:
     """Tokenized relation prompts with named positions (see :func:`make_dataset`).
 
-    Attributes:
-        relation: The relation (with the chosen variant's templates).
-        specs: One :class:`PromptSpec` per prompt.
-        prompts: Prompt strings (no BOS), ending right before the answer.
-        tokens: Right-padded ids including the tokenizer's own BOS, ``[batch, pos]``.
-        attention_mask: 1 on real tokens, ``[batch, pos]``.
-        lengths: Real tokens per prompt (BOS included), ``[batch]``.
-        positions: ``N`` (first subject token in the query), ``N_last`` (last subject token), ``N-1`` (absent
-            when a subject is the very first token), ``R`` (last relation-word token; only with a
-            ``relation_word``), ``end`` (last real token), ``starts`` (0); each ``[batch]``.
-        answer_ids: First token of ``" " + answer``, ``[batch]``.
-        subject_ids: First token of ``" " + subject``, ``[batch]``.
-        n_special_prefix: Special tokens the tokenizer prepends (1 for OPT's ``</s>``, 0 for GPT-2).
+    ``tokens`` ``[batch, pos]`` are right-padded and include the tokenizer's own BOS (``n_special_prefix``
+    tokens: 0 for GPT-2, 1 for OPT); ``prompts`` are the strings (no BOS) ending right before the answer.
+    ``positions`` (each ``[batch]``): ``N`` first subject token in the query, ``N_last`` last subject token,
+    ``N-1`` (absent when a subject is the very first token), ``R`` last relation-word token (only with a
+    ``relation_word``), ``end`` last real token, ``starts`` 0. ``answer_ids``/``subject_ids``: first token
+    of ``" " + answer``/``" " + subject``.
 
     Example:
         >>> from factlens.tokenizers import opt_style_tokenizer
@@ -379,46 +341,29 @@ class RelationDataset:
     def __len__(self) -> int:
         return len(self.specs)
 
-    @property
-    def subjects(self) -> list[str]:
-        """Query subject of each prompt."""
-        return [s.subject for s in self.specs]
-
-    @property
-    def answers(self) -> list[str]:
-        """Gold answer of each prompt."""
-        return [s.answer for s in self.specs]
+    subjects = property(lambda self: [s.subject for s in self.specs], doc="Query subject of each prompt.")
+    answers = property(lambda self: [s.answer for s in self.specs], doc="Gold answer of each prompt.")
+    end = property(lambda self: self.positions["end"], doc="Last real token (the answer is predicted there).")
 
     @property
     def template_ids(self) -> Int[torch.Tensor, " batch"]:
         """Index into ``relation.templates`` of each prompt."""
         return torch.tensor([s.template_idx for s in self.specs], dtype=torch.long)
 
-    @property
-    def end(self) -> Int[torch.Tensor, " batch"]:
-        """Index of the last real token (where the answer is predicted)."""
-        return self.positions["end"]
-
     def position(self, name: str) -> Int[torch.Tensor, " batch"]:
         """A named position, with an error naming the fix when it is not defined for these prompts."""
         if name in self.positions:
             return self.positions[name]
-        if name == "N-1":
-            raise ConfigError("N-1 is undefined: some subject is the first token; start templates with a "
-                              "lead-in or use a tokenizer that prepends a BOS")
-        if name == "R":
-            raise ConfigError(f"relation {self.relation.name!r} has no relation_word, so no R position; build "
-                              "it with relation_word='...'")
-        raise ConfigError(f"unknown position {name!r}; pick one of {sorted(self.positions)}")
-
-    def _rebuild(self, specs: Sequence[PromptSpec], seed: int | None = None) -> RelationDataset:
-        return _build(self.relation, self.tokenizer, specs, shots=self.shots,
-                      seed=self.seed if seed is None else seed, first_piece=self.first_piece, variant=self.variant)
+        fixes = {"N-1": "a subject is the first token; start templates with a lead-in or use a BOS tokenizer",
+                 "R": f"relation {self.relation.name!r} has no relation_word; build it with one"}
+        raise ConfigError(f"position {name!r} is undefined: "
+                          f"{fixes.get(name, f'pick one of {sorted(self.positions)}')}")
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> RelationDataset:
         """The prompts at ``indices`` (re-tokenized, so padding is trimmed)."""
-        idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
-        return self._rebuild([self.specs[i] for i in idx])
+        idx = indices.tolist() if isinstance(indices, torch.Tensor) else indices
+        return _build(self.relation, self.tokenizer, [self.specs[int(i)] for i in idx], shots=self.shots,
+                      seed=self.seed, first_piece=self.first_piece, variant=self.variant)
 
     def subset(self, subject: str) -> RelationDataset:
         """All prompts about one subject ("all same country": every template for that country).
@@ -432,34 +377,31 @@ class RelationDataset:
         idx = [i for i, s in enumerate(self.specs) if s.subject == subject]
         if not idx:
             raise EmptyDatasetError(f"no prompt in this dataset is about {subject!r}; build it with that "
-                                    "subject included (subjects=None or n=None)")
+                                    "subject included (subjects=None, n=None)")
         return self.select(idx)
 
     def counterfactual(self, seed: int = 0) -> RelationDataset:
-        """D_new for path patching: same templates and shots, subject swapped for a random different one.
+        """D_new for path patching: same templates and demos, subject swapped for a random different one.
 
-        The new subject is never the old one and never appears in the prompt's demonstrations; answers
-        become the new subject's answers.
+        The new subject is never the old one and never appears in the demos; answers become its answers.
 
         Example:
             >>> from factlens.tokenizers import gpt2_tokenizer
             >>> ds = make_dataset(CAPITALS, gpt2_tokenizer())
-            >>> new = ds.counterfactual(seed=1)
-            >>> all(a != b for a, b in zip(ds.subjects, new.subjects))
+            >>> all(a != b for a, b in zip(ds.subjects, ds.counterfactual(seed=1).subjects))
             True
         """
-        rng = np.random.default_rng(seed)
-        out = []
+        rng, out = np.random.default_rng(seed), []
         for spec in self.specs:
-            shots_text, _ = self.relation.render(spec)
-            cands = [s for s in self.relation.subjects
-                     if s != spec.subject and s not in spec.shot_subjects and s not in shots_text]
+            shots_text = self.relation.render(spec)[0]
+            cands = [s for s in self.relation.subjects if s != spec.subject and s not in shots_text]
             if not cands:
                 raise ConfigError(f"no subject is left to swap into the prompt about {spec.subject!r} "
                                   f"with demos {spec.shot_subjects}; use fewer shots or add pairs")
             new = cands[int(rng.integers(len(cands)))]
             out.append(dataclasses.replace(spec, subject=new, answer=self.relation.answer_of(new)))
-        return self._rebuild(out, seed=self.seed)
+        return _build(self.relation, self.tokenizer, out, shots=self.shots, seed=self.seed,
+                      first_piece=self.first_piece, variant=self.variant)
 
     def to(self, device: torch.device | str) -> RelationDataset:
         """A copy with every tensor on ``device``."""
@@ -470,36 +412,47 @@ class RelationDataset:
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per prompt: text, subject, answer, template, demos, token ids and named positions."""
-        dec = lambda i: self.tokenizer.decode([int(i)])  # noqa: E731
+        dec = lambda ids: [self.tokenizer.decode([int(i)]) for i in ids]  # noqa: E731
         df = pd.DataFrame({
             "prompt_idx": range(len(self)), "prompt": self.prompts, "subject": self.subjects,
             "answer": self.answers, "template_idx": self.template_ids.tolist(),
-            "shot_subjects": [", ".join(s.shot_subjects) for s in self.specs], "n_tokens": self.lengths.tolist(),
-            "answer_id": self.answer_ids.tolist(), "answer_token": [dec(i) for i in self.answer_ids],
-            "subject_id": self.subject_ids.tolist(), "subject_token": [dec(i) for i in self.subject_ids]})
+            "shot_subjects": [", ".join(s.shot_subjects) for s in self.specs],
+            "n_tokens": self.lengths.tolist(), "answer_id": self.answer_ids.tolist(),
+            "answer_token": dec(self.answer_ids), "subject_id": self.subject_ids.tolist(),
+            "subject_token": dec(self.subject_ids)})
         for name, pos in self.positions.items():
             df[f"pos_{name}"] = pos.tolist()
         return df
 
 
 # ---------------------------------------------------------------------------------------------- constructors
-def _draw_shots(relation: Relation, subject: str, query: str, k: int, rng: np.random.Generator) -> tuple[str, ...]:
+def _draw_shots(rel: Relation, subject: str, query: str, k: int, rng: np.random.Generator) -> tuple[str, ...]:
     """k distinct demo subjects: never the query subject, never a string already in the prompt."""
     chosen: list[str] = []
-    text = query
+    text, pool = query, rel.subjects
+    def ok(s: str) -> bool:
+        return s != subject and s not in chosen and s not in text and subject not in rel.demo(s)
+
     for _ in range(k):
-        cands = []
-        for s in relation.subjects:
-            demo = relation.shot_template.replace("{subject}", s).replace("{answer}", relation.answer_of(s))
-            if s != subject and s not in chosen and s not in text and subject not in demo:
-                cands.append((s, demo))
-        if not cands:
-            raise ConfigError(f"only {len(chosen)} demonstrations fit the prompt about {subject!r} (the others "
-                              f"share text with it); pass shots <= {len(chosen)} or add pairs")
-        s, demo = cands[int(rng.integers(len(cands)))]
-        chosen.append(s)
-        text = demo + text
+        pick = next((s for s in (pool[int(i)] for i in rng.integers(len(pool), size=16)) if ok(s)), None)
+        if pick is None:  # rejection sampling failed: scan the pool
+            cands = [s for s in pool if ok(s)]
+            if not cands:
+                raise ConfigError(f"only {len(chosen)} demonstrations fit the prompt about {subject!r} (the "
+                                  f"others share text with it); pass shots <= {len(chosen)} or add pairs")
+            pick = cands[int(rng.integers(len(cands)))]
+        chosen.append(pick)
+        text = rel.demo(pick) + text
     return tuple(reversed(chosen))  # last drawn is outermost, as repeated add_a_shot() does
+
+
+def _check_shots(rel: Relation, shots: int) -> None:
+    if shots < 0 or (shots and rel.shot_template is None):
+        raise ConfigError(f"shots={shots} for relation {rel.name!r}; pass shots >= 0 (shots > 0 needs a "
+                          "shot_template such as 'The capital of {subject} is {answer}. ')")
+    if shots > len(rel.pairs) - 1:
+        raise ConfigError(f"shots={shots} but relation {rel.name!r} has only {len(rel.pairs) - 1} other "
+                          f"subjects to use as demonstrations; pass shots <= {len(rel.pairs) - 1}")
 
 
 def make_dataset(
@@ -514,9 +467,9 @@ def make_dataset(
 ) -> RelationDataset:
     """All distinct (template, subject) prompts of a relation, tokenized with named positions.
 
-    Zero-shot CAPITALS gives 15 templates × 15 countries = 225 prompts. With ``shots=k`` each prompt gets k
-    ``shot_template`` demonstrations about other random subjects (seeded). ``n`` samples that many distinct
-    prompts (with shots, more than one demo draw per (template, subject) when ``n`` exceeds their count).
+    Zero-shot CAPITALS gives 15 templates × 15 countries = 225 prompts, subject-major. With ``shots=k``
+    each gets k ``shot_template`` demos about other random subjects (seeded). ``n`` samples that many
+    distinct prompts in random order (with shots, several demo draws per (template, subject) if needed).
 
     Args:
         relation: The relation, e.g. :data:`CAPITALS`.
@@ -528,9 +481,6 @@ def make_dataset(
         first_piece: Score the first token of multi-token answers/subjects instead of raising.
         variant: Template set, "main" or one of ``relation.variants`` (CAPITALS has "appendix").
 
-    Returns:
-        A :class:`RelationDataset`.
-
     Example:
         >>> from factlens.tokenizers import gpt2_tokenizer
         >>> ds = make_dataset(CAPITALS, gpt2_tokenizer(), shots=1, n=4, seed=0)
@@ -538,46 +488,28 @@ def make_dataset(
         (True, 4)
     """
     rel = relation.variant(variant)
-    if shots < 0:
-        raise ConfigError(f"shots={shots}; pass shots >= 0")
-    if shots and rel.shot_template is None:
-        raise ConfigError(f"relation {rel.name!r} has no shot_template; build it with one or pass shots=0")
-    if shots > len(rel.pairs) - 1:
-        raise ConfigError(f"shots={shots} but relation {rel.name!r} has only {len(rel.pairs) - 1} other subjects "
-                          f"to use as demonstrations; pass shots <= {len(rel.pairs) - 1}")
-    chosen_subjects = rel.subjects if subjects is None else ((subjects,) if isinstance(subjects, str)
-                                                             else tuple(subjects))
-    if not chosen_subjects:
-        raise EmptyDatasetError("subjects=[] selects no prompts; pass None for all subjects or a non-empty list")
-    answers = {s: rel.answer_of(s) for s in chosen_subjects}
-    if n is not None and n < 1:
-        raise EmptyDatasetError(f"n={n} selects no prompts; pass n >= 1 or n=None for all")
+    _check_shots(rel, shots)
+    chosen = (rel.subjects if subjects is None else (subjects,) if isinstance(subjects, str)
+              else tuple(subjects))
+    if not chosen or (n is not None and n < 1):
+        raise EmptyDatasetError(f"subjects={subjects!r}, n={n} select no prompts; pass a non-empty subject "
+                                "list (or None for all) and n >= 1 (or None for all)")
+    answers = {s: rel.answer_of(s) for s in chosen}
     rng = np.random.default_rng(seed)
-    base = [(t, s) for s in chosen_subjects for t in range(len(rel.templates))]
-    if not shots:
-        if n is not None and n > len(base):
-            raise ConfigError(f"only {len(base)} distinct zero-shot prompts exist; pass n <= {len(base)} or "
-                              "shots >= 1 for more")
-        picks = base if n is None else [base[i] for i in sorted(rng.choice(len(base), n, replace=False))]
-        specs = [PromptSpec(t, s, answers[s]) for t, s in picks]
-        return _build(rel, tokenizer, specs, shots=0, seed=seed, first_piece=first_piece, variant=variant)
-    target = len(base) if n is None else n
-    specs, seen, tries = [], set(), 0
-    while len(specs) < target:
-        order = range(len(base)) if n is None else rng.permutation(len(base))
-        for i in order:
+    base = [(t, s) for s in chosen for t in range(len(rel.templates))]
+    target, specs, seen = len(base) if n is None else n, [], set()
+    for _ in range(50 if shots else 1):
+        for i in range(len(base)) if n is None else rng.permutation(len(base)):
             t, s = base[int(i)]
-            demo = _draw_shots(rel, s, rel.templates[t].replace("{subject}", s), shots, rng)
-            if (t, s, demo) not in seen:
+            demo = _draw_shots(rel, s, rel.templates[t].replace("{subject}", s), shots, rng) if shots else ()
+            if (t, s, demo) not in seen and len(specs) < target:
                 seen.add((t, s, demo))
                 specs.append(PromptSpec(t, s, answers[s], demo))
-                if len(specs) == target:
-                    break
-        tries += 1
-        if tries > 50 and len(specs) < target:
-            raise ConfigError(f"could only draw {len(specs)} distinct {shots}-shot prompts; pass n <= "
-                              f"{len(specs)} or use more shots/pairs")
-    return _build(rel, tokenizer, specs, shots=shots, seed=seed, first_piece=first_piece, variant=variant)
+        if len(specs) == target:
+            return _build(rel, tokenizer, specs, shots=shots, seed=seed, first_piece=first_piece,
+                          variant=variant)
+    raise ConfigError(f"only {len(specs)} distinct {shots}-shot prompts exist here; pass n <= {len(specs)}"
+                      + ("" if shots else " or shots >= 1 for more"))
 
 
 def make_prompt_dataset(
@@ -609,36 +541,28 @@ def make_prompt_dataset(
     if not items:
         raise EmptyDatasetError("items is empty; pass at least one (prompt, subject, answer) triple")
     pairs: dict[str, str] = {}
-    templates: list[str] = []
+    templates: dict[str, int] = {}
     raw = []
     for prompt, subject, answer in items:
-        if "{subject}" in prompt:
-            template = prompt
-        elif subject and subject in prompt:
-            template = prompt.replace(subject, "{subject}")
-        else:
+        if "{subject}" not in prompt and not (subject and subject in prompt):
             raise TokenizationError(f"prompt {prompt!r} does not contain its subject {subject!r}; include it "
                                     "or write '{subject}' where it goes")
+        template = prompt if "{subject}" in prompt else prompt.replace(subject, "{subject}")
         if pairs.setdefault(subject, answer) != answer:
-            raise ConfigError(f"subject {subject!r} has two answers ({pairs[subject]!r}, {answer!r}); make one "
-                              "dataset per relation")
-        if template not in templates:
-            templates.append(template)
-        raw.append((templates.index(template), subject, answer))
+            raise ConfigError(f"subject {subject!r} has two answers ({pairs[subject]!r}, {answer!r}); make "
+                              "one dataset per relation")
+        raw.append((templates.setdefault(template, len(templates)), subject, answer))
     rel = Relation(name, tuple(pairs.items()), tuple(templates), shot_template, (), relation_word,
                    multi_token_subjects)
-    if shots and shot_template is None:
-        raise ConfigError("shots > 0 needs a shot_template, e.g. '{subject} was born in {answer}. '")
-    if shots > len(pairs) - 1:
-        raise ConfigError(f"shots={shots} but only {len(pairs) - 1} other subjects exist; pass shots <= "
-                          f"{len(pairs) - 1}")
+    _check_shots(rel, shots)
     rng = np.random.default_rng(seed)
-    specs = [PromptSpec(t, s, a, _draw_shots(rel, s, templates[t].replace("{subject}", s), shots, rng)
+    specs = [PromptSpec(t, s, a, _draw_shots(rel, s, rel.templates[t].replace("{subject}", s), shots, rng)
                         if shots else ()) for t, s, a in raw]
     return _build(rel, tokenizer, specs, shots=shots, seed=seed, first_piece=first_piece, variant="main")
 
 
 __all__ = [
-    "CAPITALS", "CAPITALS_APPENDIX", "CAPITAL_LEAD_INS", "CAPITAL_PAIRS", "CAPITAL_SHOT_TEMPLATE", "PromptSpec",
-    "Relation", "RelationDataset", "make_dataset", "make_prompt_dataset", "make_relation", "with_lead_in",
+    "CAPITALS", "CAPITALS_APPENDIX", "CAPITAL_LEAD_INS", "CAPITAL_PAIRS", "CAPITAL_SHOT_TEMPLATE",
+    "PromptSpec", "Relation", "RelationDataset", "make_dataset", "make_prompt_dataset", "make_relation",
+    "with_lead_in",
 ]

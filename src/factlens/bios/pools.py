@@ -34,12 +34,30 @@ from factlens.errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "bios"
 
-ATTRIBUTES: tuple[str, ...] = ("birth_date", "birth_place", "university", "major", "company",
-                               "current_location")
+ATTRIBUTES: tuple[str, ...] = (
+    "birth_date",
+    "birth_place",
+    "university",
+    "major",
+    "company",
+    "current_location",
+)
 """The six attribute types, in the order used by every array in ``factlens.bios`` (index 0..5)."""
 
-MONTHS: tuple[str, ...] = ("January", "February", "March", "April", "May", "June", "July", "August",
-                           "September", "October", "November", "December")
+MONTHS: tuple[str, ...] = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 N_DAYS = 31
 PAPER_YEARS: tuple[int, ...] = tuple(range(1900, 2101))
 
@@ -53,8 +71,14 @@ ATTRIBUTE_FIELD: dict[str, str | None] = {
     "current_location": "cities",
 }
 LIST_FIELDS: tuple[str, ...] = ("first_names", "last_names", "cities", "universities", "majors", "companies")
-PAPER_SIZES: dict[str, int] = {"first_names": 900, "last_names": 1000, "cities": 800, "universities": 200,
-                               "majors": 100, "companies": 500}
+PAPER_SIZES: dict[str, int] = {
+    "first_names": 900,
+    "last_names": 1000,
+    "cities": 800,
+    "universities": 200,
+    "majors": 100,
+    "companies": 500,
+}
 
 ITEM_RE = re.compile(r"^[A-Za-z](?:[A-Za-z ,'&-]*[A-Za-z])?$")
 NAME_RE = re.compile(r"^[A-Z][A-Za-z]+$")
@@ -78,10 +102,14 @@ def _check_items(name: str, items: tuple[str, ...]) -> None:
     pattern = NAME_RE if name in ("first_names", "last_names") else ITEM_RE
     if not items:
         raise ConfigError(f"pool {name!r} is empty; pass at least one item")
-    bad = [x for x in items if not (isinstance(x, str) and x.isascii() and pattern.match(x) and "  " not in x)]
+    bad = [
+        x for x in items if not (isinstance(x, str) and x.isascii() and pattern.match(x) and "  " not in x)
+    ]
     if bad:
-        raise ConfigError(f"pool {name!r} has items the task tokenizer cannot take cleanly: {bad[:5]}; "
-                          f"use plain ASCII letters, single spaces and , ' & - only")
+        raise ConfigError(
+            f"pool {name!r} has items the task tokenizer cannot take cleanly: {bad[:5]}; "
+            f"use plain ASCII letters, single spaces and , ' & - only"
+        )
     if len(set(items)) != len(items):
         dup = sorted({x for x in items if items.count(x) > 1})
         raise ConfigError(f"pool {name!r} repeats items {dup[:5]}; make every item unique")
@@ -121,8 +149,10 @@ class Pools:
             _check_items(name, getattr(self, name))
         years = tuple(int(y) for y in self.years)
         if not years or len(set(years)) != len(years) or min(years) < 0:
-            raise ConfigError(f"years must be distinct non-negative integers, got {self.years!r}; "
-                              f"pass e.g. years=tuple(range(1900, 2101))")
+            raise ConfigError(
+                f"years must be distinct non-negative integers, got {self.years!r}; "
+                f"pass e.g. years=tuple(range(1900, 2101))"
+            )
         object.__setattr__(self, "years", years)
 
     @classmethod
@@ -131,8 +161,16 @@ class Pools:
         return _default_pools()
 
     @classmethod
-    def sized(cls, first_names: int = 900, last_names: int = 1000, cities: int = 800, universities: int = 200,
-              majors: int = 100, companies: int = 500, years: int | None = None) -> Pools:
+    def sized(
+        cls,
+        first_names: int = 900,
+        last_names: int = 1000,
+        cities: int = 800,
+        universities: int = 200,
+        majors: int = 100,
+        companies: int = 500,
+        years: int | None = None,
+    ) -> Pools:
         """Smaller pools made of the first items of each default list (for tests and toy runs).
 
         Args:
@@ -144,8 +182,14 @@ class Pools:
             ('Shanghai', 'Beijing', 'Shenzhen')
         """
         base = cls.default()
-        wanted = {"first_names": first_names, "last_names": last_names, "cities": cities,
-                  "universities": universities, "majors": majors, "companies": companies}
+        wanted = {
+            "first_names": first_names,
+            "last_names": last_names,
+            "cities": cities,
+            "universities": universities,
+            "majors": majors,
+            "companies": companies,
+        }
         kept = {}
         for name, n in wanted.items():
             full = getattr(base, name)
@@ -175,13 +219,18 @@ class Pools:
         """Number of distinct full names (first × middle × last)."""
         return len(self.first_names) ** 2 * len(self.last_names)
 
-    @functools.cached_property
     def fingerprint(self) -> str:
-        """Short sha256 of all pool contents; equal pools have equal fingerprints."""
-        h = hashlib.sha256()
-        for f in fields(self):
-            h.update(f.name.encode() + b"\0" + "\n".join(map(str, getattr(self, f.name))).encode() + b"\1")
-        return h.hexdigest()[:16]
+        """Short sha256 of all pool contents; equal pools have equal fingerprints (computed once)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            h = hashlib.sha256()
+            for f in fields(self):
+                h.update(
+                    f.name.encode() + b"\0" + "\n".join(map(str, getattr(self, f.name))).encode() + b"\1"
+                )
+            cached = h.hexdigest()[:16]
+            object.__setattr__(self, "_fingerprint", cached)
+        return cached
 
     # --- values ------------------------------------------------------------------------------------
     def values(self, attr: str | int) -> tuple[str, ...]:
@@ -194,8 +243,10 @@ class Pools:
     def date_index(self, day: int, month: int, year: int) -> int:
         """Flat birth-date index of a calendar date (day 1..31, month 1..12, year in ``years``)."""
         if not (1 <= day <= N_DAYS and 1 <= month <= 12 and year in self.years):
-            raise ConfigError(f"date {day}/{month}/{year} is outside the pool; pass day 1..31, month 1..12, "
-                              f"year {self.years[0]}..{self.years[-1]}")
+            raise ConfigError(
+                f"date {day}/{month}/{year} is outside the pool; pass day 1..31, month 1..12, "
+                f"year {self.years[0]}..{self.years[-1]}"
+            )
         return (self.years.index(year) * 12 + month - 1) * N_DAYS + day - 1
 
     @staticmethod
@@ -208,8 +259,10 @@ class Pools:
         """The text of value ``index`` of an attribute, e.g. ``'March 16, 2042'`` or ``'Tokyo'``."""
         a = attribute_index(attr)
         if not 0 <= int(index) < self.pool_size(a):
-            raise ConfigError(f"value index {index} is out of range for {ATTRIBUTES[a]}; "
-                              f"pass 0 <= index < {self.pool_size(a)}")
+            raise ConfigError(
+                f"value index {index} is out of range for {ATTRIBUTES[a]}; "
+                f"pass 0 <= index < {self.pool_size(a)}"
+            )
         if ATTRIBUTES[a] == "birth_date":
             d, m, y = (int(x) for x in self.date_parts(int(index)))
             return f"{MONTHS[m]} {d + 1}, {self.years[y]}"
@@ -219,8 +272,9 @@ class Pools:
 def _read_list(stem: str) -> tuple[str, ...]:
     path = DATA_DIR / f"{stem}.txt"
     if not path.exists():
-        raise ConfigError(f"pool file {path} is missing; reinstall factlens or rerun "
-                          f"scripts/build_bios_pools.py")
+        raise ConfigError(
+            f"pool file {path} is missing; reinstall factlens or rerun scripts/build_bios_pools.py"
+        )
     return tuple(line for line in path.read_text(encoding="ascii").splitlines() if line)
 
 
@@ -229,8 +283,10 @@ def _default_pools() -> Pools:
     pools = Pools(**{name: _read_list(name) for name in LIST_FIELDS})
     for name, n in PAPER_SIZES.items():
         if len(getattr(pools, name)) != n:
-            raise ConfigError(f"{DATA_DIR / name}.txt has {len(getattr(pools, name))} items, expected {n}; "
-                              f"rerun scripts/build_bios_pools.py")
+            raise ConfigError(
+                f"{DATA_DIR / name}.txt has {len(getattr(pools, name))} items, expected {n}; "
+                f"rerun scripts/build_bios_pools.py"
+            )
     return pools
 
 
@@ -257,5 +313,12 @@ def no_knowledge_baseline(pools: Pools | None = None) -> float:
     return sum(math.log(pools.pool_size(a)) for a in ATTRIBUTES) / len(ATTRIBUTES)
 
 
-__all__ = ["ATTRIBUTES", "MONTHS", "PAPER_SIZES", "Pools", "attribute_index", "no_knowledge_baseline",
-           "pool_size"]
+__all__ = [
+    "ATTRIBUTES",
+    "MONTHS",
+    "PAPER_SIZES",
+    "Pools",
+    "attribute_index",
+    "no_knowledge_baseline",
+    "pool_size",
+]

@@ -190,8 +190,23 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-PRONOUNS = frozenset({"he", "she", "him", "her", "his", "hers", "they", "them", "their", "theirs", "himself",
-                      "herself", "themselves"})
+PRONOUNS = frozenset(
+    {
+        "he",
+        "she",
+        "him",
+        "her",
+        "his",
+        "hers",
+        "they",
+        "them",
+        "their",
+        "theirs",
+        "himself",
+        "herself",
+        "themselves",
+    }
+)
 
 
 def template_parts(attr: str | int, index: int) -> tuple[str, str, str]:

@@ -1,0 +1,467 @@
+"""The knowledge-acquisition training loop (Zucchet et al. 2025), fast, resumable and patchable.
+
+It trains a **plain HF GPT-2-architecture model** (stock HF layers on factlens's SDPA-when-unpatched attention,
+:mod:`factlens.attention`), not a TransformerLens bridge: the bridge costs 1.7-2x per step. The weights are
+the same, so any checkpoint opens as a bridge for analysis (:func:`factlens.bios.analysis.load_bridge`).
+
+- Optimiser: AdamW (β = 0.9, 0.95; weight decay 0.1 on matrices, none on biases/norms), peak LR 4e-4,
+  cosine decay to 1e-7 without warm-up; bf16 autocast on CUDA; optional ``torch.compile``.
+- Data: :class:`~factlens.bios.batches.BiographyStream`, a pure function of (seed, step), so a resumed run
+  and DDP ranks see exactly the batches a single uninterrupted run sees.
+- Checkpoints (model only) on the paper's schedule under ``out/checkpoints``; a resume checkpoint (model +
+  optimizer + scheduler) under ``out/resume``, overwritten atomically; metrics in ``out/metrics.jsonl``.
+- Attention patching (:class:`PatchConfig`): from ``start_patching`` on, a frozen reference checkpoint's
+  patterns replace the model's (:class:`~factlens.patching.training.AttentionPatcher`), optionally resetting
+  the optimizer state as the paper does.
+- Multi-GPU: run under ``torchrun``; DDP with NCCL (GPU) or gloo (CPU); the loss is normalised by the global
+  token count, so N ranks reproduce the single-process step.
+
+Architecture note: the paper's model is Chinchilla-style (RMSNorm, Transformer-XL relative positions). factlens
+uses the GPT-2 architecture of the same shape (LayerNorm, learned positions) so TransformerLens's hook names
+apply; the ``paper`` preset has 8 layers, 8 heads, d_model 512, d_mlp 2048, head dim 64.
+
+Example:
+    >>> from factlens.bios.train import TrainConfig, train
+    >>> run = train(TrainConfig.preset("tiny", steps=20), "runs/tiny", progress=False)   # doctest: +SKIP
+    >>> run.final["attr_loss"]                                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from factlens.bios import samplers as _samplers
+from factlens.bios.batches import BiographyStream, eval_batches
+from factlens.bios.history import TrainingHistory, append_jsonl, truncate_jsonl
+from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
+from factlens.bios.pools import Pools
+from factlens.bios.population import Population
+from factlens.bios.vocab import BiosVocab
+from factlens.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_state,
+    paper_schedule,
+    save_checkpoint,
+)
+from factlens.errors import CheckpointError, ConfigError
+from factlens.models import build_hf
+
+MODEL_PRESETS: dict[str, dict] = {
+    "paper": dict(n_layer=8, n_head=8, n_embd=512, n_inner=2048),
+    "small": dict(n_layer=4, n_head=8, n_embd=256, n_inner=1024),
+    "demo": dict(n_layer=2, n_head=4, n_embd=128, n_inner=512),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, n_inner=64),
+}
+RUN_PRESETS: dict[str, dict] = {
+    "paper": dict(n_people=64_000, steps=16_000, batch_size=128, lr=4e-4, n_eval_sequences=16_000, n_unseen=16_000),
+    "small": dict(n_people=8_000, steps=4_000, batch_size=128, lr=1e-3, n_eval_sequences=2_048, n_unseen=1_024),
+    "demo": dict(n_people=1_000, steps=1_200, batch_size=32, lr=3e-3, n_eval_sequences=512, n_unseen=256,
+                 checkpoint_every=50),
+    "tiny": dict(n_people=64, steps=30, batch_size=8, lr=1e-3, n_eval_sequences=32, n_unseen=16, checkpoint_every=10),
+}
+
+
+@dataclass
+class PatchConfig:
+    """Attention patching from a reference checkpoint (Zucchet et al. §2.2).
+
+    Attributes:
+        reference: a checkpoint directory (``.../checkpoints/step_0008000``) or a run directory, with
+            ``reference_step`` picking the checkpoint.
+        reference_step: the reference checkpoint's step when ``reference`` is a run directory.
+        start_patching: first step trained with patched attention (0 = the whole run;
+            ``== reference_step`` freezes attention at that step).
+        layers / heads: which layers and heads to patch (default all).
+        reset_optimizer: re-initialise AdamW's state when patching starts (as in the paper).
+    """
+
+    reference: str
+    reference_step: int | None = None
+    start_patching: int = 0
+    layers: list[int] | None = None
+    heads: list[int] | None = None
+    reset_optimizer: bool = True
+
+    def checkpoint_dir(self) -> Path:
+        path = Path(self.reference)
+        if (path / "manifest.json").exists():
+            return path
+        if self.reference_step is None:
+            raise ConfigError(f"{path} is a run directory; pass reference_step to choose its checkpoint.")
+        ckpt = path / "checkpoints" / f"step_{self.reference_step:07d}"
+        if not ckpt.exists():
+            from factlens.checkpoints import list_checkpoints
+
+            raise CheckpointError(f"no checkpoint at step {self.reference_step} in {path}; available: "
+                                  f"{list_checkpoints(path / 'checkpoints')}")
+        return ckpt
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a biography training run (serialised into every checkpoint)."""
+
+    model: dict = field(default_factory=lambda: dict(MODEL_PRESETS["paper"]))
+    arch: str = "gpt2"
+    n_people: int = 64_000
+    steps: int = 16_000
+    batch_size: int = 128
+    lr: float = 4e-4
+    min_lr: float = 1e-7
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float | None = None
+    seq_len: int | None = None
+    sampler: dict = field(default_factory=lambda: {"kind": "uniform"})
+    pools: dict | None = None  # sizes for Pools.sized(...); None = the paper's pools
+    seed: int = 0
+    data_seed: int = 0
+    n_eval_sequences: int = 16_000
+    eval_batch_size: int = 256
+    n_unseen: int = 0
+    checkpoint_every: int | None = None  # None = the paper's schedule
+    resume_every: int = 500
+    log_every: int = 10
+    compile: bool = False
+    patch: PatchConfig | None = None
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TrainConfig:
+        """A preset (``paper``, ``small``, ``demo``, ``tiny``) with overrides."""
+        if name not in RUN_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(RUN_PRESETS)}.")
+        model = dict(MODEL_PRESETS[name], **overrides.pop("model", {}))
+        return cls(model=model, **{**RUN_PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        if d.get("patch"):
+            d["patch"] = PatchConfig(**d["patch"])
+        d["betas"] = tuple(d.get("betas", (0.9, 0.95)))
+        return cls(**d)
+
+    def make_pools(self) -> Pools:
+        """The run's attribute pools: the paper's, or ``Pools.sized(**self.pools)``."""
+        return Pools.default() if self.pools is None else Pools.sized(**self.pools)
+
+    def checkpoint_steps(self) -> list[int]:
+        if self.checkpoint_every:
+            return sorted(set(range(0, self.steps + 1, self.checkpoint_every)) | {self.steps})
+        return paper_schedule(self.steps)
+
+    def validate(self, max_bio_tokens: int) -> int:
+        """Check the config; returns the sequence length to use."""
+        if self.steps < 1 or self.batch_size < 1 or self.n_people < 1:
+            raise ConfigError("steps, batch_size and n_people must be positive.")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr={self.lr} is not a learning rate; use e.g. 4e-4.")
+        seq_len = self.seq_len or 8 * math.ceil(max_bio_tokens / 8)
+        if seq_len < max_bio_tokens:
+            raise ConfigError(f"seq_len={seq_len} is shorter than the longest biography ({max_bio_tokens} tokens).")
+        n_ctx = self.model.get("n_positions")
+        if n_ctx is not None and seq_len > n_ctx:
+            raise ConfigError(f"seq_len={seq_len} is longer than the model's context n_positions={n_ctx}; "
+                              f"raise n_positions or shorten the sequence.")
+        return seq_len
+
+
+class _PaddingNoticeFilter(logging.Filter):
+    """Hide HF's "pass an attention_mask" notice: batches are right-padded and the model is causal, so pad
+    tokens never influence real ones, and omitting the mask keeps SDPA on its ``is_causal`` fast path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
+
+
+for _name in ("transformers.modeling_utils", "transformers.utils.generic"):
+    logging.getLogger(_name).addFilter(_PaddingNoticeFilter())
+
+
+def make_sampler(spec: dict, n: int, batch_size: int) -> _samplers.Sampler:
+    """A sampler from a JSON-able spec: ``{"kind": "uniform"}``, ``{"kind": "power_law", "alpha": 0.6}``,
+    ``{"kind": "celebrities", "n_celebrities": 4000, "weight": 8}``, ``{"kind": "warmup", "n_warmup": 8000,
+    "epochs": 3}``, ``{"kind": "sequential", "n_groups": 8, "n_repeats": 1, "total_steps": 16000}``."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "uniform")
+    if kind == "uniform":
+        return _samplers.Uniform(n, **spec)
+    if kind == "power_law":
+        return _samplers.PowerLaw(n, **spec)
+    if kind == "celebrities":
+        return _samplers.Celebrities(n, **spec)
+    if kind == "warmup":
+        return _samplers.WarmUp(n, batch_size=batch_size, **spec)
+    if kind == "sequential":
+        return _samplers.Sequential(n, **spec)
+    raise ConfigError(f"unknown sampler kind {kind!r}; use uniform, power_law, celebrities, warmup or sequential.")
+
+
+_OPT_FIELDS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+               "n_inner": "ffn_dim", "n_positions": "max_position_embeddings"}
+
+
+def hf_field_names(arch: str, model: dict) -> dict:
+    """Presets use GPT-2 field names; translate them for OPT (``n_layer`` → ``num_hidden_layers``...)."""
+    if arch == "gpt2":
+        return dict(model)
+    if arch == "opt":
+        out = {_OPT_FIELDS.get(k, k): v for k, v in model.items()}
+        out.setdefault("word_embed_proj_dim", out.get("hidden_size"))
+        return out
+    raise ConfigError(f"arch={arch!r}; the trainer builds 'gpt2' or 'opt' models.")
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
+    """Cosine decay from ``lr`` at step 0 to ``min_lr`` at ``total``, no warm-up."""
+    t = min(max(step, 0), total) / max(total, 1)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_dist(device: torch.device) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return True
+    return False
+
+
+class Trainer:
+    """One training run: model, optimiser, data, evaluation and checkpoints. See :func:`train`."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path, *, device: str | torch.device | None = None,
+                 progress: bool = True, population: Population | None = None) -> None:
+        self.config, self.out = config, Path(out_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' requested but CUDA is not available; pass device='cpu'.")
+        self.own_dist = _maybe_init_dist(self.device)
+        self.rank, self.world = _dist_info()
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        if config.batch_size % self.world:
+            raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {self.world} ranks.")
+        self.progress = progress and self.rank == 0
+        self.population = population or Population.generate(config.n_people, seed=config.data_seed,
+                                                             pools=config.make_pools())
+        if len(self.population) != config.n_people:
+            raise ConfigError(f"the population has {len(self.population)} people, the config says {config.n_people}.")
+        self.vocab = BiosVocab(self.population.pools)
+        self.seq_len = config.validate(self.vocab.max_biography_tokens())
+        sampler = make_sampler(config.sampler, n=config.n_people, batch_size=config.batch_size)
+        self.stream = BiographyStream(self.population, self.vocab, sampler, config.batch_size, self.seq_len,
+                                      seed=config.data_seed)
+        self.eval_set = eval_batches(self.population, self.vocab, config.n_eval_sequences,
+                                     config.eval_batch_size, self.seq_len, seed=config.data_seed)
+        self.unseen_set = []
+        if config.n_unseen:
+            unseen = self.population.unseen(config.n_unseen, seed=config.data_seed + 1)
+            self.unseen_set = eval_batches(unseen, self.vocab, config.n_unseen, config.eval_batch_size,
+                                           self.seq_len, seed=config.data_seed + 1, split="train")
+        model_kw = dict(config.model)
+        model_kw.setdefault("n_positions", self.seq_len)
+        self.model = build_hf(config.arch, seed=config.seed, vocab_size=self.vocab.size,
+                              **hf_field_names(config.arch, model_kw)).to(self.device)
+        self.raw_model = self.model
+        self.patcher = None
+        self.step = 0
+        self.optimizer = self._make_optimizer()
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+
+    # ------------------------------------------------------------------------------ setup
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        decay = [p for p in self.raw_model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.raw_model.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=None if fused else True)
+
+    def _make_patcher(self):
+        from factlens.patching.training import AttentionPatcher
+
+        patch = self.config.patch
+        ckpt = load_checkpoint(patch.checkpoint_dir())
+        reference = ckpt.build_model(self.device)
+        return AttentionPatcher(self.raw_model, reference, layers=patch.layers, heads=patch.heads)
+
+    def _patching_active(self, step: int) -> bool:
+        return self.config.patch is not None and step >= self.config.patch.start_patching
+
+    def _sync_patching(self, step: int) -> None:
+        """Install the patcher once ``step`` reaches ``start_patching`` (resetting AdamW if asked)."""
+        if not self._patching_active(step) or (self.patcher is not None and self.patcher.installed):
+            return
+        self.patcher = self.patcher or self._make_patcher()
+        self.patcher.install()
+        if step == self.config.patch.start_patching and self.config.patch.reset_optimizer:
+            self.optimizer = self._make_optimizer()
+
+    # ---------------------------------------------------------------------------- running
+    def _logits(self, tokens: torch.Tensor, model=None) -> torch.Tensor:
+        model = model or self.forward
+        if self.patcher is not None and self.patcher.installed:
+            self.patcher.run_reference(tokens)
+        if self.amp is not None:
+            with self.amp:
+                return model(tokens).logits
+        return model(tokens).logits
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimiser step on batch ``step``; returns the (local, detached) mean token loss."""
+        batch = self.stream.batch(step, self.rank, self.world).to(self.device)
+        targets = batch.tokens[:, 1:].masked_fill(~batch.attention_mask[:, 1:], -100)  # [b, p-1]
+        n_local = (targets != -100).sum()
+        n_global = n_local.clone()
+        if self.world > 1:
+            dist.all_reduce(n_global)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(step, self.config.steps, self.config.lr, self.config.min_lr)
+        logits = self._logits(batch.tokens)  # [b, p, v]
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        (loss_sum * self.world / n_global).backward()  # DDP averages over ranks: global token mean
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.patcher is not None and self.patcher.installed:
+            self.patcher.check_fired()
+        return (loss_sum / n_local).detach()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Attribute loss/accuracy on held-out templates; hallucination metrics on unseen people."""
+        self.raw_model.eval()
+        out: dict[str, float] = {}
+        for prefix, batches in (("", self.eval_set), ("unseen_", self.unseen_set)):
+            totals: dict[str, float] = {}
+            n = 0
+            for batch in batches:
+                batch = batch.to(self.device)
+                logits = self._logits(batch.tokens, self.raw_model).float()
+                stats = {"attr_loss": float(attribute_loss(logits, batch)),
+                         "attr_acc": float(attribute_accuracy(logits, batch))}
+                if prefix:
+                    summary = hallucination_metrics(logits, batch)
+                    stats.update(top_prob=float(summary["top_prob"]), entropy=float(summary["entropy"]))
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v * len(batch)
+                n += len(batch)
+            out.update({prefix + k: v / n for k, v in totals.items()} if n else {})
+        self.raw_model.train()
+        return out
+
+    # -------------------------------------------------------------------------- persistence
+    def _save(self, step: int, resume: bool) -> None:
+        if self.rank != 0:
+            return
+        extra = {"seq_len": self.seq_len, "vocab_fingerprint": self.vocab.fingerprint}
+        if resume:
+            save_checkpoint(self.out / "resume", self.raw_model, step=step, config=self.config.to_dict(),
+                            optimizer=self.optimizer, data_seed=self.config.data_seed, extra=extra)
+        else:
+            save_checkpoint(self.out / "checkpoints", self.raw_model, step=step, config=self.config.to_dict(),
+                            data_seed=self.config.data_seed, extra=extra)
+
+    def try_resume(self) -> bool:
+        """Restore the newest resume checkpoint in ``out/resume`` (if any); returns whether it did."""
+        path = latest_checkpoint(self.out / "resume")
+        if path is None:
+            return False
+        ckpt = load_checkpoint(path)
+        saved = TrainConfig.from_dict(ckpt.config).to_dict()
+        if saved != self.config.to_dict():
+            diff = [k for k in saved if saved[k] != self.config.to_dict().get(k)]
+            raise CheckpointError(f"{self.out} holds a run with another config (differs in {diff}); use a new "
+                                  "output directory or the same config to resume.")
+        load_state(self.raw_model, ckpt.state, path)
+        # The patcher (and, exactly at start_patching, the optimizer reset) is applied by the loop's
+        # _sync_patching at the resumed step, after this state is loaded, as in an uninterrupted run.
+        state = ckpt.training_state()
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = ckpt.step
+        return True
+
+    def run(self) -> TrainingHistory:
+        """Train to ``config.steps`` (resuming if possible), evaluating and checkpointing on schedule."""
+        cfg = self.config
+        metrics_path = self.out / "metrics.jsonl"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        resumed = self.try_resume()
+        if self.rank == 0:
+            truncate_jsonl(metrics_path, self.step if resumed else -1)
+        schedule = set(cfg.checkpoint_steps())
+        self.raw_model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        window: list[torch.Tensor] = []
+        t0, tokens_seen = time.perf_counter(), 0
+        for step in range(self.step, cfg.steps + 1):
+            self._sync_patching(step)
+            if step in schedule:
+                record = {"kind": "eval", "step": step, **self.evaluate()}
+                if self.rank == 0:
+                    append_jsonl(metrics_path, record)
+                    self._save(step, resume=False)
+                bar.set_postfix(attr_loss=f"{record['attr_loss']:.3f}", acc=f"{record['attr_acc']:.3f}")
+            if step == cfg.steps:
+                break
+            window.append(self.train_step(step))
+            tokens_seen += cfg.batch_size * self.seq_len
+            self.step = step + 1
+            if self.step % cfg.log_every == 0 and self.rank == 0:
+                elapsed = time.perf_counter() - t0
+                append_jsonl(metrics_path, {"kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
+                                            "lr": self.optimizer.param_groups[0]["lr"],
+                                            "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+                window.clear()
+            if self.step % cfg.resume_every == 0 or self.step == cfg.steps:
+                self._save(self.step, resume=True)
+            bar.update(1)
+        bar.close()
+        if self.world > 1:
+            dist.barrier()
+        if self.patcher is not None:
+            self.patcher.remove()
+        if self.own_dist:
+            dist.destroy_process_group()
+        return TrainingHistory.load(self.out) if self.rank == 0 else None
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, device=None, progress: bool = True,
+          population: Population | None = None) -> TrainingHistory:
+    """Train (or resume) a biography run into ``out_dir``; returns its :class:`TrainingHistory`.
+
+    Example:
+        >>> history = train(TrainConfig.preset("tiny"), "runs/tiny", progress=False)   # doctest: +SKIP
+        >>> history.plot().write_html("runs/tiny/curves.html")                        # doctest: +SKIP
+    """
+    return Trainer(config, out_dir, device=device, progress=progress, population=population).run()

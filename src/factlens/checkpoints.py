@@ -1,0 +1,251 @@
+"""Safe training checkpoints: atomic directories, a checksummed manifest, no arbitrary pickle.
+
+A checkpoint is a directory ``step_{step:07d}`` holding
+
+- ``model.safetensors``: the HF model's ``state_dict`` (plain HF names, loadable by ``from_pretrained`` code);
+- ``optimizer.pt``: optimizer + LR-scheduler + RNG state, loaded with ``torch.load(weights_only=True)``
+  (optional: analysis-only checkpoints may omit it);
+- ``manifest.json``: architecture (the HF config dict), step, the training config, the data seed, and the
+  sha256 of every other file.
+
+It is written into a temporary sibling directory, every file ``fsync``-ed, then renamed into place with
+``os.replace``, so a crash never leaves a half-written checkpoint under the final name. :func:`load_checkpoint`
+verifies the manifest and the checksums and refuses a mismatch with :class:`~factlens.errors.CheckpointError`.
+
+Example:
+    >>> import factlens, tempfile
+    >>> from factlens.checkpoints import save_checkpoint, load_checkpoint
+    >>> hf = factlens.build_hf("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=50)
+    >>> path = save_checkpoint(tempfile.mkdtemp(), hf, step=10, config={"lr": 1e-3})
+    >>> ckpt = load_checkpoint(path)
+    >>> ckpt.step
+    10
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from factlens.errors import ArchitectureMismatchError, CheckpointError
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "optimizer.pt"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+ARCH_KEYS = ("model_type", "n_layer", "n_head", "n_embd", "n_inner", "n_positions", "vocab_size",
+             "num_hidden_layers", "num_attention_heads", "hidden_size", "ffn_dim", "max_position_embeddings")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def architecture(config) -> dict[str, Any]:
+    """The architecture-defining fields of an HF config (what two checkpoints must share to be compatible)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: d[k] for k in ARCH_KEYS if k in d and d[k] is not None}
+
+
+def check_same_architecture(a: dict, b: dict, what: str = "reference checkpoint") -> None:
+    """Raise :class:`ArchitectureMismatchError` listing every field where two architectures differ."""
+    diffs = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    if diffs:
+        listed = ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diffs.items())
+        raise ArchitectureMismatchError(
+            f"the {what} has another architecture ({listed}). Use a checkpoint of the same preset "
+            "(layers, heads, d_model, vocabulary and context must all match)."
+        )
+
+
+def save_checkpoint(root: str | Path, model, *, step: int, config: dict | None = None, optimizer=None,
+                    scheduler=None, data_seed: int | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint of an HF model atomically; returns its directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+        state = _untie(state)
+        save_file(state, str(tmp / MODEL_FILE))
+        files = [MODEL_FILE]
+        if optimizer is not None:
+            blob = {"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "torch_rng": torch.get_rng_state()}
+            torch.save(blob, tmp / STATE_FILE)
+            files.append(STATE_FILE)
+        manifest = {
+            "format": FORMAT_VERSION, "step": step, "data_seed": data_seed, "config": config or {},
+            "architecture": architecture(_unwrap(model).config), "hf_config": _unwrap(model).config.to_dict(),
+            "extra": extra or {}, "sha256": {f: _sha256(tmp / f) for f in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        for f in [*files, MANIFEST]:
+            _fsync(tmp / f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied embeddings): store the tied copy separately."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint: manifest fields plus lazily loaded tensors."""
+
+    path: Path
+    step: int
+    manifest: dict
+    state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config", {})
+
+    @property
+    def architecture(self) -> dict:
+        return self.manifest["architecture"]
+
+    def has_training_state(self) -> bool:
+        return (self.path / STATE_FILE).exists()
+
+    def training_state(self) -> dict:
+        """Optimizer/scheduler/RNG state, loaded with ``weights_only=True``."""
+        if not self.has_training_state():
+            raise CheckpointError(f"{self.path} has no optimizer state; it cannot resume training.")
+        return torch.load(self.path / STATE_FILE, weights_only=True, map_location="cpu")
+
+    def build_model(self, device: str | torch.device = "cpu"):
+        """An HF model (on factlens attention) with this checkpoint's weights."""
+        from factlens.models import from_config
+
+        model = from_config(self.manifest["hf_config"])
+        load_state(model, self.state, self.path)
+        return model.to(device)
+
+
+def load_state(model, state: dict[str, torch.Tensor], where: Path | str = "checkpoint") -> None:
+    """Load a state dict strictly, turning key/shape mismatches into clear factlens errors."""
+    target = _unwrap(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ArchitectureMismatchError(
+            f"{where} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatches {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in shapes[:3]]}. "
+            "Build the model with the checkpoint's own config (Checkpoint.build_model())."
+        )
+    target.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True, load_tensors: bool = True) -> Checkpoint:
+    """Open a checkpoint directory, verify its manifest and checksums, and load the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist; list a run's checkpoints with "
+                              "factlens.checkpoints.list_checkpoints(run_dir).")
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a factlens checkpoint or was truncated.")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{mpath} is corrupt ({err}); delete this checkpoint and resume from an earlier one.") from err
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {manifest.get('format')!r}; this factlens reads {FORMAT_VERSION}.")
+    if verify:
+        for fname, digest in manifest.get("sha256", {}).items():
+            f = path / fname
+            if not f.exists():
+                raise CheckpointError(f"{path} is missing {fname}; the checkpoint is incomplete.")
+            if _sha256(f) != digest:
+                raise CheckpointError(f"{f} does not match its checksum: the file is truncated or corrupt. "
+                                      "Delete this checkpoint and resume from an earlier one.")
+    state = {}
+    if load_tensors:
+        try:
+            state = load_file(str(path / MODEL_FILE))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{path / MODEL_FILE} could not be read ({err}).") from err
+    return Checkpoint(path=path, step=int(manifest["step"]), manifest=manifest, state=state)
+
+
+def list_checkpoints(root: str | Path) -> list[int]:
+    """Steps of the complete checkpoints under ``root`` (temporary directories are ignored), ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / MANIFEST).exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_checkpoint(root: str | Path, *, with_training_state: bool = True) -> Path | None:
+    """The newest checkpoint directory under ``root`` (optionally only those that can resume)."""
+    for step in reversed(list_checkpoints(root)):
+        path = step_dir(root, step)
+        if not with_training_state or (path / STATE_FILE).exists():
+            return path
+    return None
+
+
+def paper_schedule(total_steps: int, dense_until: int = 2000, dense_every: int = 125, n_spread: int = 32) -> list[int]:
+    """Zucchet et al.'s checkpoint steps: every 125 steps up to 2k, plus 32 evenly spread, plus the last.
+
+    Example:
+        >>> paper_schedule(16000)[:3], paper_schedule(16000)[-1]
+        ([0, 125, 250], 16000)
+    """
+    steps = set(range(0, min(dense_until, total_steps) + 1, dense_every))
+    steps |= {round(total_steps * i / n_spread) for i in range(1, n_spread + 1)}
+    steps.add(total_steps)
+    return sorted(s for s in steps if 0 <= s <= total_steps)
