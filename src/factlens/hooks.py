@@ -40,6 +40,7 @@ from transformer_lens.utilities import get_act_name
 from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError, ShapeError
 
 OnNoEffect = Literal["raise", "warn", "ignore"]
+CHANGE_RTOL = 1e-5  # a hook "changed" its tensor when max |Δ| exceeds this × max(1, max |tensor|)
 Positions = int | Sequence[int] | Int[torch.Tensor, " batch"] | None
 
 
@@ -80,7 +81,9 @@ class Intervention:
                 with torch.no_grad():
                     diff = (out.detach().float() - tensor.detach().float()).abs()
                     delta = float(diff.nan_to_num(nan=float("inf")).max()) if diff.numel() else 0.0
-                if delta > 0:
+                    # float noise (e.g. the same pattern from SDPA vs an explicit softmax) is not a change
+                    noise = CHANGE_RTOL * max(1.0, float(tensor.detach().abs().max())) if tensor.numel() else 0.0
+                if delta > noise:
                     record.changed = True
                     record.max_abs_change = max(record.max_abs_change, delta)
             return out

@@ -1,0 +1,158 @@
+"""Where reference attention patterns come from, and patching them into any model for analysis.
+
+A :class:`Reference` turns tokens into post-softmax patterns ``{layer: [batch, head, q, k]}``. Sources:
+
+- :meth:`Reference.from_checkpoint`: a biography-trainer checkpoint directory (or a run directory + step);
+- :meth:`Reference.from_model`: a loaded HF GPT-2/OPT model or a TransformerLens bridge (any architecture TL
+  supports: its ``hook_pattern`` is cached);
+- :meth:`Reference.from_pretrained`: a model directory or hub id at a revision, booted as a bridge, e.g.
+  Pythia's training checkpoints ``Reference.from_pretrained("EleutherAI/pythia-160m", revision="step3000")``
+  (needs hub access; a locally saved directory works offline);
+- :meth:`Reference.from_callable`: any ``fn(tokens) -> {layer: pattern}``.
+
+:func:`patched_forward` runs a bridge with a reference's patterns through :func:`factlens.intervene`, so the
+patch proves it took effect, on GPT-2 and OPT alike.
+
+Example:
+    >>> ref = Reference.from_checkpoint("runs/demo", step=1000)              # doctest: +SKIP
+    >>> model = factlens.bios.analysis.load_bridge("runs/demo", step=100)    # doctest: +SKIP
+    >>> logits = patched_forward(model, tokens, ref)                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+
+from factlens.attention import LayerEdit, set_layer_edit
+from factlens.errors import ArchitectureMismatchError, ConfigError
+
+Patterns = dict[int, Float[torch.Tensor, "batch head q k"]]
+
+
+@dataclass
+class Reference:
+    """A source of attention patterns with a known shape (layers, heads, context)."""
+
+    fn: Callable[[torch.Tensor], Patterns]
+    n_layers: int
+    n_heads: int
+    n_ctx: int | None
+    description: str
+
+    def patterns(self, tokens: Int[torch.Tensor, "batch pos"]) -> Patterns:
+        """Post-softmax patterns of every layer for ``tokens``."""
+        if self.n_ctx is not None and tokens.shape[-1] > self.n_ctx:
+            raise ConfigError(f"{self.description}: {tokens.shape[-1]} tokens exceed its context of {self.n_ctx}.")
+        with torch.no_grad():
+            return self.fn(tokens)
+
+    def check_compatible(self, model) -> None:
+        """Refuse (with :class:`ArchitectureMismatchError`) a model whose layers/heads/context differ."""
+        cfg = _shape_of(model)
+        ours = {"layers": self.n_layers, "heads": self.n_heads}
+        theirs = {"layers": cfg[0], "heads": cfg[1]}
+        diffs = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+        if self.n_ctx is not None and cfg[2] is not None and self.n_ctx < cfg[2]:
+            diffs["context"] = (self.n_ctx, cfg[2])
+        if diffs:
+            listed = ", ".join(f"{k}: reference {a} vs model {b}" for k, (a, b) in diffs.items())
+            raise ArchitectureMismatchError(f"{self.description} cannot supply patterns to this model ({listed}). "
+                                            "Use a reference of the same architecture.")
+
+    # ------------------------------------------------------------------------------ sources
+    @classmethod
+    def from_model(cls, model, description: str | None = None) -> Reference:
+        """From an HF GPT-2/OPT model (factlens attention) or a TransformerLens bridge."""
+        if hasattr(model, "run_with_cache"):  # a bridge
+            names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+
+            def fn(tokens: torch.Tensor) -> Patterns:
+                _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda n: n in names)
+                return {layer: cache[name] for layer, name in enumerate(names)}
+
+            return cls(fn, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx,
+                       description or f"bridge {model.cfg.model_name}")
+        from factlens.attention import use_factlens_attention
+        from factlens.patching.training import attention_modules
+
+        use_factlens_attention(model)
+        model.eval()
+        n_layers, n_heads, n_ctx = _shape_of(model)
+
+        def fn(tokens: torch.Tensor) -> Patterns:
+            store: Patterns = {}
+            mods = attention_modules(model)
+
+            def capture(layer):
+                def inner(p):
+                    store[layer] = p.detach()
+                    return p
+                return inner
+
+            try:
+                for layer, mod in enumerate(mods):
+                    set_layer_edit(mod, LayerEdit(pattern_fn=capture(layer)))
+                model(tokens.to(next(model.parameters()).device))
+            finally:
+                for mod in mods:
+                    set_layer_edit(mod, None)
+            return store
+
+        return cls(fn, n_layers, n_heads, n_ctx, description or f"{type(model).__name__}")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> Reference:
+        """From a factlens training checkpoint (``.../step_0001000``) or a run directory and ``step``."""
+        from factlens.checkpoints import load_checkpoint, step_dir
+
+        path = Path(path)
+        if step is not None and not (path / "manifest.json").exists():
+            path = step_dir(path / "checkpoints" if (path / "checkpoints").is_dir() else path, step)
+        ckpt = load_checkpoint(path)
+        return cls.from_model(ckpt.build_model(device), description=f"checkpoint {path}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, revision: str | None = None, device: str | torch.device = "cpu",
+                        **boot_kwargs) -> Reference:
+        """From a hub id or local directory at an optional revision, booted as a TL bridge."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(name_or_path, revision=revision, device=device, **boot_kwargs)
+        from factlens.models import FAMILIES, prepare
+
+        if getattr(bridge.original_model.config, "model_type", "") in FAMILIES:
+            prepare(bridge)
+        return cls.from_model(bridge.eval(), description=f"{name_or_path}@{revision or 'main'}")
+
+    @classmethod
+    def from_callable(cls, fn: Callable[[torch.Tensor], Patterns], n_layers: int, n_heads: int,
+                      n_ctx: int | None = None, description: str = "callable") -> Reference:
+        """From any function ``tokens -> {layer: [batch, head, q, k]}``."""
+        return cls(fn, n_layers, n_heads, n_ctx, description)
+
+
+def _shape_of(model) -> tuple[int, int, int | None]:
+    """(layers, heads, context) of a bridge or an HF GPT-2/OPT model."""
+    if hasattr(model, "cfg") and hasattr(model.cfg, "n_heads"):
+        return model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx
+    cfg = getattr(model, "module", model).config
+    return cfg.num_hidden_layers, cfg.num_attention_heads, getattr(cfg, "n_positions", None) or getattr(
+        cfg, "max_position_embeddings", None)
+
+
+def patched_forward(model, tokens: Int[torch.Tensor, "batch pos"], reference: Reference, *,
+                    layers: int | Sequence[int] | None = None, heads: int | Sequence[int] | None = None,
+                    on_no_effect: str = "raise", **forward_kwargs):
+    """Run a bridge with a reference's patterns in the chosen layers/heads (verified via ``intervene``)."""
+    from factlens.hooks import intervene, patch_pattern
+
+    reference.check_compatible(model)
+    patterns = reference.patterns(tokens)
+    patterns = {k: v.to(model.cfg.device) for k, v in patterns.items()}
+    with intervene(model, patch_pattern(model, patterns, layers=layers, heads=heads), on_no_effect=on_no_effect):
+        return model(tokens.to(model.cfg.device), **forward_kwargs)
