@@ -158,3 +158,21 @@ def test_history_plateau_end(tmp_path):
     assert history.baseline == pytest.approx(6.785, abs=1e-3)
     assert history.plateau_end() == 300
     assert history.plateau_end(ratio=0.5) is None
+
+
+def test_finetune_on_new_people_with_replay(tmp_path):
+    from factlens.bios.finetune import finetune_config
+
+    pre = tmp_path / "pre"
+    train(tiny_config(steps=20, lr=3e-3), pre, progress=False)
+    config = finetune_config(pre, n_new=16, old_weight=0.5, steps=10, lr=1e-3, checkpoint_every=5)
+    trainer = Trainer(config, tmp_path / "ft", progress=False)
+    pre_state = load_checkpoint(pre / "checkpoints" / "step_0000020").state
+    assert all(torch.equal(v, trainer.raw_model.state_dict()[k]) for k, v in pre_state.items())
+    assert len(trainer.population) == 48 + 16
+    history = trainer.run()
+    assert {"old_attr_loss", "old_attr_acc", "new_attr_loss", "new_attr_acc"} <= set(history.evals.columns)
+    lrs = history.train["lr"].unique()
+    assert len(lrs) == 1 and lrs[0] == pytest.approx(1e-3)  # constant learning rate
+    people = torch.cat([trainer.stream.batch(s).people for s in range(20)])
+    assert (people >= 48).any() and (people < 48).any()  # new people and replayed old people

@@ -78,6 +78,8 @@ class TrainingHistory:
         ``min_step`` defaults to the step where the loss first came within 10% of the baseline (the end of
         the initial drop), so a loss that starts below ``ratio × baseline`` is not mistaken for knowledge.
         """
+        if "attr_loss" not in self.evals:
+            return None
         steps, losses = self.evals["step"].tolist(), self.evals["attr_loss"].tolist()
         if min_step is None:
             near = [s for s, v in zip(steps, losses) if v < 1.1 * self.baseline]
@@ -94,18 +96,22 @@ class TrainingHistory:
 
         fig = make_subplots(rows=1, cols=2, subplot_titles=("Attribute loss (nats, log scale)", "Attribute accuracy"))
         ev = self.evals
-        fig.add_trace(go.Scatter(x=ev["step"], y=ev["attr_loss"], mode="lines+markers", name="held-out templates",
-                                 line=dict(color="#1f77b4"),
-                                 hovertemplate="step %{x}<br>loss %{y:.4f} nats<extra></extra>"), 1, 1)
-        if "unseen_attr_loss" in ev:
-            fig.add_trace(go.Scatter(x=ev["step"], y=ev["unseen_attr_loss"], mode="lines", name="unseen people",
-                                     line=dict(color="#d62728", dash="dot"),
-                                     hovertemplate="step %{x}<br>loss %{y:.4f} nats<extra></extra>"), 1, 1)
+        labels = {"": "held-out templates", "unseen_": "unseen people", "old_": "old people", "new_": "new people"}
+        colours = {"": "#1f77b4", "unseen_": "#d62728", "old_": "#1f77b4", "new_": "#2ca02c"}
+        for prefix, label in labels.items():
+            if prefix + "attr_loss" not in ev:
+                continue
+            dash = "dot" if prefix == "unseen_" else "solid"
+            fig.add_trace(go.Scatter(x=ev["step"], y=ev[prefix + "attr_loss"], mode="lines+markers", name=label,
+                                     line=dict(color=colours[prefix], dash=dash), legendgroup=label,
+                                     hovertemplate=f"{label}<br>step %{{x}}<br>loss %{{y:.4f}} nats<extra></extra>"), 1, 1)
+            if prefix != "unseen_":
+                fig.add_trace(go.Scatter(x=ev["step"], y=ev[prefix + "attr_acc"], mode="lines+markers", name=label,
+                                         line=dict(color=colours[prefix]), legendgroup=label, showlegend=False,
+                                         hovertemplate=f"{label}<br>step %{{x}}<br>accuracy %{{y:.3f}}<extra></extra>"),
+                              1, 2)
         fig.add_hline(y=self.baseline, line=dict(color="grey", dash="dash"), row=1, col=1,
                       annotation_text=f"no knowledge ({self.baseline:.3f})", annotation_position="top right")
-        fig.add_trace(go.Scatter(x=ev["step"], y=ev["attr_acc"], mode="lines+markers", name="accuracy",
-                                 line=dict(color="#2ca02c"),
-                                 hovertemplate="step %{x}<br>accuracy %{y:.3f}<extra></extra>"), 1, 2)
         end = self.plateau_end()
         if end is not None:
             for col in (1, 2):

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from factlens.bios import samplers as _samplers
 from factlens.bios.batches import BiographyStream, eval_batches
+from factlens.bios.finetune import people_slice
 from factlens.bios.history import TrainingHistory, append_jsonl, truncate_jsonl
 from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
 from factlens.bios.pools import Pools
@@ -67,8 +68,11 @@ MODEL_PRESETS: dict[str, dict] = {
 RUN_PRESETS: dict[str, dict] = {
     "paper": dict(n_people=64_000, steps=16_000, batch_size=128, lr=4e-4, n_eval_sequences=16_000, n_unseen=16_000),
     "small": dict(n_people=8_000, steps=4_000, batch_size=128, lr=1e-3, n_eval_sequences=2_048, n_unseen=1_024),
-    "demo": dict(n_people=1_000, steps=1_200, batch_size=32, lr=3e-3, n_eval_sequences=512, n_unseen=256,
-                 checkpoint_every=50),
+    # CPU demo: 400 people, smaller attribute pools (so a 128-wide model learns them in 1k steps); shows the
+    # initial drop to the no-knowledge baseline, the plateau and knowledge emergence in a few minutes on 2 cores.
+    "demo": dict(n_people=400, steps=1_000, batch_size=32, lr=3e-3, n_eval_sequences=256, n_unseen=128,
+                 checkpoint_every=50, eval_batch_size=128,
+                 pools=dict(first_names=60, last_names=60, cities=60, universities=30, majors=20, companies=40)),
     "tiny": dict(n_people=64, steps=30, batch_size=8, lr=1e-3, n_eval_sequences=32, n_unseen=16, checkpoint_every=10),
 }
 
@@ -136,6 +140,7 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     patch: PatchConfig | None = None
+    finetune: dict | None = None  # a FinetuneConfig as a dict (see factlens.bios.finetune)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:
@@ -269,11 +274,19 @@ class Trainer:
             raise ConfigError(f"the population has {len(self.population)} people, the config says {config.n_people}.")
         self.vocab = BiosVocab(self.population.pools)
         self.seq_len = config.validate(self.vocab.max_biography_tokens())
-        sampler = make_sampler(config.sampler, n=config.n_people, batch_size=config.batch_size)
+        if config.finetune:
+            from factlens.bios import finetune
+
+            self.population, sampler, groups = finetune.setup(config, self.population)
+        else:
+            sampler = make_sampler(config.sampler, n=config.n_people, batch_size=config.batch_size)
+            groups = {"": (0, len(self.population))}
         self.stream = BiographyStream(self.population, self.vocab, sampler, config.batch_size, self.seq_len,
                                       seed=config.data_seed)
-        self.eval_set = eval_batches(self.population, self.vocab, config.n_eval_sequences,
-                                     config.eval_batch_size, self.seq_len, seed=config.data_seed)
+        self.eval_groups = {
+            prefix: eval_batches(people_slice(self.population, lo, hi), self.vocab, config.n_eval_sequences, config.eval_batch_size,
+                                 self.seq_len, seed=config.data_seed)
+            for prefix, (lo, hi) in groups.items()}
         self.unseen_set = []
         if config.n_unseen:
             unseen = self.population.unseen(config.n_unseen, seed=config.data_seed + 1)
@@ -284,6 +297,10 @@ class Trainer:
         self.model = build_hf(config.arch, seed=config.seed, vocab_size=self.vocab.size,
                               **hf_field_names(config.arch, model_kw)).to(self.device)
         self.raw_model = self.model
+        if config.finetune:
+            from factlens.bios.finetune import init_weights
+
+            init_weights(self.raw_model, config)
         self.patcher = None
         self.step = 0
         self.optimizer = self._make_optimizer()
@@ -359,7 +376,7 @@ class Trainer:
         """Attribute loss/accuracy on held-out templates; hallucination metrics on unseen people."""
         self.raw_model.eval()
         out: dict[str, float] = {}
-        for prefix, batches in (("", self.eval_set), ("unseen_", self.unseen_set)):
+        for prefix, batches in [*self.eval_groups.items(), ("unseen_", self.unseen_set)]:
             totals: dict[str, float] = {}
             n = 0
             for batch in batches:
@@ -367,7 +384,7 @@ class Trainer:
                 logits = self._logits(batch.tokens, self.raw_model).float()
                 stats = {"attr_loss": float(attribute_loss(logits, batch)),
                          "attr_acc": float(attribute_accuracy(logits, batch))}
-                if prefix:
+                if prefix == "unseen_":
                     summary = hallucination_metrics(logits, batch)
                     stats.update(top_prob=float(summary["top_prob"]), entropy=float(summary["entropy"]))
                 for k, v in stats.items():
@@ -431,7 +448,7 @@ class Trainer:
                 if self.rank == 0:
                     append_jsonl(metrics_path, record)
                     self._save(step, resume=False)
-                bar.set_postfix(attr_loss=f"{record['attr_loss']:.3f}", acc=f"{record['attr_acc']:.3f}")
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith(("attr_loss", "attr_acc"))})
             if step == cfg.steps:
                 break
             window.append(self.train_step(step))
