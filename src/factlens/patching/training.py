@@ -85,12 +85,13 @@ class AttentionPatcher:
         return fn
 
     def _take(self, layer: int) -> torch.Tensor:
+        # No Python state is mutated here when compiling: torch.compile traces this into the model's graph.
         pattern = self._slots[layer]
         if pattern is None:
             raise HookDidNotFireError(f"layer {layer}: no reference pattern was captured for this forward; call "
                                       "patcher.forward(tokens) (it runs the reference first).")
-        self._slots[layer] = None
-        self.consumed[layer] += 1
+        if not torch.compiler.is_compiling():
+            self.consumed[layer] += 1
         return pattern
 
     def _edit(self, layer: int, device: torch.device) -> LayerEdit:
@@ -101,18 +102,17 @@ class AttentionPatcher:
         return LayerEdit(pattern_fn=lambda own: torch.where(head_mask[None, :, None, None], self._take(layer), own))
 
     def install(self) -> AttentionPatcher:
-        """Install capture edits on the reference and replace edits on the model."""
+        """Install the replace edits on the model (the reference is hooked only while it runs)."""
         device = next(self.model.parameters()).device
-        ref_mods, mods = attention_modules(self.reference), attention_modules(self.model)
+        mods = attention_modules(self.model)
         for layer in self.layers:
-            set_layer_edit(ref_mods[layer], LayerEdit(pattern_fn=self._capture(layer)))
             set_layer_edit(mods[layer], self._edit(layer, device))
         self.installed = True
         return self
 
     def remove(self) -> None:
-        """Remove every edit: both models are back on the plain SDPA path."""
-        for mod in attention_modules(self.reference) + attention_modules(self.model):
+        """Remove every edit: the model is back on the plain SDPA path."""
+        for mod in attention_modules(self.model):
             set_layer_edit(mod, None)
         self._slots = dict.fromkeys(self.layers)
         self.installed = False
@@ -127,7 +127,21 @@ class AttentionPatcher:
     @torch.no_grad()
     def run_reference(self, input_ids: Int[torch.Tensor, "batch pos"]) -> None:
         """Run the frozen reference on the batch, capturing its patterns for the next model forward."""
-        self.reference(input_ids)
+        self._slots = dict.fromkeys(self.layers)  # stale patterns of an earlier batch are never reused
+        ref_mods = attention_modules(self.reference)
+        # capture edits exist only while this patcher runs the reference, so a reference model can be shared
+        try:
+            for layer in self.layers:
+                set_layer_edit(ref_mods[layer], LayerEdit(pattern_fn=self._capture(layer)))
+            self.reference(input_ids)
+        finally:
+            for layer in self.layers:
+                set_layer_edit(ref_mods[layer], None)
+
+    def mark_consumed(self) -> None:
+        """Count one patched forward on every layer (for compiled models, whose traced code cannot count)."""
+        for layer in self.layers:
+            self.consumed[layer] = self.captured[layer]
 
     def forward(self, input_ids: Int[torch.Tensor, "batch pos"], **kwargs):
         """Reference forward (no grad), then the patched model forward; returns the model's output."""
