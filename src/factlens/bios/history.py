@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -118,7 +119,10 @@ class TrainingHistory:
                 fig.add_vline(x=end, line=dict(color="orange", dash="dot"), row=1, col=col)
             fig.add_annotation(x=end, y=1, yref="y2 domain", xref="x2", text=f"plateau end ({end})",
                                showarrow=False, font=dict(color="orange"))
-        fig.update_yaxes(type="log", title_text="nats", row=1, col=1)
+        losses = ev[[c for c in ev.columns if c.endswith("attr_loss")]].to_numpy().ravel()
+        lo, hi = max(float(losses.min()), 1e-4), float(losses.max())
+        fig.update_yaxes(type="log", title_text="nats", row=1, col=1,
+                         range=[math.log10(lo) - 0.15, math.log10(max(hi, self.baseline)) + 0.15])
         fig.update_yaxes(range=[0, 1.02], title_text="fraction of values", row=1, col=2)
         fig.update_xaxes(title_text="training step")
         fig.update_layout(title=title or f"Knowledge acquisition ({self.run_dir.name if self.run_dir else 'run'})",
