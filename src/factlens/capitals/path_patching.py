@@ -12,16 +12,27 @@ The official procedure (``fact_utils.path_patching``), for one sender:
 
 The effect is reported as ``100·(patched − clean)/clean`` (% Δ metric).
 
-:func:`path_patch_reference` is that procedure literally, one sender at a time (2 full forward passes per
-sender). :func:`path_patch` computes the same numbers in a fraction of the time. With every head frozen,
-every attention output equals its clean value (plus the sender's change, which is linear in ``z``:
-``(z̄ − z_clean)·W_O[h]``), and MLPs act position-wise, so pass C changes the residual at ``end`` only,
-through the MLPs. Pass D's logits at ``end`` are ``unembed(ln_final(receiver))``. :func:`path_patch` therefore
-stacks copies of the batch, one copy per sender (a chunk of S senders is a batch of S·n rows), and runs
-each row as a **one-token** forward pass through the model's own blocks, with factlens hooks that set the
-residual entering block 0 to the clean ``end`` residual, every ``hook_attn_out`` to its clean ``end`` value
-plus that row's sender change, and (for MLP senders / ``freeze_mlps``) ``hook_mlp_out``. The tests check it
-equals the reference on GPT-2 and OPT.
+Pass D only re-reads the receiver at ``end``, so its logits there are ``unembed(ln_final(receiver))``.
+
+:func:`path_patch_reference` is that procedure literally, one sender at a time (two full forward passes of
+the dataset per sender). :func:`path_patch` computes the same numbers much faster. With every head frozen,
+every attention output equals its clean value, plus the sender's own change, which is linear in ``z``:
+``(z̄ − z_clean)·W_O[h]``. MLPs act position by position, so pass C changes the residual at ``end`` only,
+through the MLPs. :func:`path_patch` therefore stacks copies of the batch, one per sender (a chunk of S
+senders is a batch of S·n rows), and per row:
+
+- ``engine="mlp"`` (the default when it applies): starts from the clean ``resid_mid`` of the sender's layer
+  at ``end`` plus the sender's change and runs only the model's own ``ln2``/MLP modules from there up, adding
+  the clean attention outputs. This is about 25× faster than a TransformerLens per-index sweep on full-size
+  GPT-2 (``benchmarks/bench_path_patching.py``). ``"auto"`` checks first that these modules reproduce the
+  cached clean MLP outputs, and falls back to ``"forward"`` if they do not;
+- ``engine="forward"``: a one-token forward pass of the whole model. factlens hooks set the residual entering
+  block 0 to the clean ``end`` residual and every ``hook_attn_out`` to its clean ``end`` value plus the row's
+  sender change. For MLP senders, and under ``freeze_mlps``, they also set ``hook_mlp_out``.
+
+For linear metrics (``iw``, ``n``, ``iw-n``, ``logit``), only the unembedding columns that are needed are
+computed. The tests check that both engines equal the reference on GPT-2 and OPT, and the benchmark checks
+they equal TransformerLens's ``generic_activation_patch``.
 
 D_new's mean is taken at each D_new prompt's own ``end``. (The official code averages at the same absolute
 index; for :meth:`~factlens.relations.RelationDataset.counterfactual` datasets with single-token subjects
@@ -53,6 +64,7 @@ from tqdm.auto import tqdm
 from factlens.capitals.recall import Metric, end_logits, metric, require_eval, run_at_end
 from factlens.errors import ConfigError
 from factlens.hooks import Intervention, hook, intervene
+from factlens.models import family_of
 from factlens.relations import RelationDataset
 
 MetricSpec = str | Metric
@@ -174,9 +186,78 @@ def _result(values: list[float], clean: float, L: int, H: int, **kw) -> PathPatc
 
 
 # -------------------------------------------------------------------------------------------------- batched
+def _mlp_fns(model) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+    """``x ↦ mlp(ln2(x))`` per layer through the bridge's own modules (None where not callable)."""
+    family = family_of(model)
+    fns = []
+    for blk in model.blocks:
+        if family == "gpt2":
+            fns.append(lambda x, blk=blk: blk.mlp(blk.ln2(x)))
+        elif family == "opt":  # TL's OPT MLPBridge is containerless: compose fc1 → activation → fc2
+            act = getattr(blk.original_component, "activation_fn", None)
+            if act is None:
+                return None
+            fns.append(lambda x, blk=blk, act=act: blk.mlp.out(act(getattr(blk.mlp, "in")(blk.ln2(x)))).reshape(x.shape))
+        else:
+            return None
+    return fns
+
+
+class _Scorer:
+    """Turns rows' final residuals (or logits) into per-sender metric values, in sender-major row order."""
+
+    def __init__(self, model, dataset: RelationDataset, spec: MetricSpec, n: int):
+        self.model, self.dataset, self.n = model, dataset, n
+        self.kind = spec if isinstance(spec, str) else None
+        self.fn, self.name = _metric_fn(spec, dataset)
+        device = model.cfg.device
+        self.W_U, self.b_U = model.W_U.detach(), model.b_U.detach()
+        self.W_mean, self.b_mean = self.W_U.mean(1), self.b_U.mean()
+        self.ans, self.subj = dataset.answer_ids.to(device), dataset.subject_ids.to(device)
+        self.sums: list[float] = []
+        self.buffer: list[torch.Tensor] = []
+        self.acc, self.count = 0.0, 0
+
+    def _column(self, ln: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return (ln * self.W_U[:, ids].T).sum(-1) + self.b_U[ids]  # [r]
+
+    def add(self, p_idx: torch.Tensor, *, logits: torch.Tensor | None = None, resid: torch.Tensor | None = None):
+        """Score rows (prompt indices ``p_idx``) from their final residual ``[r, d]`` or logits ``[r, vocab]``."""
+        ln = None if resid is None else self.model.ln_final(resid[:, None])[:, 0]  # [r, d]
+        if self.kind in ("iw", "n", "iw-n", "logit") and ln is not None:  # linear: a few columns suffice
+            a, sub = self._column(ln, self.ans[p_idx]), self._column(ln, self.subj[p_idx])
+            mean = ln @ self.W_mean + self.b_mean
+            vals = {"iw": a - mean, "n": sub - mean, "iw-n": a - sub, "logit": a}[self.kind]
+            return self._push_values(vals)
+        if logits is None:
+            logits = ln @ self.W_U + self.b_U  # [r, vocab]
+        if self.kind is not None:
+            logits = logits.float()
+            a = logits.gather(1, self.ans[p_idx][:, None])[:, 0]
+            if self.kind in ("prob", "logprob"):
+                la = a - torch.logsumexp(logits, -1)
+                return self._push_values(la.exp() if self.kind == "prob" else la)
+            sub, mean = logits.gather(1, self.subj[p_idx][:, None])[:, 0], logits.mean(-1)
+            return self._push_values({"iw": a - mean, "n": sub - mean, "iw-n": a - sub, "logit": a}[self.kind])
+        self.buffer.append(logits)  # callables see the whole dataset's [n, vocab] logits of one sender
+        buf = torch.cat(self.buffer)
+        while len(buf) >= self.n:
+            self.sums.append(self.fn(buf[: self.n]))
+            buf = buf[self.n :]
+        self.buffer = [buf] if len(buf) else []
+
+    def _push_values(self, vals: torch.Tensor) -> None:
+        for v in vals.double().tolist():
+            self.acc += v
+            self.count += 1
+            if self.count == self.n:
+                self.sums.append(self.acc / self.n)
+                self.acc, self.count = 0.0, 0
+
+
 def path_patch(model, dataset: RelationDataset, counterfactual: RelationDataset | None = None, *,
-               metric: MetricSpec = "iw", freeze_mlps: bool = False, max_batch: int = 512, seed: int = 0,
-               progress: bool = True) -> PathPatchingResult:
+               metric: MetricSpec = "iw", freeze_mlps: bool = False, max_batch: int = 1024, seed: int = 0,
+               engine: str = "auto", progress: bool = True) -> PathPatchingResult:
     """Batched path patching of every head and MLP → the final residual at ``end`` (% change of ``metric``).
 
     Args:
@@ -186,7 +267,11 @@ def path_patch(model, dataset: RelationDataset, counterfactual: RelationDataset 
             ``"logit"``, or a callable taking ``[n, vocab]`` logits at ``end`` (dataset order) and returning
             a scalar or ``[n]`` (averaged), e.g. ``factlens.capitals.metric(dataset, "iw")``.
         freeze_mlps: Freeze every MLP too (direct paths only).
-        max_batch: Rows (sender × prompt one-token sequences) per forward pass.
+        max_batch: Rows (sender × prompt) per step; clean/counterfactual passes use ``min(max_batch, 64)``.
+        engine: ``"mlp"`` runs pass C on the ``end`` residual only, through the model's own ``ln2``/MLP
+            modules from the sender's layer upwards (fastest); ``"forward"`` runs each row as a one-token
+            forward pass of the whole model with factlens hooks; ``"auto"`` uses ``"mlp"`` when it
+            reproduces the clean MLP outputs, else ``"forward"``.
         progress: tqdm progress bar.
 
     Returns:
@@ -196,76 +281,120 @@ def path_patch(model, dataset: RelationDataset, counterfactual: RelationDataset 
         ModeError: The model is in training mode.
 
     Example:
-        >>> res = path_patch(model, ds, metric="iw", max_batch=1024)
+        >>> res = path_patch(model, ds, metric="iw")
         >>> res.plot().write_html("path_patching.html")                    # doctest: +SKIP
     """
     require_eval(model, "path patching")
-    t0 = time.perf_counter()
-    counterfactual = dataset.counterfactual(seed) if counterfactual is None else counterfactual
-    metric_fn, metric_name = _metric_fn(metric, dataset)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    n, device = len(dataset), model.cfg.device
+    if engine not in ("auto", "mlp", "forward"):
+        raise ConfigError(f"engine={engine!r}; use 'auto', 'mlp' or 'forward'")
     if max_batch < 1:
         raise ConfigError(f"max_batch={max_batch}; pass max_batch >= 1")
+    t0 = time.perf_counter()
+    counterfactual = dataset.counterfactual(seed) if counterfactual is None else counterfactual
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    n, device = len(dataset), model.cfg.device
+    fwd_batch = min(max_batch, 64)
 
-    z_mean, mlp_mean = _counterfactual_means(model, counterfactual, max_batch, progress)
+    z_mean, mlp_mean = _counterfactual_means(model, counterfactual, fwd_batch, progress)
     names = (["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
              + [f"blocks.{layer}.hook_attn_out" for layer in range(L)]
-             + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)])
-    clean = run_at_end(model, dataset, names, max_batch=max_batch, progress=progress, desc="pass B (clean)")
+             + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+             + [f"blocks.{layer}.hook_resid_mid" for layer in range(L)])
+    clean = run_at_end(model, dataset, names, max_batch=fwd_batch, progress=progress, desc="pass B (clean)")
+    metric_fn, metric_name = _metric_fn(metric, dataset)
     clean_metric = metric_fn(clean.logits)
-    resid0 = clean["blocks.0.hook_resid_pre"]  # [n, d]
     z_clean = clean.stack("blocks.{}.attn.hook_z", L)  # [n, L, H, dh]
     attn_clean = clean.stack("blocks.{}.hook_attn_out", L)  # [n, L, d]
     mlp_clean = clean.stack("blocks.{}.hook_mlp_out", L)  # [n, L, d]
+    mid_clean = clean.stack("blocks.{}.hook_resid_mid", L)  # [n, L, d]
     W_O = torch.stack([model.blocks[layer].attn.W_O.detach() for layer in range(L)])  # [L, H, dh, d]
-    end_tokens = dataset.tokens[torch.arange(n), dataset.end].to(device)  # [n]
+
+    mlp_fns = _mlp_fns(model) if engine != "forward" else None
+    if mlp_fns is not None:
+        with torch.no_grad():
+            err = max(float((fn(mid_clean[:, j : j + 1])[:, 0] - mlp_clean[:, j]).abs().max()) for j, fn in
+                      enumerate(mlp_fns))
+        if err > 1e-4 * max(1.0, float(mlp_clean.abs().max())):
+            mlp_fns = None
+            if engine == "mlp":
+                raise ConfigError(f"engine='mlp' does not reproduce this model's MLP outputs (max error {err:.2e});"
+                                  " use engine='forward'")
+    elif engine == "mlp":
+        raise ConfigError("engine='mlp' is not available for this architecture; use engine='forward'")
+    use_mlp = mlp_fns is not None
 
     senders = _senders(L, H)
     kind = torch.tensor([0 if s[0] == "head" else 1 for s in senders], device=device)
     s_layer = torch.tensor([s[1] for s in senders], device=device)
     s_head = torch.tensor([max(s[2], 0) for s in senders], device=device)
+    scorer = _Scorer(model, dataset, metric, n)
     total = len(senders) * n
-    values: list[float] = []
-    pending: list[torch.Tensor] = []  # end logits of the sender being completed, in prompt order
+    end_tokens = dataset.tokens[torch.arange(n), dataset.end].to(device)  # [n]
     for start in tqdm(range(0, total, max_batch), desc="path patching (pass C/D)", disable=not progress):
         flat = torch.arange(start, min(start + max_batch, total), device=device)
         s_idx, p_idx = flat // n, flat % n
         r_kind, r_layer, r_head = kind[s_idx], s_layer[s_idx], s_head[s_idx]
-        iv = Intervention(f"path patching rows {start}..{start + len(flat)}")
-        iv.add("blocks.0.hook_resid_pre", lambda t, hook, p=p_idx: resid0[p][:, None].to(t.dtype))
-        for layer in range(L):
-            sel = (r_kind == 0) & (r_layer == layer)
+        heads = r_kind == 0
+        delta = torch.zeros(len(flat), model.cfg.d_model, device=device, dtype=attn_clean.dtype)  # [r, d]
+        if heads.any():  # a head's output change at end: (z̄ − z_clean)·W_O[h]
+            lh, hh, ph = r_layer[heads], r_head[heads], p_idx[heads]
+            dz = z_mean[lh, hh] - z_clean[ph, lh, hh]  # [r', dh]
+            delta[heads] = torch.einsum("rk,rkd->rd", dz, W_O[lh, hh])
+        with torch.no_grad():
+            if use_mlp:
+                scorer.add(p_idx, resid=_pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean,
+                                                    mlp_clean, mlp_mean, freeze_mlps))
+            else:
+                scorer.add(p_idx, logits=_pass_c_forward(model, end_tokens, p_idx, r_kind, r_layer, delta, clean,
+                                                         attn_clean, mlp_clean, mlp_mean, freeze_mlps))
+    return _result(scorer.sums, clean_metric, L, H, metric=metric_name, receiver=f"blocks.{L - 1}.hook_resid_post",
+                   freeze_mlps=freeze_mlps, n_prompts=n, n_counterfactual=len(counterfactual),
+                   method=f"batched ({'mlp' if use_mlp else 'forward'} engine)", seconds=time.perf_counter() - t0)
 
-            def set_attn(t, hook, layer=layer, sel=sel, p=p_idx, h=r_head):
-                out = attn_clean[p, layer].clone()  # [r, d]
-                if sel.any():
-                    dz = z_mean[layer, h[sel]] - z_clean[p[sel], layer, h[sel]]  # [r', dh]
-                    out[sel] += torch.einsum("rk,rkd->rd", dz, W_O[layer, h[sel]])
+
+def _pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean, mlp_clean, mlp_mean,
+                freeze_mlps) -> torch.Tensor:
+    """Pass C on the ``end`` residual: from the sender's layer up, clean attention outputs, recomputed MLPs."""
+    L = len(mlp_fns)
+    rows = torch.arange(len(p_idx), device=p_idx.device)
+    r = torch.zeros_like(delta)  # [r, d]
+    lo = int(r_layer.min())
+    for j in range(lo, L):
+        new = r_layer == j
+        r[new] = mid_clean[p_idx[new], j] + delta[new]  # the sender's layer: clean resid_mid + its change
+        active = r_layer <= j
+        a = rows[active]
+        if j > lo:
+            r[a[r_layer[a] < j]] += attn_clean[p_idx[a[r_layer[a] < j]], j]
+        mlp = mlp_clean[p_idx[a], j] if freeze_mlps else mlp_fns[j](r[a][:, None])[:, 0]  # [r', d]
+        mlp = torch.where(((r_kind[a] == 1) & (r_layer[a] == j))[:, None], mlp_mean[j].to(mlp.dtype), mlp)
+        r[a] = r[a] + mlp
+    return r
+
+
+def _pass_c_forward(model, end_tokens, p_idx, r_kind, r_layer, delta, clean, attn_clean, mlp_clean, mlp_mean,
+                    freeze_mlps) -> torch.Tensor:
+    """Pass C as one-token forward passes (the row's clean ``end`` residual enters block 0); logits [r, vocab]."""
+    L = attn_clean.shape[1]
+    resid0 = clean["blocks.0.hook_resid_pre"]
+    iv = Intervention("path patching (one-token rows)")
+    iv.add("blocks.0.hook_resid_pre", lambda t, hook: resid0[p_idx][:, None].to(t.dtype))
+    for layer in range(L):
+        def set_attn(t, hook, layer=layer):
+            out = attn_clean[p_idx, layer] + torch.where((r_layer == layer)[:, None], delta, 0.0)
+            return out[:, None].to(t.dtype)
+
+        iv.add(f"blocks.{layer}.hook_attn_out", set_attn)
+        msel = (r_kind == 1) & (r_layer == layer)
+        if freeze_mlps or bool(msel.any()):
+            def set_mlp(t, hook, layer=layer, msel=msel):
+                out = mlp_clean[p_idx, layer].clone() if freeze_mlps else t[:, 0].clone()  # [r, d]
+                out[msel] = mlp_mean[layer].to(out.dtype)
                 return out[:, None].to(t.dtype)
 
-            iv.add(f"blocks.{layer}.hook_attn_out", set_attn)
-            msel = (r_kind == 1) & (r_layer == layer)
-            if freeze_mlps or bool(msel.any()):
-                def set_mlp(t, hook, layer=layer, msel=msel, p=p_idx):
-                    out = mlp_clean[p, layer].clone() if freeze_mlps else t[:, 0].clone()  # [r, d]
-                    out[msel] = mlp_mean[layer].to(out.dtype)
-                    return out[:, None].to(t.dtype)
-
-                iv.add(f"blocks.{layer}.hook_mlp_out", set_mlp)
-        with torch.no_grad(), intervene(model, iv):
-            logits = model(end_tokens[p_idx][:, None])[:, 0]  # [r, vocab]
-        pending.append(logits)
-        done = sum(len(x) for x in pending)
-        if done >= n:
-            buf = torch.cat(pending)
-            while len(buf) >= n:
-                values.append(metric_fn(buf[:n]))
-                buf = buf[n:]
-            pending = [buf] if len(buf) else []
-    return _result(values, clean_metric, L, H, metric=metric_name, receiver=f"blocks.{L - 1}.hook_resid_post",
-                   freeze_mlps=freeze_mlps, n_prompts=n, n_counterfactual=len(counterfactual), method="batched",
-                   seconds=time.perf_counter() - t0)
+            iv.add(f"blocks.{layer}.hook_mlp_out", set_mlp)
+    with intervene(model, iv):
+        return model(end_tokens[p_idx][:, None])[:, 0]
 
 
 # ------------------------------------------------------------------------------------------------ reference

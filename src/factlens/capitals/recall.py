@@ -9,7 +9,7 @@ The module also holds the forward-pass helper the other :mod:`factlens.capitals`
 hooked activations, so full-size models on a few hundred prompts fit comfortably in memory.
 
 Example:
-    >>> import factlens
+    >>> import torch, factlens
     >>> from factlens.capitals import recall
     >>> model = factlens.tiny("gpt2")
     >>> ds = recall.dataset_for(model)
@@ -104,7 +104,8 @@ class EndRun:
     Attributes:
         logits: ``[n, vocab]`` at ``end`` (None when not requested).
         acts: TL hook name → activation at ``end``: ``[n, ...]`` with the position axis removed; attention
-            hooks (``hook_pattern``/``hook_attn_scores``) keep ``[n, head, key]`` for the query at ``end``.
+            hooks (``hook_pattern``/``hook_attn_scores``) keep ``[n, head, key]`` for the query at ``end``, over
+            the dataset's full width (keys past a prompt's chunk: pattern 0, scores ``finfo.min``).
     """
 
     logits: Float[torch.Tensor, "n vocab"] | None
@@ -120,10 +121,12 @@ class EndRun:
         return torch.stack([self[template.format(layer)] for layer in range(n_layers)], dim=1)
 
 
-def _at_end(name: str, t: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def _at_end(name: str, t: torch.Tensor, ends: torch.Tensor, width: int) -> torch.Tensor:
     rows = torch.arange(t.shape[0], device=t.device)
-    if name.endswith(("hook_pattern", "hook_attn_scores")):  # [b, h, q, k]
-        return t[rows, :, ends.to(t.device)]
+    if name.endswith(("hook_pattern", "hook_attn_scores")):  # [b, h, q, k] -> [b, h, width]
+        row = t[rows, :, ends.to(t.device)]
+        fill = 0.0 if name.endswith("hook_pattern") else torch.finfo(t.dtype).min  # keys past the chunk
+        return torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=fill)
     return t[rows, ends.to(t.device)]
 
 
@@ -167,8 +170,8 @@ def run_at_end(model, dataset: RelationDataset, names: Iterable[str] = (), *,
         tokens = dataset.tokens[rows, : int(ends.max()) + 1].to(device)  # right padding: trimming is safe
         calls = dict.fromkeys(names, 0)
 
-        def capture(t: torch.Tensor, hook, name: str, ends=ends) -> None:
-            stored[name].append(_at_end(name, t, ends).detach())
+        def capture(t: torch.Tensor, hook, name: str, ends=ends, calls=calls) -> None:
+            stored[name].append(_at_end(name, t, ends, dataset.tokens.shape[1]).detach())
             calls[name] += 1
 
         fwd = [(name, lambda t, hook, name=name: capture(t, hook, name)) for name in names]
