@@ -41,3 +41,10 @@ def test_cli_train_plot_eval_patch(tmp_path, capsys):
     assert json.loads((patched / "config.json").read_text())["patch"]["reference_step"] == 10
     assert main(["bios", "attention", "--run", str(out), "--sequences", "8", "--quiet"]) == 0
     assert (out / "attention_to_name.html").exists()
+
+
+def test_cli_capitals_analyze_and_mitigate_offline(tmp_path, capsys):
+    assert main(["capitals", "mitigate", "--model", "tiny-opt", "--shots", "0", "--out", str(tmp_path / "m")]) == 0
+    assert "(a) + (b)" in (tmp_path / "m" / "mitigation.md").read_text()
+    assert main(["capitals", "analyze", "--model", "tiny-gpt2", "--shots", "0", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "index.html").exists()

@@ -18,6 +18,7 @@ Example:
     ...     logits = model(tokens)
 """
 
+from factlens import capitals
 from factlens.errors import (
     ArchitectureMismatchError,
     CheckpointError,
@@ -65,6 +66,7 @@ __all__ = [
     "attend_to_self",
     "bridge_from_hf",
     "build_hf",
+    "capitals",
     "edit_scores",
     "full_size",
     "hook",

@@ -40,7 +40,7 @@ from transformer_lens.utilities import get_act_name
 from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError, ShapeError
 
 OnNoEffect = Literal["raise", "warn", "ignore"]
-CHANGE_RTOL = 1e-5  # a hook "changed" its tensor when max |Δ| exceeds this × max(1, max |tensor|)
+CHANGE_RTOL, CHANGE_ATOL = 1e-5, 1e-6  # a hook "changed" its tensor where torch.isclose(new, old) fails
 Positions = int | Sequence[int] | Int[torch.Tensor, " batch"] | None
 
 
@@ -79,11 +79,14 @@ class Intervention:
                 record.changed = True
             else:
                 with torch.no_grad():
-                    diff = (out.detach().float() - tensor.detach().float()).abs()
-                    delta = float(diff.nan_to_num(nan=float("inf")).max()) if diff.numel() else 0.0
-                    # float noise (e.g. the same pattern from SDPA vs an explicit softmax) is not a change
-                    noise = CHANGE_RTOL * max(1.0, float(tensor.detach().abs().max())) if tensor.numel() else 0.0
-                if delta > noise:
+                    a, b = out.detach().float(), tensor.detach().float()
+                    # elementwise closeness: float noise (the same pattern from SDPA vs an explicit softmax) is
+                    # not a change, and masked entries (finfo.min or -inf, equal on both sides) never swamp it
+                    close = torch.isclose(a, b, rtol=CHANGE_RTOL, atol=CHANGE_ATOL)
+                    changed = not bool(close.all())
+                    diff = (a - b).abs().masked_fill(close, 0.0)
+                    delta = float(diff.nan_to_num(nan=float("inf")).max()) if changed else 0.0
+                if changed:
                     record.changed = True
                     record.max_abs_change = max(record.max_abs_change, delta)
             return out

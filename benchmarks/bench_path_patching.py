@@ -1,0 +1,117 @@
+"""Benchmark: factlens's batched path patching vs. a TransformerLens per-index sweep, same numbers.
+
+Both compute Lv et al.'s heads/MLPs → final-residual path patching (all q/k/v frozen to their clean values,
+the sender's output at ``end`` replaced by its mean over the counterfactual prompts, metric 'iw'):
+
+- **factlens**: :func:`factlens.capitals.path_patch` (``--engine auto``: the ``end``-residual MLP engine),
+  and optionally the one-token-forward engine.
+- **TransformerLens**: ``transformer_lens.patching.generic_activation_patch`` over (layer, head) on
+  ``hook_z`` and over layer on ``hook_mlp_out``, with a setter that writes the counterfactual mean at each
+  prompt's ``end`` (one full forward pass of the whole batch per index, as
+  ``get_act_patch_attn_head_out_all_pos`` does), while persistent hooks freeze every ``hook_q/k/v``.
+
+Run:  python benchmarks/bench_path_patching.py --model gpt2 --n-prompts 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformer_lens import patching
+
+import factlens
+from factlens.capitals import dataset_for, metric, path_patch, run_at_end
+
+
+def tl_sweep(model, ds, cf, progress: bool):
+    """Path patching through TL's generic_activation_patch (heads, then MLPs)."""
+    L = model.cfg.n_layers
+    device = model.cfg.device
+    tokens = ds.tokens.to(device)
+    rows, ends = torch.arange(len(ds), device=device), ds.end.to(device)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)] + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+    means = run_at_end(model, cf, names, logits=False)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_q", "hook_k", "hook_v")))
+    # a "clean cache" for TL holding the counterfactual mean at every prompt's end position
+    source = {}
+    for name in names:
+        shape = (len(ds), tokens.shape[1], *means[name].shape[1:])
+        t = torch.zeros(shape, device=device)
+        t[rows, ends] = means[name].mean(0)
+        source[name] = t
+
+    def head_setter(act, index, src):  # act [b, p, H, dh]; index [layer, head]
+        act[rows, ends, index[1]] = src[rows, ends, index[1]]
+        return act
+
+    def mlp_setter(act, index, src):  # act [b, p, d]; index [layer]
+        act[rows, ends] = src[rows, ends]
+        return act
+
+    def frozen(name):
+        return lambda t, hook: clean_cache[name]
+
+    freeze = [(f"blocks.{layer}.attn.hook_{a}", frozen(f"blocks.{layer}.attn.hook_{a}"))
+              for layer in range(L) for a in ("q", "k", "v")]
+    fn = metric(ds, "iw")
+    with torch.no_grad(), model.hooks(fwd_hooks=freeze):
+        heads = patching.generic_activation_patch(model, tokens, source, fn, head_setter, "z",
+                                                  index_axis_names=["layer", "head"])
+        mlps = patching.generic_activation_patch(model, tokens, source, fn, mlp_setter, "mlp_out",
+                                                 index_axis_names=["layer"])
+    return heads.double().cpu(), mlps.double().cpu()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2", help="full-size random-weight twin: gpt2, gpt2-medium, ... (default gpt2)")
+    ap.add_argument("--n-prompts", type=int, default=32, help="prompts (a seeded subset of the 225; default 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-batch", type=int, default=1024, help="factlens rows per step")
+    ap.add_argument("--forward-engine", action="store_true", help="also time factlens's one-token-forward engine")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = factlens.full_size(args.model, seed=args.seed)
+    print(f"model {args.model} (random weights, {model.cfg.n_layers}L x {model.cfg.n_heads}H, d={model.cfg.d_model}) "
+          f"built in {time.perf_counter() - t0:.1f}s; torch threads {torch.get_num_threads()}")
+    ds = dataset_for(model, n=args.n_prompts, seed=args.seed)
+    cf = ds.counterfactual(args.seed)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    print(f"{len(ds)} prompts, {L * H} heads + {L} MLPs = {L * H + L} senders")
+
+    t0 = time.perf_counter()
+    fast = path_patch(model, ds, cf, metric="iw", max_batch=args.max_batch, progress=args.progress)
+    t_fast = time.perf_counter() - t0
+    print(f"factlens path_patch [{fast.method}]: {t_fast:.1f}s")
+    if args.forward_engine:
+        t0 = time.perf_counter()
+        fwd = path_patch(model, ds, cf, metric="iw", max_batch=args.max_batch, engine="forward", progress=args.progress)
+        print(f"factlens path_patch [{fwd.method}]: {time.perf_counter() - t0:.1f}s; max |Δ| vs auto "
+              f"{float((fwd.patched_heads - fast.patched_heads).abs().max()):.2e}")
+
+    t0 = time.perf_counter()
+    tl_heads, tl_mlp = tl_sweep(model, ds, cf, args.progress)
+    t_tl = time.perf_counter() - t0
+    print(f"TransformerLens generic_activation_patch sweep: {t_tl:.1f}s")
+
+    scale = float(tl_heads.abs().max())
+    err = max(float((fast.patched_heads - tl_heads).abs().max()), float((fast.patched_mlp - tl_mlp).abs().max()))
+    print(f"max |factlens − TL| of the patched metric: {err:.2e} (relative {err / scale:.2e}); clean metric "
+          f"{fast.clean:.4f}")
+    ok = err <= 1e-4 * max(scale, 1.0)
+    print(f"values agree: {ok}")
+    print(f"speed-up (TL time / factlens time): {t_tl / t_fast:.1f}x")
+    top = fast.top(5)[["name", "pct_change"]]
+    print("top senders by |% change|:\n" + top.to_string(index=False))
+    if not ok:
+        raise SystemExit("factlens and TransformerLens disagree")
+
+
+if __name__ == "__main__":
+    main()
