@@ -29,23 +29,12 @@ import sys
 import unicodedata
 from pathlib import Path
 
+from factlens.bios.pools import MONTHS as _PACKAGE_MONTHS
+
 OUT = Path(__file__).resolve().parents[1] / "src" / "factlens" / "data" / "bios"
 ITEM_RE = re.compile(r"^[A-Za-z](?:[A-Za-z ,'&-]*[A-Za-z])?$")
 NAME_RE = re.compile(r"^[A-Z][A-Za-z]+$")
-MONTHS = {
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-}
+MONTHS = set(_PACKAGE_MONTHS)  # month names are never person names (dates stay unambiguous)
 SIZES = {
     "first_names": 900,
     "last_names": 1000,
