@@ -9,7 +9,7 @@ Example:
     >>> try:
     ...     factlens.load("gpt5")
     ... except factlens.UnknownModelError as err:
-    ...     print("supported" in str(err))
+    ...     print("Supported" in str(err))
     True
 """
 

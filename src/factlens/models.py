@@ -142,7 +142,7 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
         **boot_kwargs: passed on to ``TransformerBridge.boot_transformers``.
 
     Example:
-        >>> model = factlens.load("gpt2")                       # doctest: +SKIP (needs the hub)
+        >>> model = factlens.load("gpt2")  # needs the hub       # doctest: +SKIP
         >>> model.to_str_tokens("The capital of France is")     # doctest: +SKIP
     """
     from transformer_lens.model_bridge import TransformerBridge

@@ -219,7 +219,7 @@ def answer_prob(logits: torch.Tensor, dataset: RelationDataset) -> Float[torch.T
     """P(first answer token) at ``end`` (Lv et al.'s ``probs(type="IW")`` before averaging).
 
     Example:
-        >>> answer_prob(model(ds.tokens), ds).mean()       # the paper's "correct-answer probability"
+        >>> p = answer_prob(model(ds.tokens), ds).mean()   # the paper's "correct-answer probability"
     """
     return answer_logprob(logits, dataset).exp()
 
