@@ -18,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -94,7 +95,9 @@ def main() -> None:
         setups["factlens_compiled"] = lambda: trainer_c.train_step(0)
         patched_c = Trainer(TrainConfig(**{**config.__dict__, "compile": True}), "/tmp/factlens-bench-pc",
                             device=device, progress=False)
-        patched_c.patcher = AttentionPatcher(patched_c.raw_model, reference).install()
+        reference_c = copy.deepcopy(reference)  # a compiled reference must not be shared with another patcher
+        patched_c.patcher = AttentionPatcher(patched_c.raw_model, reference_c).install()
+        patched_c.patcher.reference_forward = torch.compile(reference_c)
         setups["factlens_patched_compiled"] = lambda: patched_c.train_step(0)
     if not args.no_bridge:
         bridge = factlens.bridge_from_hf(trainer.raw_model).train()

@@ -325,7 +325,10 @@ class Trainer:
         patch = self.config.patch
         ckpt = load_checkpoint(patch.checkpoint_dir())
         reference = ckpt.build_model(self.device)
-        return AttentionPatcher(self.raw_model, reference, layers=patch.layers, heads=patch.heads)
+        patcher = AttentionPatcher(self.raw_model, reference, layers=patch.layers, heads=patch.heads)
+        if self.config.compile:
+            patcher.reference_forward = torch.compile(reference)
+        return patcher
 
     def _patching_active(self, step: int) -> bool:
         return self.config.patch is not None and step >= self.config.patch.start_patching

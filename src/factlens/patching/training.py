@@ -75,12 +75,18 @@ class AttentionPatcher:
         self.consumed = dict.fromkeys(self.layers, 0)
         self.installed = False
         reference.eval().requires_grad_(False)
+        # built once, so a compiled reference forward sees the same functions every step (no recompiles)
+        self._capture_edits = {layer: LayerEdit(pattern_fn=self._capture(layer)) for layer in self.layers}
+        # replaced by torch.compile(reference) for compiled training; a compiled reference must belong to one
+        # patcher (another patcher's capture edits would invalidate its graph and force recompiles)
+        self.reference_forward = reference
 
     # ------------------------------------------------------------------------------------ edits
     def _capture(self, layer: int):
         def fn(pattern: torch.Tensor) -> torch.Tensor:
+            # only a tensor is stored here: counting happens outside (a compiled reference would otherwise
+            # specialise on the counter's value and recompile every step)
             self._slots[layer] = pattern.detach()
-            self.captured[layer] += 1
             return pattern
         return fn
 
@@ -114,7 +120,8 @@ class AttentionPatcher:
         """Remove every edit: the model is back on the plain SDPA path."""
         for mod in attention_modules(self.model):
             set_layer_edit(mod, None)
-        self._slots = dict.fromkeys(self.layers)
+        for layer in self.layers:
+            self._slots[layer] = None
         self.installed = False
 
     def __enter__(self) -> AttentionPatcher:
@@ -127,16 +134,20 @@ class AttentionPatcher:
     @torch.no_grad()
     def run_reference(self, input_ids: Int[torch.Tensor, "batch pos"]) -> None:
         """Run the frozen reference on the batch, capturing its patterns for the next model forward."""
-        self._slots = dict.fromkeys(self.layers)  # stale patterns of an earlier batch are never reused
+        for layer in self.layers:  # stale patterns of an earlier batch are never reused (reset in place)
+            self._slots[layer] = None
         ref_mods = attention_modules(self.reference)
         # capture edits exist only while this patcher runs the reference, so a reference model can be shared
         try:
             for layer in self.layers:
-                set_layer_edit(ref_mods[layer], LayerEdit(pattern_fn=self._capture(layer)))
-            self.reference(input_ids)
+                set_layer_edit(ref_mods[layer], self._capture_edits[layer])
+            self.reference_forward(input_ids)
         finally:
             for layer in self.layers:
                 set_layer_edit(ref_mods[layer], None)
+        for layer in self.layers:
+            if self._slots[layer] is not None:
+                self.captured[layer] += 1
 
     def mark_consumed(self) -> None:
         """Count one patched forward on every layer (for compiled models, whose traced code cannot count)."""
