@@ -111,8 +111,11 @@ class TrainingHistory:
                                          line=dict(color=colours[prefix]), legendgroup=label, showlegend=False,
                                          hovertemplate=f"{label}<br>step %{{x}}<br>accuracy %{{y:.3f}}<extra></extra>"),
                               1, 2)
-        fig.add_hline(y=self.baseline, line=dict(color="grey", dash="dash"), row=1, col=1,
-                      annotation_text=f"no knowledge ({self.baseline:.3f})", annotation_position="top right")
+        # the baseline as a legend entry: an add_hline annotation is misplaced on a log axis by plotly
+        fig.add_trace(go.Scatter(x=[ev["step"].min(), ev["step"].max()], y=[self.baseline] * 2, mode="lines",
+                                 name=f"no knowledge ({self.baseline:.3f} nats)",
+                                 line=dict(color="grey", dash="dash"),
+                                 hovertemplate="no-knowledge baseline %{y:.3f} nats<extra></extra>"), 1, 1)
         end = self.plateau_end()
         if end is not None:
             for col in (1, 2):
