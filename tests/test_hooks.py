@@ -170,3 +170,14 @@ def test_property_interventions_change_output_only_when_they_should(tiny_models,
         delta = (out - base).abs().amax(-1)  # [b, p]
         assert delta[:, position:].max() > 0
         assert delta[:, :position].max() == 0  # causal: earlier positions never change
+
+
+def test_attention_pattern_viewer(model):
+    from factlens.plot import attention_patterns
+
+    fig = attention_patterns(model, "The capital of France is", heads=[(0, 1), (-1, -1)])
+    assert len(fig.data) == 2 and fig.layout.title.text == "Attention patterns"
+    heat = fig.data[0]
+    assert heat.z.shape[0] == heat.z.shape[1] == len(heat.x)
+    assert all(abs(row.sum() - 1) < 1e-5 for row in heat.z)  # post-softmax rows
+    assert " France" in "".join(heat.x)  # token labels
