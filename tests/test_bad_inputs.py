@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import factlens
+from factlens import capitals
 from factlens.bios.metrics import plateau_end
 from factlens.bios.samplers import Celebrities, PowerLaw, Sequential, WarmUp
 from factlens.bios.train import TrainConfig, Trainer
@@ -19,6 +20,7 @@ from factlens.checkpoints import load_checkpoint, save_checkpoint
 from factlens.decompose import fit_decomposition
 from factlens.patching.training import AttentionPatcher
 from factlens.relations import CAPITALS, make_dataset, make_prompt_dataset, make_relation
+from factlens.resources import set_memory_budget
 from factlens.tokenizers import gpt2_tokenizer
 
 
@@ -49,6 +51,26 @@ def corrupt_copy(checkpoint, tmp_path, edit):
     shutil.copytree(checkpoint, target)
     edit(target)
     return target
+
+
+def in_train_mode(model, fn):
+    model.train()
+    try:
+        return fn()
+    finally:
+        model.eval()
+
+
+def with_budget(budget, fn):
+    set_memory_budget(budget)
+    try:
+        return fn()
+    finally:
+        set_memory_budget(None)
+
+
+def few_prompts(model, n=4):
+    return capitals.dataset_for(model).select(range(n))
 
 
 CASES = {
@@ -128,6 +150,25 @@ CASES = {
         lambda gpt2, toks: Trainer(TrainConfig.preset("tiny", model=dict(n_positions=16)), "/tmp/factlens-bad"),
         factlens.ConfigError, "n_positions"),
     "unknown training preset": (lambda gpt2, toks: TrainConfig.preset("huge"), factlens.ConfigError, "paper"),
+    # sweeps and metrics ------------------------------------------------------------------------------------
+    "metric returning the wrong shape": (
+        lambda gpt2, toks: capitals.path_patch(gpt2, few_prompts(gpt2), metric=lambda logits: logits, progress=False),
+        factlens.ShapeError, "scalar or [n]"),
+    "metric returning NaN or inf": (
+        lambda gpt2, toks: capitals.path_patch(gpt2, few_prompts(gpt2), progress=False,
+                                               metric=lambda logits: torch.log(torch.zeros(logits.shape[0]))),
+        factlens.ShapeError, "log-probability"),
+    "eval-only sweep in train mode": (
+        lambda gpt2, toks: in_train_mode(gpt2, lambda: capitals.path_patch(gpt2, few_prompts(gpt2), progress=False)),
+        factlens.ModeError, "model.eval()"),
+    # resources -----------------------------------------------------------------------------------------------
+    "cache larger than the memory budget": (
+        lambda gpt2, toks: factlens.run_with_cache(gpt2, toks.repeat(64, 1), budget="1MiB"),
+        factlens.ResourceError, "names_filter"),
+    "training run larger than the memory budget": (
+        lambda gpt2, toks: with_budget("1MiB", lambda: Trainer(TrainConfig.preset("tiny"), "/tmp/factlens-bad")),
+        factlens.ResourceError, "smaller batch_size"),
+    "unreadable memory budget": (lambda gpt2, toks: set_memory_budget("lots"), factlens.ConfigError, "8GiB"),
     "CUDA requested without a GPU": (
         lambda gpt2, toks: Trainer(TrainConfig.preset("tiny"), "/tmp/factlens-bad", device="cuda"),
         factlens.ConfigError, "device='cpu'"),
@@ -179,3 +220,12 @@ def test_resume_with_another_config(tmp_path):
     assert config["steps"] == 5
     with pytest.raises(factlens.CheckpointError, match="new output directory"):
         train(tiny_config(steps=5, lr=5e-3), tmp_path, progress=False)
+
+
+def test_docs_list_every_case():
+    """docs/reliability.md's catalogue has a row for every case here (keep the two in step)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    missing = [case for case in CASES if f"| {case} |" not in doc]
+    assert not missing, f"add these rows to docs/reliability.md: {missing}"

@@ -28,6 +28,7 @@ from factlens.errors import (
     HookDidNotFireError,
     InterventionNoEffectError,
     ModeError,
+    ResourceError,
     ShapeError,
     TokenizationError,
     UnknownModelError,
@@ -44,6 +45,7 @@ from factlens.hooks import (
     run_with_interventions,
 )
 from factlens.models import SUPPORTED, bridge_from_hf, build_hf, full_size, load, prepare, resolve, tiny
+from factlens.resources import memory_usage, run_with_cache
 
 __version__ = "0.1.0"
 
@@ -59,6 +61,7 @@ __all__ = [
     "Intervention",
     "InterventionNoEffectError",
     "ModeError",
+    "ResourceError",
     "ShapeError",
     "TokenizationError",
     "UnknownModelError",
@@ -72,9 +75,11 @@ __all__ = [
     "hook",
     "intervene",
     "load",
+    "memory_usage",
     "patch_pattern",
     "prepare",
     "resolve",
+    "run_with_cache",
     "run_with_interventions",
     "tiny",
 ]

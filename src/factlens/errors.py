@@ -60,6 +60,10 @@ class ModeError(FactlensError, RuntimeError):
     """A model in the wrong mode (train vs eval) or on the wrong device."""
 
 
+class ResourceError(FactlensError, MemoryError):
+    """A predicted allocation (a cache, a training run) that would not fit in the memory available."""
+
+
 __all__ = [
     "ArchitectureMismatchError",
     "CheckpointError",
@@ -69,6 +73,7 @@ __all__ = [
     "HookDidNotFireError",
     "InterventionNoEffectError",
     "ModeError",
+    "ResourceError",
     "ShapeError",
     "TokenizationError",
     "UnknownModelError",

@@ -28,162 +28,40 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from factlens.bios import samplers as _samplers
 from factlens.bios.batches import BiographyStream, eval_batches
+from factlens.bios.config import (  # re-exported: the trainer's public configuration
+    MODEL_PRESETS,
+    RUN_PRESETS,
+    PatchConfig,
+    TrainConfig,
+    hf_field_names,
+    make_sampler,
+)
 from factlens.bios.finetune import people_slice
 from factlens.bios.history import TrainingHistory, append_jsonl, truncate_jsonl
 from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
-from factlens.bios.pools import Pools
 from factlens.bios.population import Population
 from factlens.bios.vocab import BiosVocab
 from factlens.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     load_state,
-    paper_schedule,
     save_checkpoint,
 )
 from factlens.errors import CheckpointError, ConfigError
 from factlens.models import build_hf
-
-MODEL_PRESETS: dict[str, dict] = {
-    "paper": dict(n_layer=8, n_head=8, n_embd=512, n_inner=2048),
-    "small": dict(n_layer=4, n_head=8, n_embd=256, n_inner=1024),
-    "demo": dict(n_layer=2, n_head=4, n_embd=128, n_inner=512),
-    "tiny": dict(n_layer=2, n_head=2, n_embd=32, n_inner=64),
-}
-RUN_PRESETS: dict[str, dict] = {
-    "paper": dict(n_people=64_000, steps=16_000, batch_size=128, lr=4e-4, n_eval_sequences=16_000, n_unseen=16_000),
-    "small": dict(n_people=8_000, steps=4_000, batch_size=128, lr=1e-3, n_eval_sequences=2_048, n_unseen=1_024),
-    # CPU demo: 400 people, smaller attribute pools (so a 128-wide model learns them in 1k steps); shows the
-    # initial drop to the no-knowledge baseline, the plateau and knowledge emergence in a few minutes on 2 cores.
-    "demo": dict(n_people=400, steps=1_000, batch_size=32, lr=3e-3, n_eval_sequences=256, n_unseen=128,
-                 checkpoint_every=50, eval_batch_size=128,
-                 pools=dict(first_names=60, last_names=60, cities=60, universities=30, majors=20, companies=40)),
-    "tiny": dict(n_people=64, steps=30, batch_size=8, lr=1e-3, n_eval_sequences=32, n_unseen=16, checkpoint_every=10),
-}
-
-
-@dataclass
-class PatchConfig:
-    """Attention patching from a reference checkpoint (Zucchet et al. §2.2).
-
-    Attributes:
-        reference: a checkpoint directory (``.../checkpoints/step_0008000``) or a run directory, with
-            ``reference_step`` picking the checkpoint.
-        reference_step: the reference checkpoint's step when ``reference`` is a run directory.
-        start_patching: first step trained with patched attention (0 = the whole run;
-            ``== reference_step`` freezes attention at that step).
-        layers / heads: which layers and heads to patch (default all).
-        reset_optimizer: re-initialise AdamW's state when patching starts (as in the paper).
-    """
-
-    reference: str
-    reference_step: int | None = None
-    start_patching: int = 0
-    layers: list[int] | None = None
-    heads: list[int] | None = None
-    reset_optimizer: bool = True
-
-    def checkpoint_dir(self) -> Path:
-        path = Path(self.reference)
-        if (path / "manifest.json").exists():
-            return path
-        if self.reference_step is None:
-            raise ConfigError(f"{path} is a run directory; pass reference_step to choose its checkpoint.")
-        ckpt = path / "checkpoints" / f"step_{self.reference_step:07d}"
-        if not ckpt.exists():
-            from factlens.checkpoints import list_checkpoints
-
-            raise CheckpointError(f"no checkpoint at step {self.reference_step} in {path}; available: "
-                                  f"{list_checkpoints(path / 'checkpoints')}")
-        return ckpt
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a biography training run (serialised into every checkpoint)."""
-
-    model: dict = field(default_factory=lambda: dict(MODEL_PRESETS["paper"]))
-    arch: str = "gpt2"
-    n_people: int = 64_000
-    steps: int = 16_000
-    batch_size: int = 128
-    lr: float = 4e-4
-    min_lr: float = 1e-7
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    grad_clip: float | None = None
-    seq_len: int | None = None
-    sampler: dict = field(default_factory=lambda: {"kind": "uniform"})
-    pools: dict | None = None  # sizes for Pools.sized(...); None = the paper's pools
-    seed: int = 0
-    data_seed: int = 0
-    n_eval_sequences: int = 16_000
-    eval_batch_size: int = 256
-    n_unseen: int = 0
-    checkpoint_every: int | None = None  # None = the paper's schedule
-    resume_every: int = 500
-    log_every: int = 10
-    compile: bool = False
-    patch: PatchConfig | None = None
-    finetune: dict | None = None  # a FinetuneConfig as a dict (see factlens.bios.finetune)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> TrainConfig:
-        """A preset (``paper``, ``small``, ``demo``, ``tiny``) with overrides."""
-        if name not in RUN_PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(RUN_PRESETS)}.")
-        model = dict(MODEL_PRESETS[name], **overrides.pop("model", {}))
-        return cls(model=model, **{**RUN_PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        if d.get("patch"):
-            d["patch"] = PatchConfig(**d["patch"])
-        d["betas"] = tuple(d.get("betas", (0.9, 0.95)))
-        return cls(**d)
-
-    def make_pools(self) -> Pools:
-        """The run's attribute pools: the paper's, or ``Pools.sized(**self.pools)``."""
-        return Pools.default() if self.pools is None else Pools.sized(**self.pools)
-
-    def checkpoint_steps(self) -> list[int]:
-        if self.checkpoint_every:
-            return sorted(set(range(0, self.steps + 1, self.checkpoint_every)) | {self.steps})
-        return paper_schedule(self.steps)
-
-    def validate(self, max_bio_tokens: int) -> int:
-        """Check the config; returns the sequence length to use."""
-        if self.steps < 1 or self.batch_size < 1 or self.n_people < 1:
-            raise ConfigError("steps, batch_size and n_people must be positive.")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"lr={self.lr} is not a learning rate; use e.g. 4e-4.")
-        seq_len = self.seq_len or 8 * math.ceil(max_bio_tokens / 8)
-        if seq_len < max_bio_tokens:
-            raise ConfigError(f"seq_len={seq_len} is shorter than the longest biography ({max_bio_tokens} tokens).")
-        n_ctx = self.model.get("n_positions")
-        if n_ctx is not None and seq_len > n_ctx:
-            raise ConfigError(f"seq_len={seq_len} is longer than the model's context n_positions={n_ctx}; "
-                              f"raise n_positions or shorten the sequence.")
-        return seq_len
+from factlens.resources import check_fits, format_bytes, memory_usage
 
 
 class _PaddingNoticeFilter(logging.Filter):
@@ -196,40 +74,6 @@ class _PaddingNoticeFilter(logging.Filter):
 
 for _name in ("transformers.modeling_utils", "transformers.utils.generic"):
     logging.getLogger(_name).addFilter(_PaddingNoticeFilter())
-
-
-def make_sampler(spec: dict, n: int, batch_size: int) -> _samplers.Sampler:
-    """A sampler from a JSON-able spec: ``{"kind": "uniform"}``, ``{"kind": "power_law", "alpha": 0.6}``,
-    ``{"kind": "celebrities", "n_celebrities": 4000, "weight": 8}``, ``{"kind": "warmup", "n_warmup": 8000,
-    "epochs": 3}``, ``{"kind": "sequential", "n_groups": 8, "n_repeats": 1, "total_steps": 16000}``."""
-    spec = dict(spec)
-    kind = spec.pop("kind", "uniform")
-    if kind == "uniform":
-        return _samplers.Uniform(n, **spec)
-    if kind == "power_law":
-        return _samplers.PowerLaw(n, **spec)
-    if kind == "celebrities":
-        return _samplers.Celebrities(n, **spec)
-    if kind == "warmup":
-        return _samplers.WarmUp(n, batch_size=batch_size, **spec)
-    if kind == "sequential":
-        return _samplers.Sequential(n, **spec)
-    raise ConfigError(f"unknown sampler kind {kind!r}; use uniform, power_law, celebrities, warmup or sequential.")
-
-
-_OPT_FIELDS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
-               "n_inner": "ffn_dim", "n_positions": "max_position_embeddings"}
-
-
-def hf_field_names(arch: str, model: dict) -> dict:
-    """Presets use GPT-2 field names; translate them for OPT (``n_layer`` → ``num_hidden_layers``...)."""
-    if arch == "gpt2":
-        return dict(model)
-    if arch == "opt":
-        out = {_OPT_FIELDS.get(k, k): v for k, v in model.items()}
-        out.setdefault("word_embed_proj_dim", out.get("hidden_size"))
-        return out
-    raise ConfigError(f"arch={arch!r}; the trainer builds 'gpt2' or 'opt' models.")
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
@@ -309,6 +153,34 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.model) if config.compile else self.model
+        self.check_memory()
+
+    # ------------------------------------------------------------------------------ memory
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes this rank needs beyond activations: weights, gradients, AdamW state, logits and, when the run
+        patches attention, the reference model and its captured patterns (fp32 upper bounds)."""
+        cfg = self.config
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        b, t = cfg.batch_size // self.world, self.seq_len
+        est = {"weights + gradients + AdamW": 16 * n_params,
+               "logits (and their gradient)": 2 * 4 * b * t * self.vocab.size}
+        if cfg.patch is not None:
+            mcfg = self.raw_model.config
+            n_layers = len(cfg.patch.layers) if cfg.patch.layers is not None else mcfg.num_hidden_layers
+            est["reference model"] = 4 * n_params
+            est["reference patterns"] = 4 * b * n_layers * mcfg.num_attention_heads * t * t
+        return est
+
+    def check_memory(self) -> None:
+        """Refuse, before the first step, a run whose predictable memory exceeds what the device has free."""
+        est = self.memory_estimate()
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.items())
+        fixes = ["a smaller batch_size", "a smaller model (TrainConfig.model)"]
+        if self.config.patch is not None:
+            fixes.insert(1, "patch fewer layers (PatchConfig.layers)")
+        if self.device.type == "cuda":
+            fixes.append("more GPUs (torchrun splits the batch across ranks)")
+        check_fits(sum(est.values()), self.device, what=f"training ({parts}; activations come on top)", fixes=fixes)
 
     # ------------------------------------------------------------------------------ setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -445,6 +317,7 @@ class Trainer:
         self.raw_model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         window: list[torch.Tensor] = []
+        postfix: dict[str, str] = {}
         t0, tokens_seen = time.perf_counter(), 0
         for step in range(self.step, cfg.steps + 1):
             self._sync_patching(step)
@@ -453,17 +326,21 @@ class Trainer:
                 if self.rank == 0:
                     append_jsonl(metrics_path, record)
                     self._save(step, resume=False)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith(("attr_loss", "attr_acc"))})
+                postfix.update({k: f"{v:.3f}" for k, v in record.items() if k.endswith(("attr_loss", "attr_acc"))})
+                bar.set_postfix(postfix)
             if step == cfg.steps:
                 break
             window.append(self.train_step(step))
             tokens_seen += cfg.batch_size * self.seq_len
             self.step = step + 1
             if self.step % cfg.log_every == 0 and self.rank == 0:
-                elapsed = time.perf_counter() - t0
+                elapsed, mem = time.perf_counter() - t0, memory_usage(self.device)
                 append_jsonl(metrics_path, {"kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
                                             "lr": self.optimizer.param_groups[0]["lr"],
-                                            "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+                                            "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                                            **mem.to_dict()})
+                postfix["mem"] = mem.short()
+                bar.set_postfix(postfix, refresh=False)
                 window.clear()
             if self.step % cfg.resume_every == 0 or self.step == cfg.steps:
                 self._save(self.step, resume=True)
@@ -487,3 +364,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, device=None, progress: bo
         >>> history.plot().write_html("runs/tiny/curves.html")                        # doctest: +SKIP
     """
     return Trainer(config, out_dir, device=device, progress=progress, population=population).run()
+
+
+__all__ = ["MODEL_PRESETS", "RUN_PRESETS", "PatchConfig", "TrainConfig", "Trainer", "cosine_lr", "hf_field_names",
+           "make_sampler", "train"]

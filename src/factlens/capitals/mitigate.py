@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,7 +42,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from factlens.capitals.mlp_decomposition import MLPActivations, capture_mlp_activations
 from factlens.capitals.recall import (
@@ -60,6 +58,8 @@ from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Positions, add_vector, attend_to_self, intervene, resolve_layers
 from factlens.models import SUPPORTED, family_of
 from factlens.relations import CAPITALS, Relation, RelationDataset
+from factlens.resources import memory_usage
+from factlens.resources import progress as track
 
 Intercept = Float[torch.Tensor, " d"] | Float[torch.Tensor, "n d"] | Mapping[str, torch.Tensor]
 METHODS = {"baseline": "baseline", "a": "(a) attend to self", "b": "(b) − intercept", "a+b": "(a) + (b)"}
@@ -310,15 +310,11 @@ def _paper_model(model) -> str | None:
     return None
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _peak_memory(device, rss_before: float) -> dict[str, Any]:
-    if torch.device(device).type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "memory_kind": "torch.cuda.max_memory_allocated"}
-    return {"peak_memory_mb": _peak_rss_mb(), "peak_memory_mb_before": rss_before,
+def _peak_memory(device, rss_before: int) -> dict[str, Any]:
+    mem = memory_usage(device)
+    if mem.cuda_peak is not None:
+        return {"peak_memory_mb": mem.cuda_peak / 2**20, "memory_kind": "torch.cuda.max_memory_allocated"}
+    return {"peak_memory_mb": mem.peak_rss / 2**20, "peak_memory_mb_before": rss_before / 2**20,
             "memory_kind": "process peak RSS (resource.getrusage; includes everything run before)"}
 
 
@@ -408,12 +404,12 @@ def mitigation_table(model, relation: Relation = CAPITALS, shots: Sequence[int] 
         >>> print(table.to_markdown())                                     # doctest: +SKIP
     """
     require_eval(model, "mitigation_table")
-    t0, rss_before = time.perf_counter(), _peak_rss_mb()
+    t0, rss_before = time.perf_counter(), memory_usage().peak_rss
     if torch.device(model.cfg.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.cfg.device)
     paper = _paper_model(model) if relation.name == "capitals" else None
     rows, per_prompt, intercepts = [], [], {}
-    for s in tqdm(list(shots), desc="mitigation table", disable=not progress):
+    for s in track(list(shots), device=model.cfg.device, desc="mitigation table", disable=not progress):
         ds = dataset_for(model, relation, shots=s, seed=seed, n=n)
         splits = template_folds(ds, folds, seed)
         acts = capture_mlp_activations(model, ds, -1, max_batch=max_batch)

@@ -59,13 +59,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from factlens.capitals.recall import Metric, end_logits, metric, require_eval, run_at_end
-from factlens.errors import ConfigError
+from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Intervention, hook, intervene
 from factlens.models import family_of
 from factlens.relations import RelationDataset
+from factlens.resources import progress as track
+from factlens.resources import run_with_cache as guarded_run_with_cache
 
 MetricSpec = str | Metric
 
@@ -148,8 +149,16 @@ def _metric_fn(spec: MetricSpec, dataset: RelationDataset) -> tuple[Callable[[to
     fn = metric(dataset, spec) if isinstance(spec, str) else spec
     name = spec if isinstance(spec, str) else getattr(spec, "__name__", "metric")
 
-    def scalar(logits: torch.Tensor) -> float:
+    def scalar(logits: torch.Tensor) -> float:  # logits: [n, vocab] at end
         out = torch.as_tensor(fn(logits))
+        if out.ndim > 1 or (out.ndim == 1 and out.shape[0] != logits.shape[0]):
+            raise ShapeError(f"metric {name!r} returned shape {tuple(out.shape)} for logits of shape "
+                             f"{tuple(logits.shape)}; a metric maps [n, vocab] logits at end to a scalar or [n] "
+                             "(one value per prompt): reduce the vocabulary axis, e.g. "
+                             "logits.gather(1, answer_ids[:, None])[:, 0], or use capitals.metric(dataset, 'iw')")
+        if not torch.isfinite(out).all():
+            raise ShapeError(f"metric {name!r} returned NaN or inf; check it on the clean logits (log of 0?) or use "
+                             "a log-probability metric")
         return float(out.float().mean())
 
     return scalar, name
@@ -330,7 +339,8 @@ def path_patch(model, dataset: RelationDataset, counterfactual: RelationDataset 
     scorer = _Scorer(model, dataset, metric, n)
     total = len(senders) * n
     end_tokens = dataset.tokens[torch.arange(n), dataset.end].to(device)  # [n]
-    for start in tqdm(range(0, total, max_batch), desc="path patching (pass C/D)", disable=not progress):
+    for start in track(range(0, total, max_batch), device=device, desc="path patching (pass C/D)",
+                       disable=not progress):
         flat = torch.arange(start, min(start + max_batch, total), device=device)
         s_idx, p_idx = flat // n, flat % n
         r_kind, r_layer, r_head = kind[s_idx], s_layer[s_idx], s_head[s_idx]
@@ -422,13 +432,16 @@ def path_patch_reference(model, dataset: RelationDataset, counterfactual: Relati
 
     with torch.no_grad():
         # pass A: D_new means at each D_new prompt's end
-        _, cache_new = model.run_with_cache(counterfactual.tokens.to(device))
+        want_new = [f"blocks.{layer}.{n}" for layer in range(L) for n in ("attn.hook_z", "hook_mlp_out")]
+        _, cache_new = guarded_run_with_cache(model, counterfactual.tokens.to(device), names_filter=want_new)
         r_new, e_new = torch.arange(len(counterfactual), device=device), counterfactual.end.to(device)
         z_mean = {layer: cache_new[f"blocks.{layer}.attn.hook_z"][r_new, e_new].mean(0) for layer in range(L)}
         mlp_mean = {layer: cache_new[f"blocks.{layer}.hook_mlp_out"][r_new, e_new].mean(0) for layer in range(L)}
         del cache_new
         # pass B: clean cache
-        clean_logits, cache = model.run_with_cache(tokens)
+        want = [f"blocks.{layer}.attn.hook_{act}" for layer in range(L) for act in "qkv"]
+        want += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)] if freeze_mlps else []
+        clean_logits, cache = guarded_run_with_cache(model, tokens, names_filter=want)
         clean_metric = metric_fn(end_logits(clean_logits, dataset))
 
     def frozen(name):
@@ -444,7 +457,8 @@ def path_patch_reference(model, dataset: RelationDataset, counterfactual: Relati
             freeze.add(name, frozen(name))
 
     values = []
-    for kind, layer, head in tqdm(_senders(L, H), desc="path patching (reference)", disable=not progress):
+    for kind, layer, head in track(_senders(L, H), device=device, desc="path patching (reference)",
+                                   disable=not progress):
         if kind == "head":
             def set_sender(t, hook, layer=layer, head=head):  # hook_z [b, p, H, dh]
                 out = t.clone()

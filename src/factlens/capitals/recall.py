@@ -31,12 +31,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from factlens.errors import ConfigError, HookDidNotFireError, ModeError, ShapeError
 from factlens.hooks import Intervention, OnNoEffect, intervene
 from factlens.models import family_of
 from factlens.relations import CAPITALS, Relation, RelationDataset, make_dataset
+from factlens.resources import progress as track
 
 LogitDiffVariant = Literal["iw", "n", "iw-n"]
 METRIC_KINDS = ("iw", "n", "iw-n", "prob", "logprob", "logit")
@@ -164,7 +164,7 @@ def run_at_end(model, dataset: RelationDataset, names: Iterable[str] = (), *,
     stored: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     out_logits: list[torch.Tensor] = []
     starts = range(0, n, max_batch)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for start in track(starts, device=device, desc=desc, disable=not progress, leave=False):
         rows = torch.arange(start, min(start + max_batch, n))
         ends = dataset.end[rows]
         tokens = dataset.tokens[rows, : int(ends.max()) + 1].to(device)  # right padding: trimming is safe

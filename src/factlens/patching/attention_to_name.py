@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from factlens.bios.batches import BiographyBatch, eval_batches
 from factlens.checkpoints import list_checkpoints
+from factlens.resources import progress as track
 
 CIRCUITS = ("name_grouping→name", "extraction→name", "extraction→text")
 
@@ -113,7 +113,7 @@ def attention_to_name(run_dir: str | Path, steps: Sequence[int] | None = None, *
     batches = eval_batches(population, vocab, n_sequences, batch_size, seq_len=config_seq, seed=1234)
     steps = list(steps) if steps is not None else list_checkpoints(Path(run_dir) / "checkpoints")
     values = []
-    for step in tqdm(steps, disable=not progress, desc="checkpoints"):
+    for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
         checkpoint_path(run_dir, step)
         ref = Reference.from_model(load_hf(run_dir, step, device))
         acc = torch.zeros(ref.n_layers, len(CIRCUITS))

@@ -1,0 +1,359 @@
+"""Memory: predict what a cache or a training run needs, refuse what will not fit, report what was used.
+
+A Python process that runs out of memory is killed without a traceback (the Linux OOM killer) or dies with a
+CUDA OOM deep inside a forward pass, after minutes of work. Where factlens can predict a size, it checks it
+against the memory that is free *before* allocating, and raises :class:`~factlens.errors.ResourceError`
+naming the numbers and the fix (a smaller batch, ``names_filter``, offloading the cache to the CPU).
+
+- :func:`estimate_cache` predicts, exactly, the bytes ``model.run_with_cache`` will hold for a batch: it runs
+  the model on 1, 2 and 3 tokens and fits each hook's size as ``a + b·T + c·T²`` (attention patterns are the
+  ``T²`` terms), so it is right for any architecture, hook set and dtype.
+- :func:`run_with_cache` is ``model.run_with_cache`` guarded by that prediction.
+- :func:`check_fits` is the guard itself, used by factlens's own sweeps and by the trainer.
+- :func:`memory_usage` reads the process's resident and peak memory (and CUDA's); long loops show it in
+  their progress bars and training writes it to ``metrics.jsonl``.
+
+The budget is the memory free on the device (``MemAvailable`` and the cgroup limit on the CPU,
+``cudaMemGetInfo`` plus the caching allocator's free blocks on a GPU), times a safety ``fraction``; set
+``FACTLENS_MEMORY_BUDGET`` (e.g. ``8GiB``) or :func:`set_memory_budget` to impose a smaller one.
+
+Example:
+    >>> import factlens
+    >>> model = factlens.tiny("gpt2")
+    >>> est = estimate_cache(model, batch=8, seq_len=32, names_filter=lambda n: n.endswith("hook_pattern"))
+    >>> est.total == 8 * 2 * 4 * 32 * 32 * 4      # batch × layers × heads × T × T × fp32 bytes
+    True
+    >>> _, cache = run_with_cache(model, model.to_tokens("The capital of France is"),
+    ...                           names_filter=lambda n: n.endswith("hook_pattern"))
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from factlens.errors import ConfigError, ResourceError
+
+NamesFilter = Callable[[str], bool] | str | list[str] | None
+
+_budget_override: int | None = None
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def format_bytes(n: float) -> str:
+    """``1536 → '1.5 KiB'``; binary units."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``'8GiB'``, ``'512 MB'``, ``'1e9'`` or a number → bytes (``G``/``GB``/``GiB`` are all powers of 1024)."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
+    try:
+        number = float(m.group(1)) if m else float("nan")
+    except ValueError:
+        number = float("nan")
+    if not number >= 0:
+        raise ConfigError(f"cannot read the memory size {text!r}; write e.g. '8GiB', '512MiB' or a number of bytes")
+    return int(number * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
+
+
+def set_memory_budget(budget: int | str | None) -> None:
+    """Cap the memory factlens's checks allow (bytes or ``'8GiB'``); ``None`` = what the device has free.
+
+    Example:
+        >>> set_memory_budget("8GiB"); set_memory_budget(None)
+    """
+    global _budget_override
+    _budget_override = None if budget is None else parse_bytes(budget)
+
+
+# ------------------------------------------------------------------------------------------------- readings
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cpu_available() -> int:
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 2**62  # unknown: do not block
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            avail = min(avail, max(0, limit - usage))
+    return avail
+
+
+def available_bytes(device: str | torch.device = "cpu") -> int:
+    """Bytes that can still be allocated on ``device`` (before any budget or safety fraction)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return _cpu_available()
+
+
+def budget_bytes(device: str | torch.device = "cpu", fraction: float = 0.9) -> int:
+    """What factlens's checks allow on ``device``: the override if set, else ``fraction`` × free memory."""
+    env = os.environ.get("FACTLENS_MEMORY_BUDGET")
+    if _budget_override is not None:
+        return _budget_override
+    if env:
+        return parse_bytes(env)
+    return int(fraction * available_bytes(device))
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """The process's memory now and at its peak (bytes); CUDA figures are ``None`` on the CPU.
+
+    ``peak_rss`` is the process's lifetime peak (``getrusage``); ``cuda_peak`` is since the last
+    ``torch.cuda.reset_peak_memory_stats``.
+    """
+
+    rss: int
+    peak_rss: int
+    cuda_allocated: int | None = None
+    cuda_peak: int | None = None
+
+    def short(self) -> str:
+        """``'RSS 2.1 GiB (peak 2.5 GiB)'``, plus the GPU's on CUDA: for progress bars and logs."""
+        text = f"RSS {format_bytes(self.rss)} (peak {format_bytes(self.peak_rss)})"
+        if self.cuda_allocated is not None:
+            text += f", GPU {format_bytes(self.cuda_allocated)} (peak {format_bytes(self.cuda_peak or 0)})"
+        return text
+
+    def to_dict(self) -> dict[str, float]:
+        """GiB figures for a log record: ``rss_gib``, ``peak_rss_gib`` (and ``cuda_gib``, ``cuda_peak_gib``)."""
+        out = {"rss_gib": self.rss / 2**30, "peak_rss_gib": self.peak_rss / 2**30}
+        if self.cuda_allocated is not None:
+            out |= {"cuda_gib": self.cuda_allocated / 2**30, "cuda_peak_gib": (self.cuda_peak or 0) / 2**30}
+        return out
+
+
+def memory_usage(device: str | torch.device | None = None) -> MemoryUsage:
+    """Read the process's memory (and ``device``'s when it is a GPU).
+
+    Example:
+        >>> memory_usage().rss > 0
+        True
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    try:
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = peak
+    if device is not None and torch.device(device).type == "cuda":
+        return MemoryUsage(rss, peak, torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device))
+    return MemoryUsage(rss, peak)
+
+
+def progress(iterable: Iterable, *, device: str | torch.device | None = None, disable: bool = False, **kwargs):
+    """``tqdm(iterable, **kwargs)`` whose postfix shows the process's memory, updated after every item.
+
+    Example:
+        >>> sum(progress(range(3), desc="demo", disable=True))
+        3
+    """
+    bar = tqdm(iterable, disable=disable, **kwargs)
+    for item in bar:
+        yield item
+        if not disable:
+            bar.set_postfix_str(memory_usage(device).short(), refresh=False)
+
+
+# ------------------------------------------------------------------------------------------------- checking
+def check_fits(nbytes: int, device: str | torch.device, *, what: str, fixes: Iterable[str],
+               budget: int | str | None = None, fraction: float = 0.9) -> None:
+    """Raise :class:`~factlens.errors.ResourceError` when ``nbytes`` exceed the budget on ``device``.
+
+    Args:
+        nbytes: The predicted allocation.
+        device: Where it will live.
+        what: What needs it, for the message (``"caching 290 hooks for 64 × 1024 tokens"``).
+        fixes: Suggestions, most useful first; the message lists them.
+        budget: Bytes (or ``'8GiB'``) to allow; default :func:`budget_bytes`.
+        fraction: Safety fraction of the free memory (the computation itself needs working space).
+
+    Example:
+        >>> check_fits(10, "cpu", what="a tiny tensor", fixes=["nothing"])
+        >>> check_fits(10**15, "cpu", what="a huge cache", fixes=["a smaller batch"])
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ResourceError: a huge cache needs 909.5 TiB...
+    """
+    allowed = parse_bytes(budget) if budget is not None else budget_bytes(device, fraction)
+    if nbytes <= allowed:
+        return
+    source = "the budget you set" if (budget is not None or _budget_override is not None
+                                      or os.environ.get("FACTLENS_MEMORY_BUDGET")) else \
+        f"{fraction:.0%} of the memory free on {torch.device(device)}"
+    tips = "; ".join(fixes)
+    raise ResourceError(f"{what} needs {format_bytes(nbytes)}, but {source} is {format_bytes(allowed)}; it would "
+                        f"run out of memory. Fix: {tips}. (Raise the limit with FACTLENS_MEMORY_BUDGET if you "
+                        "know better.)")
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+@dataclass
+class CacheEstimate:
+    """Predicted bytes of ``run_with_cache`` per hook for ``batch`` sequences of ``seq_len`` tokens.
+
+    Attributes:
+        per_hook: Hook name → bytes.
+        batch / seq_len: The input size the estimate is for.
+        per_sequence: Bytes one more sequence of ``seq_len`` tokens adds (for :meth:`max_batch`).
+    """
+
+    per_hook: dict[str, int]
+    batch: int
+    seq_len: int
+    per_sequence: int = field(default=0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_hook.values())
+
+    def max_batch(self, budget: int) -> int:
+        """The largest batch of ``seq_len``-token sequences whose cache fits in ``budget`` bytes."""
+        return int(budget // max(1, self.per_sequence))
+
+    def largest(self, k: int = 3) -> list[tuple[str, int]]:
+        """The ``k`` hook *kinds* (``hook_pattern``, ``hook_z``...) holding the most bytes, summed over layers."""
+        kinds: dict[str, int] = {}
+        for name, nbytes in self.per_hook.items():
+            kind = ".".join(name.split(".")[2:]) if name.startswith("blocks.") else name
+            kinds[kind] = kinds.get(kind, 0) + nbytes
+        return sorted(kinds.items(), key=lambda kv: -kv[1])[:k]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per hook: ``hook``, ``bytes``, ``share``."""
+        total = max(1, self.total)
+        return pd.DataFrame([{"hook": name, "bytes": b, "share": b / total} for name, b in self.per_hook.items()])
+
+
+def estimate_cache(model, batch: int, seq_len: int, names_filter: NamesFilter = None, *,
+                   device: str | torch.device | None = None) -> CacheEstimate:
+    """Predict the bytes ``model.run_with_cache`` holds for ``batch`` × ``seq_len`` tokens.
+
+    Runs the model on 1, 2 and 3 tokens (batch 1), measures every cached tensor (shared storage counted
+    once, so TL's hook aliases are not double-counted) and extrapolates each hook as ``a + b·T + c·T²``.
+
+    Args:
+        model: A TransformerLens bridge (or ``HookedTransformer``).
+        batch: Sequences per forward pass.
+        seq_len: Tokens per sequence.
+        names_filter: As for ``run_with_cache``.
+        device: Where the cache will be stored (``run_with_cache(device=...)``); affects nothing but dtype.
+    """
+    if batch < 1 or seq_len < 1:
+        raise ConfigError(f"batch={batch}, seq_len={seq_len}; both must be >= 1")
+    sizes: list[dict[str, int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for t in (1, 2, 3):
+            tokens = torch.zeros(1, t, dtype=torch.long, device=model.cfg.device)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TL's notes on gated-off hooks: the real call prints them
+                _, cache = model.run_with_cache(tokens, names_filter=names_filter)
+            seen: set[tuple[int, int]] = set()
+            row = {}
+            for name, value in cache.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                key = (value.untyped_storage().data_ptr(), value.numel())
+                row[name] = 0 if key in seen else value.numel() * value.element_size()
+                seen.add(key)
+            sizes.append(row)
+            del cache
+    finally:
+        model.train(was_training)
+    per_hook, per_seq = {}, 0
+    for name in sizes[0]:
+        n1, n2, n3 = (s.get(name, 0) for s in sizes)
+        c = (n3 - 2 * n2 + n1) / 2  # T² coefficient (attention patterns and scores)
+        b = n2 - n1 - 3 * c
+        a = n1 - b - c
+        one = max(0.0, a + b * seq_len + c * seq_len**2)
+        per_hook[name] = round(batch * one)
+        per_seq += round(one)
+    return CacheEstimate(per_hook=per_hook, batch=batch, seq_len=seq_len, per_sequence=per_seq)
+
+
+def run_with_cache(model, tokens, *, names_filter: NamesFilter = None, budget: int | str | None = None,
+                   **kwargs):
+    """``model.run_with_cache`` that refuses, with the fix, a cache that will not fit in memory.
+
+    Args:
+        model: A TransformerLens bridge.
+        tokens: ``[batch, pos]`` token ids, or text (tokenized with ``model.to_tokens``).
+        names_filter: As for ``run_with_cache``; the first fix to suggest when the cache is too big.
+        budget: Bytes (or ``'8GiB'``) to allow; default :func:`budget_bytes` on the cache's device.
+        **kwargs: Passed on (``device=`` offloads the cache, e.g. to the CPU).
+
+    Raises:
+        ResourceError: The predicted cache exceeds the budget.
+
+    Example:
+        >>> logits, cache = run_with_cache(model, model.to_tokens("Hello there"),
+        ...                                names_filter=lambda n: n.endswith("hook_z"))
+        >>> sorted(cache.keys())[:1]
+        ['blocks.0.attn.hook_z']
+    """
+    if isinstance(tokens, str | list):
+        tokens = model.to_tokens(tokens)
+    batch, seq_len = tokens.shape[0], tokens.shape[-1]
+    est = estimate_cache(model, batch, seq_len, names_filter)
+    cache_device = kwargs.get("device") or model.cfg.device
+    allowed = parse_bytes(budget) if budget is not None else budget_bytes(cache_device)
+    fixes = []
+    if names_filter is None:
+        kind, nbytes = est.largest(1)[0]
+        fixes.append(f"pass names_filter to cache only the hooks you need (all {len(est.per_hook)} hooks are "
+                     f"cached now; {kind} alone is {format_bytes(nbytes)})")
+    fits = est.max_batch(allowed)
+    fixes.append(f"use batches of at most {fits} sequences" if fits >= 1 else
+                 f"shorten the sequences (one of {seq_len} tokens needs {format_bytes(est.per_sequence)})")
+    if torch.device(cache_device).type == "cuda":
+        fixes.append("offload the cache to the CPU with device='cpu'")
+    fixes.append("or keep only what you need with pos_slice= (e.g. the last position)")
+    check_fits(est.total, cache_device, what=f"caching {len(est.per_hook)} hooks for {batch} × {seq_len} tokens",
+               fixes=fixes, budget=budget)
+    return model.run_with_cache(tokens, names_filter=names_filter, **kwargs)
+
+
+__all__ = ["CacheEstimate", "MemoryUsage", "available_bytes", "budget_bytes", "check_fits", "estimate_cache",
+           "format_bytes", "memory_usage", "parse_bytes", "progress", "run_with_cache", "set_memory_budget"]

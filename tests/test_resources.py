@@ -1,0 +1,154 @@
+"""factlens.resources: exact cache prediction, the memory guard, and memory reporting in training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import factlens
+from factlens.bios.train import PatchConfig, TrainConfig, Trainer, train
+from factlens.resources import (
+    CacheEstimate,
+    budget_bytes,
+    check_fits,
+    estimate_cache,
+    format_bytes,
+    memory_usage,
+    parse_bytes,
+    run_with_cache,
+    set_memory_budget,
+)
+
+
+def cached_bytes(cache) -> int:
+    """Bytes a real cache holds, shared storage counted once."""
+    seen, total = set(), 0
+    for value in cache.values():
+        key = (value.untyped_storage().data_ptr(), value.numel())
+        if key not in seen:
+            seen.add(key)
+            total += value.numel() * value.element_size()
+    return total
+
+
+@pytest.fixture(scope="module", params=[("gpt2", True), ("gpt2", False), ("opt", True)],
+                ids=["gpt2-compat", "gpt2-raw", "opt-compat"])
+def model(request):
+    family, compat = request.param
+    return factlens.tiny(family, compat=compat)
+
+
+@pytest.mark.parametrize("batch,seq_len", [(1, 1), (2, 7), (5, 33)])
+@pytest.mark.parametrize("names", [None, "patterns", ["blocks.0.attn.hook_z", "blocks.1.hook_resid_post"]])
+def test_estimate_matches_the_real_cache(model, batch, seq_len, names):
+    names_filter = (lambda n: n.endswith("hook_pattern")) if names == "patterns" else names
+    est = estimate_cache(model, batch, seq_len, names_filter)
+    tokens = torch.randint(0, 1000, (batch, seq_len))
+    _, cache = model.run_with_cache(tokens, names_filter=names_filter)
+    real = cached_bytes(cache)
+    assert abs(est.total - real) <= 1e-4 * real + 8, (est.total, real)
+    assert set(est.per_hook) == set(cache.keys())
+
+
+def test_patterns_scale_with_the_square_of_the_sequence(model):
+    est = estimate_cache(model, 3, 50, names_filter=lambda n: n.endswith("hook_pattern"))
+    cfg = model.cfg
+    assert est.total == 3 * cfg.n_layers * cfg.n_heads * 50 * 50 * 4
+    assert est.per_sequence * 3 == est.total
+
+
+def test_guarded_run_equals_plain_run(model):
+    tokens = torch.randint(0, 1000, (2, 9))
+    logits, cache = run_with_cache(model, tokens, names_filter=lambda n: n.endswith("hook_z"))
+    ref_logits, ref_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
+    torch.testing.assert_close(logits, ref_logits)
+    assert set(cache.keys()) == set(ref_cache.keys())
+
+
+def test_guard_suggests_a_batch_that_fits(model):
+    tokens = torch.randint(0, 1000, (64, 16))
+    est = estimate_cache(model, 64, 16)
+    budget = est.total // 5
+    with pytest.raises(factlens.ResourceError) as info:
+        run_with_cache(model, tokens, budget=budget)
+    fits = est.max_batch(budget)
+    msg = str(info.value)
+    assert f"at most {fits} sequences" in msg and "names_filter" in msg and format_bytes(est.total) in msg
+    assert estimate_cache(model, fits, 16).total <= budget < estimate_cache(model, fits + 1, 16).total
+    run_with_cache(model, tokens[:fits], budget=budget)  # the suggestion works
+
+
+def test_budget_from_environment(monkeypatch, model):
+    monkeypatch.setenv("FACTLENS_MEMORY_BUDGET", "2KiB")
+    assert budget_bytes("cpu") == 2048
+    with pytest.raises(factlens.ResourceError, match="the budget you set"):
+        run_with_cache(model, torch.zeros(1, 8, dtype=torch.long))
+    monkeypatch.delenv("FACTLENS_MEMORY_BUDGET")
+    assert budget_bytes("cpu") > 2048
+
+
+@pytest.mark.parametrize("text,expected", [("8GiB", 8 * 2**30), ("512 MB", 512 * 2**20), ("1e3", 1000),
+                                           (4096, 4096), ("2k", 2048), ("1.5G", 3 * 2**29)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_check_fits_counts_against_free_memory():
+    check_fits(1, "cpu", what="one byte", fixes=["none"])
+    with pytest.raises(factlens.ResourceError, match="smaller batch"):
+        check_fits(10**16, "cpu", what="ten petabytes", fixes=["a smaller batch"])
+
+
+def test_memory_usage_reads_the_process():
+    mem = memory_usage()
+    assert 0 < mem.rss <= mem.peak_rss * 1.01 + 2**20
+    assert set(mem.to_dict()) == {"rss_gib", "peak_rss_gib"}
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert memory_usage().peak_rss >= mem.peak_rss
+    assert memory_usage().rss >= mem.rss + 32 * 2**20
+    del big
+
+
+def test_cache_estimate_summaries():
+    est = CacheEstimate({"blocks.0.attn.hook_pattern": 300, "blocks.1.attn.hook_pattern": 300,
+                         "blocks.0.hook_resid_post": 100, "hook_embed": 50}, batch=2, seq_len=4, per_sequence=375)
+    assert est.total == 750
+    assert est.largest(2) == [("attn.hook_pattern", 600), ("hook_resid_post", 100)]
+    assert est.max_batch(1000) == 2
+    assert est.to_dataframe()["share"].sum() == pytest.approx(1.0)
+
+
+def test_trainer_refuses_a_run_that_cannot_fit_and_names_the_parts():
+    set_memory_budget("64KiB")
+    try:
+        with pytest.raises(factlens.ResourceError) as info:
+            Trainer(TrainConfig.preset("tiny"), "/tmp/factlens-never-written")
+    finally:
+        set_memory_budget(None)
+    assert "weights + gradients + AdamW" in str(info.value) and "logits" in str(info.value)
+
+
+def test_trainer_estimate_counts_reference_patterns(tmp_path):
+    cfg = TrainConfig.preset("tiny", steps=2)
+    trainer = Trainer(cfg, tmp_path / "a", progress=False)
+    est = trainer.memory_estimate()
+    n_params = sum(p.numel() for p in trainer.raw_model.parameters())
+    assert est["weights + gradients + AdamW"] == 16 * n_params
+    assert est["logits (and their gradient)"] == 8 * cfg.batch_size * trainer.seq_len * trainer.vocab.size
+    assert "reference patterns" not in est
+    train(cfg, tmp_path / "ref", progress=False)
+    patched = TrainConfig.preset("tiny", steps=2, patch=PatchConfig(str(tmp_path / "ref"), reference_step=2))
+    est = Trainer(patched, tmp_path / "b", progress=False).memory_estimate()
+    m = cfg.model
+    assert est["reference patterns"] == 4 * cfg.batch_size * m["n_layer"] * m["n_head"] * trainer.seq_len ** 2
+    assert est["reference model"] == 4 * n_params
+
+
+def test_training_logs_memory(tmp_path):
+    train(TrainConfig.preset("tiny", steps=10, log_every=5), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if r["kind"] == "train"]
+    assert len(logged) == 2
+    assert all(0 < r["rss_gib"] <= r["peak_rss_gib"] * 1.01 + 1e-3 for r in logged)
