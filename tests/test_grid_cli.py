@@ -48,3 +48,13 @@ def test_cli_capitals_analyze_and_mitigate_offline(tmp_path, capsys):
     assert "(a) + (b)" in (tmp_path / "m" / "mitigation.md").read_text()
     assert main(["capitals", "analyze", "--model", "tiny-gpt2", "--shots", "0", "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "index.html").exists()
+
+
+def test_cli_reports_factlens_errors_without_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FACTLENS_MEMORY_BUDGET", "1MiB")
+    assert main(["bios", "train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("factlens: error: ResourceError:") and "smaller batch_size" in err
+    monkeypatch.setenv("FACTLENS_TRACEBACK", "1")
+    with pytest.raises(factlens.ResourceError):
+        main(["bios", "train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"), "--quiet"])

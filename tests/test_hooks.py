@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformer_lens import patching
 
 import factlens
-from factlens import add_vector, attend_to_self, hook, intervene, patch_pattern
+from factlens import add_vector, attend_to_self, capitals, hook, intervene, patch_pattern
 
 
 def uniform_pattern(model, tokens):
@@ -170,6 +170,75 @@ def test_property_interventions_change_output_only_when_they_should(tiny_models,
         delta = (out - base).abs().amax(-1)  # [b, p]
         assert delta[:, position:].max() > 0
         assert delta[:, :position].max() == 0  # causal: earlier positions never change
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_identity_edits_change_nothing_and_say_so(tiny_models, data):
+    """Every public intervention, made the identity, leaves the output bit-identical. An identity by accident
+    (an edit whose hooks ran but changed nothing) raises under the default ``on_no_effect="raise"``; an
+    identity by construction (zero vector, ``coeff=0``, no heads, c = 0) installs no hook and says so."""
+    arch = data.draw(st.sampled_from(["gpt2", "opt"]))
+    model = tiny_models[arch]
+    model.eval()
+    tokens = model.to_tokens(["The capital of France is", "Keep in mind, the capital of Japan is"])
+    layer = data.draw(st.integers(0, model.cfg.n_layers - 1))
+    heads = data.draw(st.lists(st.integers(0, model.cfg.n_heads - 1), min_size=1, max_size=3, unique=True))
+    position = data.draw(st.integers(0, tokens.shape[1] - 1))
+    base = model(tokens)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    by_accident = {
+        "own pattern": lambda: patch_pattern(model, cache, layers=layer, heads=heads, positions=position),
+        "scores unchanged": lambda: factlens.edit_scores(model, lambda s, layer: s.clone(), layers=layer),
+        "attend to self at query 0": lambda: attend_to_self(model, layers=layer, heads=heads, positions=0),
+        "identity hook": lambda: hook(f"blocks.{layer}.hook_resid_post", lambda t, hook: t),
+    }
+    by_construction = {
+        "zero vector": lambda: add_vector(model, torch.zeros(model.cfg.d_model), layer=layer, positions=position),
+        "zero coefficient": lambda: add_vector(model, torch.ones(model.cfg.d_model), layer=layer, coeff=0.0),
+        "no heads": lambda: attend_to_self(model, layers=layer, heads=[], positions=position),
+        "no pattern heads": lambda: patch_pattern(model, cache, layers=layer, heads=[]),
+    }
+    name = data.draw(st.sampled_from(sorted(by_accident) + sorted(by_construction)))
+    edit = {**by_accident, **by_construction}[name]()
+    with intervene(model, edit, on_no_effect="ignore") as run:
+        out = model(tokens)
+    assert torch.equal(out, base), name
+    if name in by_accident:
+        assert run.records and all(rec.calls > 0 and not rec.changed for rec in run.records.values()), name
+        with pytest.raises(factlens.InterventionNoEffectError), intervene(model, edit):
+            model(tokens)
+    else:
+        assert edit.identity and not run.records, name
+        with intervene(model, edit):  # no hooks, nothing to verify
+            assert torch.equal(model(tokens), base)
+    # mitigation (b) with c = 0 through the context manager: the identity by construction
+    with capitals.mitigate(model, intercept=torch.zeros(model.cfg.d_model), attention=False) as run:
+        assert torch.equal(model(tokens), base)
+    assert not run.records
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_edits_whose_hooks_cannot_fire_raise(tiny_models, data):
+    arch = data.draw(st.sampled_from(["gpt2", "opt"]))
+    model = tiny_models[arch]
+    model.eval()
+    tokens = model.to_tokens("The capital of France is")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    bad_layer = data.draw(st.integers(L, L + 5) | st.integers(-L - 5, -L - 1))
+    bad_head = data.draw(st.integers(H, H + 5))
+    with pytest.raises(factlens.ConfigError, match="out of range"):
+        attend_to_self(model, layers=bad_layer)
+    with pytest.raises(factlens.ConfigError, match="out of range"):
+        attend_to_self(model, layers=0, heads=[bad_head])
+    with pytest.raises(factlens.ConfigError, match="out of range"):
+        add_vector(model, torch.ones(model.cfg.d_model), layer=bad_layer)
+    # a real hook point that the forward pass never reaches (the run stops before its layer)
+    layer = data.draw(st.integers(1, L - 1))
+    edit = hook(f"blocks.{layer}.hook_mlp_out", lambda t, hook: t + 1)
+    with pytest.raises(factlens.HookDidNotFireError, match="never fired"), intervene(model, edit):
+        model(tokens, stop_at_layer=layer)
 
 
 def test_attention_pattern_viewer(model):

@@ -200,8 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a factlens error (bad input, a run that will not fit in memory) prints its message and
+    returns 2 instead of a traceback (``FACTLENS_TRACEBACK=1`` shows the traceback)."""
+    import os
+
+    from factlens.errors import FactlensError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FactlensError as err:
+        if os.environ.get("FACTLENS_TRACEBACK"):
+            raise
+        print(f"factlens: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

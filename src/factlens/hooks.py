@@ -285,7 +285,9 @@ def attend_to_self(model, *, layers: int | Sequence[int] | None = -1, positions:
         sel = selection_mask(scores.shape, head_ids, positions, scores.device)  # [b, h, q]
         keys = torch.arange(k, device=scores.device)
         not_self = keys[None, :] != (torch.arange(q, device=scores.device) + (k - q))[:, None]  # [q, k]
-        return scores.masked_fill(sel[..., None] & not_self, torch.finfo(scores.dtype).min)
+        floor = torch.finfo(scores.dtype).min
+        open_keys = scores > floor  # keys the causal mask has not already closed (-inf or dtype-min)
+        return scores.masked_fill(sel[..., None] & not_self & open_keys, floor)
 
     return edit_scores(model, fn, layers=layer_ids,
                        description=f"attend_to_self(layers={layer_ids}, heads={head_ids or 'all'})")
