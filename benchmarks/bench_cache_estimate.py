@@ -16,17 +16,7 @@ import time
 import torch
 
 import factlens
-from factlens.resources import available_bytes, estimate_cache, format_bytes
-
-
-def real_bytes(cache) -> int:
-    seen, total = set(), 0
-    for value in cache.values():
-        key = (value.untyped_storage().data_ptr(), value.numel())
-        if key not in seen:
-            seen.add(key)
-            total += value.numel() * value.element_size()
-    return total
+from factlens.resources import available_bytes, cache_nbytes, estimate_cache, format_bytes
 
 
 def main() -> None:
@@ -46,7 +36,7 @@ def main() -> None:
         tokens = torch.randint(0, 1000, (args.check_batch, args.check_len), device=device)
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens)
-        real = real_bytes(cache)
+        real = cache_nbytes(cache)
         del cache
         print(f"{name}: estimate in {dt:.2f} s; {args.check_batch}x{args.check_len}: predicted "
               f"{format_bytes(est.total)}, real {format_bytes(real)} (ratio {est.total / real:.6f})")

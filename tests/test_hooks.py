@@ -150,16 +150,21 @@ def test_stop_gradient_in_train_mode(arch):
     assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in vo + mlp)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_property_interventions_change_output_only_when_they_should(tiny_models, data):
-    arch = data.draw(st.sampled_from(["gpt2", "opt"]))
-    model = tiny_models[arch]
+def draw_setup(tiny_models, data, first_position: int):
+    """A random tiny model (GPT-2 or OPT) in eval mode, two prompts, and a random layer, heads and position."""
+    model = tiny_models[data.draw(st.sampled_from(["gpt2", "opt"]))]
     model.eval()
     tokens = model.to_tokens(["The capital of France is", "Keep in mind, the capital of Japan is"])
     layer = data.draw(st.integers(0, model.cfg.n_layers - 1))
     heads = data.draw(st.lists(st.integers(0, model.cfg.n_heads - 1), min_size=1, max_size=3, unique=True))
-    position = data.draw(st.integers(1, tokens.shape[1] - 1))
+    position = data.draw(st.integers(first_position, tokens.shape[1] - 1))
+    return model, tokens, layer, heads, position
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_interventions_change_output_only_when_they_should(tiny_models, data):
+    model, tokens, layer, heads, position = draw_setup(tiny_models, data, first_position=1)
     base = model(tokens)
     for edit in (attend_to_self(model, layers=layer, heads=heads, positions=position),
                  patch_pattern(model, uniform_pattern(model, tokens), layers=layer, heads=heads, positions=position),
@@ -178,13 +183,7 @@ def test_property_identity_edits_change_nothing_and_say_so(tiny_models, data):
     """Every public intervention, made the identity, leaves the output bit-identical. An identity by accident
     (an edit whose hooks ran but changed nothing) raises under the default ``on_no_effect="raise"``; an
     identity by construction (zero vector, ``coeff=0``, no heads, c = 0) installs no hook and says so."""
-    arch = data.draw(st.sampled_from(["gpt2", "opt"]))
-    model = tiny_models[arch]
-    model.eval()
-    tokens = model.to_tokens(["The capital of France is", "Keep in mind, the capital of Japan is"])
-    layer = data.draw(st.integers(0, model.cfg.n_layers - 1))
-    heads = data.draw(st.lists(st.integers(0, model.cfg.n_heads - 1), min_size=1, max_size=3, unique=True))
-    position = data.draw(st.integers(0, tokens.shape[1] - 1))
+    model, tokens, layer, heads, position = draw_setup(tiny_models, data, first_position=0)
     base = model(tokens)
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
     by_accident = {

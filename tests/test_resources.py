@@ -12,6 +12,7 @@ from factlens.bios.train import PatchConfig, TrainConfig, Trainer, train
 from factlens.resources import (
     CacheEstimate,
     budget_bytes,
+    cache_nbytes,
     check_fits,
     estimate_cache,
     format_bytes,
@@ -20,17 +21,6 @@ from factlens.resources import (
     run_with_cache,
     set_memory_budget,
 )
-
-
-def cached_bytes(cache) -> int:
-    """Bytes a real cache holds, shared storage counted once."""
-    seen, total = set(), 0
-    for value in cache.values():
-        key = (value.untyped_storage().data_ptr(), value.numel())
-        if key not in seen:
-            seen.add(key)
-            total += value.numel() * value.element_size()
-    return total
 
 
 @pytest.fixture(scope="module", params=[("gpt2", True), ("gpt2", False), ("opt", True)],
@@ -47,7 +37,7 @@ def test_estimate_matches_the_real_cache(model, batch, seq_len, names):
     est = estimate_cache(model, batch, seq_len, names_filter)
     tokens = torch.randint(0, 1000, (batch, seq_len))
     _, cache = model.run_with_cache(tokens, names_filter=names_filter)
-    real = cached_bytes(cache)
+    real = cache_nbytes(cache)
     assert abs(est.total - real) <= 1e-4 * real + 8, (est.total, real)
     assert set(est.per_hook) == set(cache.keys())
 

@@ -264,6 +264,31 @@ class CacheEstimate:
         return pd.DataFrame([{"hook": name, "bytes": b, "share": b / total} for name, b in self.per_hook.items()])
 
 
+def _tensor_bytes(cache) -> dict[str, int]:
+    """Bytes per entry of a cache (or any name → tensor mapping); a storage shared by several names (TL's
+    hook aliases) counts once, under the first name."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, value in cache.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = (value.untyped_storage().data_ptr(), value.numel())
+        out[name] = 0 if key in seen else value.numel() * value.element_size()
+        seen.add(key)
+    return out
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a real ``ActivationCache`` (or dict of tensors) holds, shared storage counted once.
+
+    Example:
+        >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+        >>> cache_nbytes(cache) == estimate_cache(model, 1, tokens.shape[1], lambda n: n.endswith("hook_pattern")).total
+        True
+    """
+    return sum(_tensor_bytes(cache).values())
+
+
 def estimate_cache(model, batch: int, seq_len: int, names_filter: NamesFilter = None, *,
                    device: str | torch.device | None = None) -> CacheEstimate:
     """Predict the bytes ``model.run_with_cache`` holds for ``batch`` × ``seq_len`` tokens.
@@ -289,15 +314,7 @@ def estimate_cache(model, batch: int, seq_len: int, names_filter: NamesFilter = 
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TL's notes on gated-off hooks: the real call prints them
                 _, cache = model.run_with_cache(tokens, names_filter=names_filter)
-            seen: set[tuple[int, int]] = set()
-            row = {}
-            for name, value in cache.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                key = (value.untyped_storage().data_ptr(), value.numel())
-                row[name] = 0 if key in seen else value.numel() * value.element_size()
-                seen.add(key)
-            sizes.append(row)
+            sizes.append(_tensor_bytes(cache))
             del cache
     finally:
         model.train(was_training)
@@ -355,5 +372,6 @@ def run_with_cache(model, tokens, *, names_filter: NamesFilter = None, budget: i
     return model.run_with_cache(tokens, names_filter=names_filter, **kwargs)
 
 
-__all__ = ["CacheEstimate", "MemoryUsage", "available_bytes", "budget_bytes", "check_fits", "estimate_cache",
+__all__ = ["CacheEstimate", "MemoryUsage", "available_bytes", "budget_bytes", "cache_nbytes", "check_fits",
+           "estimate_cache",
            "format_bytes", "memory_usage", "parse_bytes", "progress", "run_with_cache", "set_memory_budget"]
