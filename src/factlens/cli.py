@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from factlens.errors import FactlensError
 
 
 def _train_config(args: argparse.Namespace):
@@ -202,10 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a factlens error (bad input, a run that will not fit in memory) prints its message and
     returns 2 instead of a traceback (``FACTLENS_TRACEBACK=1`` shows the traceback)."""
-    import os
-
-    from factlens.errors import FactlensError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

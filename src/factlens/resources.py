@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 import torch
@@ -124,14 +125,25 @@ def available_bytes(device: str | torch.device = "cpu") -> int:
     return _cpu_available()
 
 
-def budget_bytes(device: str | torch.device = "cpu", fraction: float = 0.9) -> int:
-    """What factlens's checks allow on ``device``: the override if set, else ``fraction`` × free memory."""
-    env = os.environ.get("FACTLENS_MEMORY_BUDGET")
+def _user_budget() -> int | None:
+    """The budget set with :func:`set_memory_budget` or ``FACTLENS_MEMORY_BUDGET`` (that order), if any."""
     if _budget_override is not None:
         return _budget_override
-    if env:
-        return parse_bytes(env)
-    return int(fraction * available_bytes(device))
+    env = os.environ.get("FACTLENS_MEMORY_BUDGET")
+    return parse_bytes(env) if env else None
+
+
+def budget_bytes(device: str | torch.device = "cpu", fraction: float = 0.9) -> int:
+    """What factlens's checks allow on ``device``: the override if set, else ``fraction`` × free memory."""
+    return _allowance(device, None, fraction)[0]
+
+
+def _allowance(device, budget: int | str | None, fraction: float) -> tuple[int, str]:
+    """``(bytes allowed, where that figure comes from)`` for the messages of :func:`check_fits`."""
+    chosen = parse_bytes(budget) if budget is not None else _user_budget()
+    if chosen is not None:
+        return chosen, "the budget you set"
+    return int(fraction * available_bytes(device)), f"{fraction:.0%} of the memory free on {torch.device(device)}"
 
 
 @dataclass(frozen=True)
@@ -180,11 +192,11 @@ def memory_usage(device: str | torch.device | None = None) -> MemoryUsage:
     return MemoryUsage(rss, peak)
 
 
-def progress(iterable: Iterable, *, device: str | torch.device | None = None, disable: bool = False, **kwargs):
+def track(iterable: Iterable, *, device: str | torch.device | None = None, disable: bool = False, **kwargs):
     """``tqdm(iterable, **kwargs)`` whose postfix shows the process's memory, updated after every item.
 
     Example:
-        >>> sum(progress(range(3), desc="demo", disable=True))
+        >>> sum(track(range(3), desc="demo", disable=True))
         3
     """
     bar = tqdm(iterable, disable=disable, **kwargs)
@@ -214,16 +226,15 @@ def check_fits(nbytes: int, device: str | torch.device, *, what: str, fixes: Ite
         ...
         factlens.errors.ResourceError: a huge cache needs 909.5 TiB...
     """
-    allowed = parse_bytes(budget) if budget is not None else budget_bytes(device, fraction)
-    if nbytes <= allowed:
-        return
-    source = "the budget you set" if (budget is not None or _budget_override is not None
-                                      or os.environ.get("FACTLENS_MEMORY_BUDGET")) else \
-        f"{fraction:.0%} of the memory free on {torch.device(device)}"
-    tips = "; ".join(fixes)
+    allowed, source = _allowance(device, budget, fraction)
+    if nbytes > allowed:
+        _refuse(nbytes, allowed, source, what, fixes)
+
+
+def _refuse(nbytes: int, allowed: int, source: str, what: str, fixes: Iterable[str]) -> NoReturn:
     raise ResourceError(f"{what} needs {format_bytes(nbytes)}, but {source} is {format_bytes(allowed)}; it would "
-                        f"run out of memory. Fix: {tips}. (Raise the limit with FACTLENS_MEMORY_BUDGET if you "
-                        "know better.)")
+                        f"run out of memory. Fix: {'; '.join(fixes)}. (Raise the limit with FACTLENS_MEMORY_BUDGET "
+                        "if you know better.)")
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -355,23 +366,24 @@ def run_with_cache(model, tokens, *, names_filter: NamesFilter = None, budget: i
     batch, seq_len = tokens.shape[0], tokens.shape[-1]
     est = estimate_cache(model, batch, seq_len, names_filter)
     cache_device = kwargs.get("device") or model.cfg.device
-    allowed = parse_bytes(budget) if budget is not None else budget_bytes(cache_device)
-    fixes = []
-    if names_filter is None:
-        kind, nbytes = est.largest(1)[0]
-        fixes.append(f"pass names_filter to cache only the hooks you need (all {len(est.per_hook)} hooks are "
-                     f"cached now; {kind} alone is {format_bytes(nbytes)})")
-    fits = est.max_batch(allowed)
-    fixes.append(f"use batches of at most {fits} sequences" if fits >= 1 else
-                 f"shorten the sequences (one of {seq_len} tokens needs {format_bytes(est.per_sequence)})")
-    if torch.device(cache_device).type == "cuda":
-        fixes.append("offload the cache to the CPU with device='cpu'")
-    fixes.append("or keep only what you need with pos_slice= (e.g. the last position)")
-    check_fits(est.total, cache_device, what=f"caching {len(est.per_hook)} hooks for {batch} × {seq_len} tokens",
-               fixes=fixes, budget=budget)
+    allowed, source = _allowance(cache_device, budget, 0.9)
+    if est.total > allowed:
+        fixes = []
+        if names_filter is None:
+            kind, nbytes = est.largest(1)[0]
+            fixes.append(f"pass names_filter to cache only the hooks you need (all {len(est.per_hook)} hooks are "
+                         f"cached now; {kind} alone is {format_bytes(nbytes)})")
+        fits = est.max_batch(allowed)
+        fixes.append(f"use batches of at most {fits} sequences" if fits >= 1 else
+                     f"shorten the sequences (one of {seq_len} tokens needs {format_bytes(est.per_sequence)})")
+        if torch.device(cache_device).type == "cuda":
+            fixes.append("offload the cache to the CPU with device='cpu'")
+        fixes.append("or keep only what you need with pos_slice= (e.g. the last position)")
+        _refuse(est.total, allowed, source, f"caching {len(est.per_hook)} hooks for {batch} × {seq_len} tokens",
+                fixes)
     return model.run_with_cache(tokens, names_filter=names_filter, **kwargs)
 
 
 __all__ = ["CacheEstimate", "MemoryUsage", "available_bytes", "budget_bytes", "cache_nbytes", "check_fits",
-           "estimate_cache",
-           "format_bytes", "memory_usage", "parse_bytes", "progress", "run_with_cache", "set_memory_budget"]
+           "estimate_cache", "format_bytes", "memory_usage", "parse_bytes", "run_with_cache", "set_memory_budget",
+           "track"]

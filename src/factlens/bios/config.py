@@ -150,23 +150,24 @@ class TrainConfig:
         return seq_len
 
 
+_TRAINABLE_SAMPLERS = ("uniform", "power_law", "celebrities", "warmup", "sequential")
+
+
 def make_sampler(spec: dict, n: int, batch_size: int) -> _samplers.Sampler:
     """A sampler from a JSON-able spec: ``{"kind": "uniform"}``, ``{"kind": "power_law", "alpha": 0.6}``,
     ``{"kind": "celebrities", "n_celebrities": 4000, "weight": 8}``, ``{"kind": "warmup", "n_warmup": 8000,
-    "epochs": 3}``, ``{"kind": "sequential", "n_groups": 8, "n_repeats": 1, "total_steps": 16000}``."""
+    "epochs": 3}``, ``{"kind": "sequential", "n_groups": 8, "n_repeats": 1, "total_steps": 16000}``.
+
+    Built by :func:`factlens.bios.samplers.make_sampler` over the run's ``n`` people (and ``batch_size``, which
+    the warm-up's epochs are counted in)."""
     spec = dict(spec)
     kind = spec.pop("kind", "uniform")
-    if kind == "uniform":
-        return _samplers.Uniform(n, **spec)
-    if kind == "power_law":
-        return _samplers.PowerLaw(n, **spec)
-    if kind == "celebrities":
-        return _samplers.Celebrities(n, **spec)
+    if kind not in _TRAINABLE_SAMPLERS:
+        raise ConfigError(f"unknown sampler kind {kind!r}; use {', '.join(_TRAINABLE_SAMPLERS[:-1])} or "
+                          f"{_TRAINABLE_SAMPLERS[-1]}.")
     if kind == "warmup":
-        return _samplers.WarmUp(n, batch_size=batch_size, **spec)
-    if kind == "sequential":
-        return _samplers.Sequential(n, **spec)
-    raise ConfigError(f"unknown sampler kind {kind!r}; use uniform, power_law, celebrities, warmup or sequential.")
+        spec["batch_size"] = batch_size
+    return _samplers.make_sampler(kind, n=n, **spec)
 
 
 _OPT_FIELDS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",

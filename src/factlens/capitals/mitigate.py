@@ -58,8 +58,7 @@ from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Positions, add_vector, attend_to_self, intervene, resolve_layers
 from factlens.models import SUPPORTED, family_of
 from factlens.relations import CAPITALS, Relation, RelationDataset
-from factlens.resources import memory_usage
-from factlens.resources import progress as track
+from factlens.resources import memory_usage, track
 
 Intercept = Float[torch.Tensor, " d"] | Float[torch.Tensor, "n d"] | Mapping[str, torch.Tensor]
 METHODS = {"baseline": "baseline", "a": "(a) attend to self", "b": "(b) − intercept", "a+b": "(a) + (b)"}

@@ -65,8 +65,8 @@ from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Intervention, hook, intervene
 from factlens.models import family_of
 from factlens.relations import RelationDataset
-from factlens.resources import progress as track
 from factlens.resources import run_with_cache as guarded_run_with_cache
+from factlens.resources import track
 
 MetricSpec = str | Metric
 

@@ -36,7 +36,7 @@ from factlens.errors import ConfigError, HookDidNotFireError, ModeError, ShapeEr
 from factlens.hooks import Intervention, OnNoEffect, intervene
 from factlens.models import family_of
 from factlens.relations import CAPITALS, Relation, RelationDataset, make_dataset
-from factlens.resources import progress as track
+from factlens.resources import track
 
 LogitDiffVariant = Literal["iw", "n", "iw-n"]
 METRIC_KINDS = ("iw", "n", "iw-n", "prob", "logprob", "logit")

@@ -26,7 +26,7 @@ import torch
 
 from factlens.bios.batches import BiographyBatch, eval_batches
 from factlens.checkpoints import list_checkpoints
-from factlens.resources import progress as track
+from factlens.resources import track
 
 CIRCUITS = ("name_grouping→name", "extraction→name", "extraction→text")
 
