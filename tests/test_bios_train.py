@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -140,9 +141,16 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     out.mkdir()
     script = tmp_path / "ddp_worker.py"
     script.write_text(_DDP.format(tests=str(Path(__file__).parent), out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                    str(script)], check=True, env=env, timeout=300, capture_output=True)
+    # Loopback only, on a port that is free now: no dependence on the host name resolving or on 29500 being idle.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
+                          env=env, timeout=300, capture_output=True, text=True)
+    if proc.returncode:
+        pytest.fail(f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     got = torch.load(out / "params.pt", weights_only=True)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import pytest
 import torch
 
 import factlens
+from factlens import resources
 from factlens.bios.train import PatchConfig, TrainConfig, Trainer, train
 from factlens.resources import (
     CacheEstimate,
@@ -95,10 +97,49 @@ def test_memory_usage_reads_the_process():
     mem = memory_usage()
     assert 0 < mem.rss <= mem.peak_rss * 1.01 + 2**20
     assert set(mem.to_dict()) == {"rss_gib", "peak_rss_gib"}
-    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert memory_usage().peak_rss >= mem.peak_rss
-    assert memory_usage().rss >= mem.rss + 32 * 2**20
-    del big
+    # Fresh anonymous pages, touched: no allocator can hand back memory that was already resident.
+    size = 64 * 2**20
+    with mmap.mmap(-1, size) as fresh:
+        for offset in range(0, size, mmap.PAGESIZE):
+            fresh[offset] = 1
+        after = memory_usage()
+    assert after.peak_rss >= mem.peak_rss
+    assert after.rss >= mem.rss + 32 * 2**20
+
+
+def _fake_cgroup(tmp_path, monkeypatch, levels: dict[str, dict[str, str]], proc_line: str):
+    """A cgroup tree under ``tmp_path`` (v1 layout when ``proc_line`` names the memory controller)."""
+    v1 = ":memory:" in proc_line
+    root = tmp_path / ("memory" if v1 else "unified")
+    for rel, files in levels.items():
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (root / rel / name).write_text(text)
+    layout = resources._CGROUP_LAYOUTS["v1" if v1 else "v2"]
+    monkeypatch.setitem(resources._CGROUP_LAYOUTS, "v1" if v1 else "v2", ((str(root),), *layout[1:]))
+    (tmp_path / "cgroup").write_text(proc_line + "\n")
+    return tmp_path / "cgroup"
+
+
+def test_cgroup_counts_page_cache_as_free(tmp_path, monkeypatch):
+    gib = 2**30
+    proc = _fake_cgroup(tmp_path, monkeypatch, {"job": {
+        "memory.max": str(4 * gib), "memory.current": str(4 * gib - 10),
+        "memory.stat": f"anon {gib}\nfile {3 * gib}\ninactive_file {2 * gib}\nactive_file {gib - 10}\n"}},
+        "0::/job")
+    assert resources._cgroup_available(proc) == 3 * gib  # 4 GiB limit − 1 GiB that cannot be reclaimed
+
+
+def test_cgroup_parent_limit_binds_and_unlimited_is_none(tmp_path, monkeypatch):
+    gib = 2**30
+    levels = {"outer": {"memory.limit_in_bytes": str(2 * gib), "memory.usage_in_bytes": str(gib // 2),
+                        "memory.stat": "total_inactive_file 0\ntotal_active_file 0\n"},
+              "outer/inner": {"memory.limit_in_bytes": str(2**63 - 4096), "memory.usage_in_bytes": str(gib // 4)}}
+    proc = _fake_cgroup(tmp_path, monkeypatch, levels, "4:memory:/outer/inner")
+    assert resources._cgroup_available(proc) == 2 * gib - gib // 2
+    v2 = _fake_cgroup(tmp_path / "v2", monkeypatch, {"job": {"memory.max": "max", "memory.current": "5"}}, "0::/job")
+    assert resources._cgroup_available(v2) is None
+    assert resources._cgroup_available(tmp_path / "missing") is None
 
 
 def test_cache_estimate_summaries():

@@ -13,8 +13,8 @@ naming the numbers and the fix (a smaller batch, ``names_filter``, offloading th
 - :func:`memory_usage` reads the process's resident and peak memory (and CUDA's); long loops show it in
   their progress bars and training writes it to ``metrics.jsonl``.
 
-The budget is the memory free on the device (``MemAvailable`` and the cgroup limit on the CPU,
-``cudaMemGetInfo`` plus the caching allocator's free blocks on a GPU), times a safety ``fraction``; set
+The budget is the memory free on the device (``MemAvailable`` and the cgroup limits, page cache counted as
+free, on the CPU; ``cudaMemGetInfo`` plus the caching allocator's free blocks on a GPU), times a safety ``fraction``; set
 ``FACTLENS_MEMORY_BUDGET`` (e.g. ``8GiB``) or :func:`set_memory_budget` to impose a smaller one.
 
 Example:
@@ -93,6 +93,55 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        pairs = (line.split() for line in path.read_text().splitlines())
+        return {k: int(v) for k, v, *_ in pairs if v.isdigit()}
+    except (OSError, ValueError):
+        return {}
+
+
+# (mount root, limit file, usage file, reclaimable page-cache counters in memory.stat) for cgroup v2, then v1
+_CGROUP_LAYOUTS = {
+    "v2": (("/sys/fs/cgroup", "/sys/fs/cgroup/unified"), "memory.max", "memory.current",
+           ("inactive_file", "active_file")),
+    "v1": (("/sys/fs/cgroup/memory",), "memory.limit_in_bytes", "memory.usage_in_bytes",
+           ("total_inactive_file", "total_active_file")),
+}
+
+
+def _cgroup_available(proc_cgroup: str | Path = "/proc/self/cgroup") -> int | None:
+    """Bytes this process's memory cgroups still allow, or ``None`` when no limit applies.
+
+    Every level from the process's own cgroup up to the mount root is checked (a parent's limit binds its
+    children), and page cache is counted as free: a cgroup's usage includes the file cache (after a
+    ``pip install`` it can fill the limit), which the kernel reclaims before it OOM-kills anyone.
+    """
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, rel = [*line.split(":", 2), "", ""][:3]
+        kind = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+        if kind is None:
+            continue
+        roots, limit_name, usage_name, reclaimable = _CGROUP_LAYOUTS[kind]
+        for root in map(Path, roots):
+            here = root / rel.strip("/")
+            for level in (here, *here.parents):
+                if root not in (level, *level.parents):
+                    break
+                limit, usage = _read_int(str(level / limit_name)), _read_int(str(level / usage_name))
+                if limit is None or usage is None or limit >= 2**60:
+                    continue
+                stat = _stat(level / "memory.stat")
+                used = max(0, usage - sum(stat.get(k, 0) for k in reclaimable))
+                best = max(0, limit - used) if best is None else min(best, max(0, limit - used))
+    return best
+
+
 def _cpu_available() -> int:
     avail = None
     try:
@@ -107,13 +156,8 @@ def _cpu_available() -> int:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             avail = 2**62  # unknown: do not block
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 2**60:
-            avail = min(avail, max(0, limit - usage))
-    return avail
+    cgroup = _cgroup_available()
+    return avail if cgroup is None else min(avail, cgroup)
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
