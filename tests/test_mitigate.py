@@ -97,7 +97,8 @@ def test_all_ones_intercept_changes_nothing_and_warns(model, tokens):
 def test_generate_under_mitigation(model):
     tokens = model.to_tokens("The capital of France is", prepend_bos=False)
     c = fit_intercept(model, dataset_for(model, n=30))
-    with mitigate(model, intercept=c, attention=True) as run:
+    assert factlens.mitigate is mitigate  # the spelling: factlens.mitigate(model, intercept=c)
+    with factlens.mitigate(model, intercept=c) as run:
         out = model.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False)
     assert out.shape == (1, tokens.shape[1] + 3)
     assert all(r.calls >= 3 for r in run.records.values())

@@ -16,9 +16,12 @@ Example:
     >>> tokens = model.to_tokens("The capital of France is", prepend_bos=False)
     >>> with factlens.intervene(model, factlens.attend_to_self(model)) as run:
     ...     logits = model(tokens)
+    >>> with factlens.mitigate(model):                  # Lv et al.'s fix (a): the last layer attends to itself
+    ...     logits = model(tokens)
 """
 
 from factlens import capitals
+from factlens.capitals.mitigate import mitigate
 from factlens.errors import (
     ArchitectureMismatchError,
     CheckpointError,
@@ -76,6 +79,7 @@ __all__ = [
     "intervene",
     "load",
     "memory_usage",
+    "mitigate",
     "patch_pattern",
     "prepare",
     "resolve",
