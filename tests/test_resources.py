@@ -21,6 +21,7 @@ from factlens.resources import (
     memory_usage,
     parse_bytes,
     run_with_cache,
+    saved_tensor_bytes,
     set_memory_budget,
 )
 
@@ -159,6 +160,38 @@ def test_trainer_refuses_a_run_that_cannot_fit_and_names_the_parts():
     finally:
         set_memory_budget(None)
     assert "weights + gradients + AdamW" in str(info.value) and "logits" in str(info.value)
+    assert "activations saved for backward" in str(info.value)
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_skips_parameters():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.ones(4, 8, requires_grad=True)
+
+    def twice():
+        h = layer(x)  # saves x (128 B) and the weight (a parameter: skipped)
+        return h * h  # saves h twice: one storage, 128 B
+
+    assert saved_tensor_bytes(twice, exclude=layer.parameters()) == 128 + 128
+    assert saved_tensor_bytes(twice) == 128 + 128 + 8 * 8 * 4
+    with torch.no_grad():
+        assert saved_tensor_bytes(twice) == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_trainer_predicts_saved_activations(tmp_path, arch):
+    trainer = Trainer(TrainConfig.preset("tiny", arch=arch), tmp_path, progress=False)
+    rng = torch.get_rng_state()
+    one, two = trainer._measure_saved_bytes(1), trainer._measure_saved_bytes(2)
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe leaves the training run's randomness alone
+    assert trainer.raw_model.training
+    for batch in (8, 32):
+        measured = trainer._measure_saved_bytes(batch)
+        predicted = one + (two - one) * (batch - 1)
+        assert measured <= predicted <= measured * 1.001
+    est = trainer.memory_estimate()
+    assert est["activations saved for backward"] == one + (two - one) * (trainer.config.batch_size - 1)
+    # the activations dominate the weights even at this size: a check without them would miss most of the run
+    assert est["activations saved for backward"] > est["weights + gradients + AdamW"]
 
 
 def test_trainer_estimate_counts_reference_patterns(tmp_path):
@@ -167,7 +200,7 @@ def test_trainer_estimate_counts_reference_patterns(tmp_path):
     est = trainer.memory_estimate()
     n_params = sum(p.numel() for p in trainer.raw_model.parameters())
     assert est["weights + gradients + AdamW"] == 16 * n_params
-    assert est["logits (and their gradient)"] == 8 * cfg.batch_size * trainer.seq_len * trainer.vocab.size
+    assert est["logits (copies and gradients in the loss)"] == 16 * cfg.batch_size * trainer.seq_len * trainer.vocab.size
     assert "reference patterns" not in est
     train(cfg, tmp_path / "ref", progress=False)
     patched = TrainConfig.preset("tiny", steps=2, patch=PatchConfig(str(tmp_path / "ref"), reference_step=2))

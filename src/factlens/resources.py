@@ -281,6 +281,41 @@ def _refuse(nbytes: int, allowed: int, source: str, what: str, fixes: Iterable[s
                         "if you know better.)")
 
 
+# --------------------------------------------------------------------------------------------- activations
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes autograd keeps for the backward pass of ``fn()``: every tensor saved for backward while it runs,
+    a storage saved several times counted once, the storages of ``exclude`` (the parameters) not counted.
+
+    This is what a training step holds at the end of its forward pass, beyond weights, gradients and
+    optimiser state; the graph is freed when the call returns.
+
+    Example:
+        >>> layer = torch.nn.Linear(8, 8)
+        >>> saved_tensor_bytes(lambda: torch.relu(layer(torch.ones(4, 8))), exclude=layer.parameters())
+        256
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in skip and key not in seen:
+            seen.add(key)
+            total += nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out  # the graph, and everything it saved, goes here
+    return total
+
+
 # ------------------------------------------------------------------------------------------------ the cache
 @dataclass
 class CacheEstimate:
@@ -429,5 +464,5 @@ def run_with_cache(model, tokens, *, names_filter: NamesFilter = None, budget: i
 
 
 __all__ = ["CacheEstimate", "MemoryUsage", "available_bytes", "budget_bytes", "cache_nbytes", "check_fits",
-           "estimate_cache", "format_bytes", "memory_usage", "parse_bytes", "run_with_cache", "set_memory_budget",
-           "track"]
+           "estimate_cache", "format_bytes", "memory_usage", "parse_bytes", "run_with_cache", "saved_tensor_bytes",
+           "set_memory_budget", "track"]
