@@ -85,7 +85,7 @@ def set_memory_budget(budget: int | str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- readings
-def _read_int(path: str) -> int | None:
+def _read_int(path: str | Path) -> int | None:
     try:
         text = Path(path).read_text().strip()
     except OSError:
@@ -121,7 +121,7 @@ def _cgroup_available(proc_cgroup: str | Path = "/proc/self/cgroup") -> int | No
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
         return None
-    best = None
+    allowed = []
     for line in lines:
         _, controllers, rel = [*line.split(":", 2), "", ""][:3]
         kind = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
@@ -133,13 +133,11 @@ def _cgroup_available(proc_cgroup: str | Path = "/proc/self/cgroup") -> int | No
             for level in (here, *here.parents):
                 if root not in (level, *level.parents):
                     break
-                limit, usage = _read_int(str(level / limit_name)), _read_int(str(level / usage_name))
-                if limit is None or usage is None or limit >= 2**60:
-                    continue
-                stat = _stat(level / "memory.stat")
-                used = max(0, usage - sum(stat.get(k, 0) for k in reclaimable))
-                best = max(0, limit - used) if best is None else min(best, max(0, limit - used))
-    return best
+                limit, usage = _read_int(level / limit_name), _read_int(level / usage_name)
+                if limit is not None and usage is not None and limit < 2**60:
+                    stat = _stat(level / "memory.stat")
+                    allowed.append(max(0, limit - max(0, usage - sum(stat.get(k, 0) for k in reclaimable))))
+    return min(allowed, default=None)
 
 
 def _cpu_available() -> int:

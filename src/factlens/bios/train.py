@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -75,6 +74,12 @@ class _PaddingNoticeFilter(logging.Filter):
 
 for _name in ("transformers.modeling_utils", "transformers.utils.generic"):
     logging.getLogger(_name).addFilter(_PaddingNoticeFilter())
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy: ``logits`` [b, p, v], ``targets`` [b, p-1] (-100 = padding)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=-100, reduction="sum")
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
@@ -154,7 +159,7 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.model) if config.compile else self.model
-        self._saved_bytes: tuple[int, int] | None = None
+        self._saved_bytes = (self._measure_saved_bytes(1), self._measure_saved_bytes(2))  # before any patching
         self.check_memory()
 
     # ------------------------------------------------------------------------------ memory
@@ -171,8 +176,6 @@ class Trainer:
         cfg = self.config
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         b, t = cfg.batch_size // self.world, self.seq_len
-        if self._saved_bytes is None:
-            self._saved_bytes = tuple(self._measure_saved_bytes(n) for n in (1, 2))
         one, two = self._saved_bytes
         est = {"weights + gradients + AdamW": 16 * n_params,
                "activations saved for backward": one + (two - one) * (b - 1),
@@ -186,19 +189,15 @@ class Trainer:
         return est
 
     def _measure_saved_bytes(self, batch: int) -> int:
-        """What the (unpatched, eager) training forward on ``batch`` sequences saves for backward; RNG untouched."""
+        """What the training forward and loss (unpatched, eager) save for backward on ``batch`` sequences; the
+        RNG is forked, so the run's randomness is untouched."""
         tokens = torch.zeros(batch, self.seq_len, dtype=torch.long, device=self.device)
-
-        def loss() -> torch.Tensor:
-            with self.amp or contextlib.nullcontext():
-                logits = self.raw_model(tokens).logits  # [batch, seq, vocab]
-            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-
         was_training = self.raw_model.training
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self.raw_model.train()  # dropout masks are saved too
             try:
-                return saved_tensor_bytes(loss, exclude=self.raw_model.parameters())
+                return saved_tensor_bytes(lambda: _loss_sum(self._logits(tokens, self.raw_model), tokens[:, 1:]),
+                                          exclude=self.raw_model.parameters())
             finally:
                 self.raw_model.train(was_training)
 
@@ -266,8 +265,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(step, self.config.steps, self.config.lr, self.config.min_lr)
         logits = self._logits(batch.tokens)  # [b, p, v]
-        loss_sum = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        loss_sum = _loss_sum(logits, targets)
         (loss_sum * self.world / n_global).backward()  # DDP averages over ranks: global token mean
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
