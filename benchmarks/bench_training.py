@@ -6,7 +6,7 @@ CUDA), one optimizer step = forward + backward + update. Timings are interleaved
 ratios are measured side by side in one run.
 
 - ``hf_sdpa``: stock ``GPT2LMHeadModel`` with transformers' ``sdpa`` attention (the anchor);
-- ``factlens``: :class:`factlens.bios.train.Trainer.train_step` (factlens attention: SDPA when unpatched);
+- ``factlens``: :class:`factlens.bios.trainer.Trainer.train_step` (factlens attention: SDPA when unpatched);
 - ``factlens_patched``: the same step with every layer's pattern patched from a frozen reference model;
 - ``tl_bridge``: the same model wrapped in a TransformerLens bridge (eager attention, forced by TL).
 
@@ -27,8 +27,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import factlens
-from factlens.bios.train import MODEL_PRESETS, TrainConfig, Trainer
-from factlens.patching.training import AttentionPatcher
+from factlens.attention_patcher import AttentionPatcher
+from factlens.bios.trainer import MODEL_PRESETS, TrainConfig, Trainer
 
 
 def sync(device: torch.device) -> None:

@@ -19,7 +19,7 @@ import time
 
 _CHILD = """
 import json, sys, tempfile, time, torch
-from factlens.bios.train import Trainer, TrainConfig
+from factlens.bios.trainer import Trainer, TrainConfig
 from factlens.resources import memory_usage
 name, device = sys.argv[1], sys.argv[2]
 with tempfile.TemporaryDirectory() as out:

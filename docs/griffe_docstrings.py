@@ -26,7 +26,7 @@ _EXPLICIT = re.compile(r"^(?P<title>.*?)\s*<(?P<target>[^<>]+)>$")
 
 def _canonical(pkg: griffe.Module, path: str) -> str:
     """``path`` with re-exports followed to where the object is defined (``factlens.bios.Population`` ->
-    ``factlens.bios.population.Population``), so the link lands on the rendered definition."""
+    ``factlens.bios.data.population.Population``), so the link lands on the rendered definition."""
     head, _, rest = path.partition(".")
     if head != pkg.name or not rest:
         return path

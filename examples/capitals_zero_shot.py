@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 TINY = os.environ.get("FACTLENS_TINY", "0") not in ("", "0", "false", "False")
-OUT = Path("out/examples/capitals_zero_shot")
+OUT = Path(os.environ.get("FACTLENS_OUT", "out/examples")) / "capitals_zero_shot"
 OUT.mkdir(parents=True, exist_ok=True)
 SHOTS = [0] if TINY else [0, 1, 2]
 FOLDS = 3 if TINY else 5

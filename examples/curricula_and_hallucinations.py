@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 TINY = os.environ.get("FACTLENS_TINY", "0") not in ("", "0", "false", "False")
-OUT = Path("out/examples/curricula_and_hallucinations")
+OUT = Path(os.environ.get("FACTLENS_OUT", "out/examples")) / "curricula_and_hallucinations"
 OUT.mkdir(parents=True, exist_ok=True)
 
 # %%
@@ -38,7 +38,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from factlens.bios.train import TrainConfig, make_sampler, train
+from factlens.bios import TrainConfig, make_sampler, train
 
 base = TrainConfig.preset("tiny", steps=30, checkpoint_every=10) if TINY else TrainConfig.preset("demo")
 n, steps, bs = base.n_people, base.steps, base.batch_size
@@ -51,7 +51,7 @@ SAMPLERS = {
     "warm-up": {"kind": "warmup", "n_warmup": max(1, n // 8), "epochs": 0.1 * steps * bs / n},
 }
 for name, spec in SAMPLERS.items():
-    print(f"{name:18s} {make_sampler(spec, n, bs).describe()}")
+    print(f"{name:18s} {make_sampler(spec, n=n, batch_size=bs).describe()}")
 RUNS = OUT / "runs"
 shutil.rmtree(RUNS, ignore_errors=True)  # start from scratch (train() would otherwise resume)
 

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 TINY = os.environ.get("FACTLENS_TINY", "0") not in ("", "0", "false", "False")
-OUT = Path("out/examples/patch_attention_into_training")
+OUT = Path(os.environ.get("FACTLENS_OUT", "out/examples")) / "patch_attention_into_training"
 OUT.mkdir(parents=True, exist_ok=True)
 
 # %%
@@ -35,10 +35,10 @@ import shutil
 
 import plotly.graph_objects as go
 
+from factlens.bios import PatchConfig, TrainConfig, train
 from factlens.bios.history import TrainingHistory
-from factlens.bios.train import PatchConfig, TrainConfig, train
 from factlens.checkpoints import list_checkpoints
-from factlens.patching.attention_to_name import attention_to_name
+from factlens.patching.circuits import attention_to_name
 
 if TINY:
     config = TrainConfig.preset("tiny", steps=40, checkpoint_every=10, n_people=64)

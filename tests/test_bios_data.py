@@ -35,8 +35,8 @@ from factlens.bios import (
     no_knowledge_baseline,
     pool_size,
 )
-from factlens.bios.pools import DATA_DIR, PAPER_SIZES
-from factlens.bios.templates import check_templates, render_template, template_parts
+from factlens.bios.data.pools import DATA_DIR, PAPER_SIZES
+from factlens.bios.data.templates import check_templates, render_template, template_parts
 from factlens.errors import CheckpointError, ConfigError
 
 SEQ_LEN = 128

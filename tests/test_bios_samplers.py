@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from factlens.bios.samplers import (
+from factlens.bios.data.samplers import (
     Celebrities,
     PowerLaw,
     Replay,

@@ -1,4 +1,4 @@
-"""Tests for factlens.decompose: the pooled-β / vector-intercept regression and vocabulary projection."""
+"""Tests for factlens.recall.decompose: the pooled-β / vector-intercept regression and vocabulary projection."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 
-from factlens.decompose import (
+from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
+from factlens.recall.decompose import (
     Decomposition,
     fit_decomposition,
     fit_per_group,
     head_names,
     project_to_vocab,
 )
-from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
 from factlens.tokenizers import gpt2_tokenizer
 
 

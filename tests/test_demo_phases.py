@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from factlens.bios.train import TrainConfig, train
+from factlens.bios.trainer import TrainConfig, train
 
 
 def phases(history) -> dict:

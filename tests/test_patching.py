@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import factlens
-from factlens.bios.analysis import load_bridge
-from factlens.bios.train import PatchConfig, Trainer, train
+from factlens.attention_patcher import AttentionPatcher
+from factlens.bios.runs import load_bridge
+from factlens.bios.trainer import PatchConfig, Trainer, train
 from factlens.checkpoints import load_checkpoint
-from factlens.patching.attention_to_name import attention_to_name
+from factlens.patching.circuits import attention_to_name
 from factlens.patching.references import Reference, patched_forward
-from factlens.patching.training import AttentionPatcher
 from test_bios_train import tiny_config, train_losses
 
 

@@ -1,4 +1,4 @@
-"""Tests for factlens.relations: prompts, tokenization conventions, named positions, errors."""
+"""Tests for factlens.recall.relations: prompts, tokenization conventions, named positions, errors."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from factlens.errors import ConfigError, EmptyDatasetError, TokenizationError
-from factlens.relations import (
+from factlens.recall.datasets import make_dataset, make_prompt_dataset
+from factlens.recall.relations import (
     CAPITAL_LEAD_INS,
     CAPITALS,
     CAPITALS_APPENDIX,
-    make_dataset,
-    make_prompt_dataset,
     make_relation,
     with_lead_in,
 )

@@ -10,7 +10,7 @@ import torch
 
 import factlens
 from factlens import resources
-from factlens.bios.train import PatchConfig, TrainConfig, Trainer, train
+from factlens.bios.trainer import PatchConfig, TrainConfig, Trainer, train
 from factlens.resources import (
     CacheEstimate,
     budget_bytes,

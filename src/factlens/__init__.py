@@ -7,8 +7,8 @@ twins of them):
   knowledge metrics, and attention-pattern patching from reference checkpoints into a fresh run
   (:mod:`factlens.bios`, :mod:`factlens.patching`).
 - Lv et al. 2024, *Interpreting key mechanisms of factual recall*: the country→capital analysis, MLP-output
-  decomposition and the final-layer anti-overconfidence mitigations (:mod:`factlens.relations`,
-  :mod:`factlens.decompose`, :mod:`factlens.capitals`).
+  decomposition and the final-layer anti-overconfidence mitigations (:mod:`factlens.recall.relations`,
+  :mod:`factlens.recall.decompose`, :mod:`factlens.capitals`).
 
 Example:
     >>> import factlens
@@ -20,8 +20,8 @@ Example:
     ...     logits = model(tokens)
 """
 
-from factlens import capitals
-from factlens.capitals.mitigate import mitigate
+import importlib
+
 from factlens.errors import (
     ArchitectureMismatchError,
     CheckpointError,
@@ -52,6 +52,32 @@ from factlens.resources import memory_usage, run_with_cache
 
 __version__ = "0.1.0"
 
+# Paper packages and heavy modules, imported on first attribute access (PEP 562) so that `import factlens`
+# stays light: name -> (module, attribute or None for the module itself).
+_LAZY = {
+    "bios": ("factlens.bios", None),
+    "capitals": ("factlens.capitals", None),
+    "patching": ("factlens.patching", None),
+    "plot": ("factlens.plot", None),
+    "recall": ("factlens.recall", None),
+    "testbeds": ("factlens.testbeds", None),
+    "mitigate": ("factlens.recall.mitigate", "mitigate"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'factlens' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 __all__ = [
     "SUPPORTED",
     "ArchitectureMismatchError",
@@ -70,6 +96,7 @@ __all__ = [
     "UnknownModelError",
     "add_vector",
     "attend_to_self",
+    "bios",
     "bridge_from_hf",
     "build_hf",
     "capitals",
@@ -81,9 +108,13 @@ __all__ = [
     "memory_usage",
     "mitigate",
     "patch_pattern",
+    "patching",
+    "plot",
     "prepare",
+    "recall",
     "resolve",
     "run_with_cache",
     "run_with_interventions",
+    "testbeds",
     "tiny",
 ]

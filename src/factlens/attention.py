@@ -36,12 +36,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 ATTN_IMPL = "factlens"
 _EDIT_ATTR = "_factlens_edit"
@@ -122,9 +126,9 @@ def explicit_attention(
 
 def factlens_attention(
     module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    query: Float[torch.Tensor, "batch head q d_head"],
+    key: Float[torch.Tensor, "batch head k d_head"],
+    value: Float[torch.Tensor, "batch head k d_head"],
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
@@ -180,7 +184,7 @@ def use_factlens_attention(hf_model: torch.nn.Module) -> None:
             getattr(config, sub)._attn_implementation = ATTN_IMPL
 
 
-def install_bridge_hooks(bridge) -> int:
+def install_bridge_hooks(bridge: TransformerBridge) -> int:
     """Make TL's ``hook_pattern``/``hook_attn_scores`` take effect on a bridge whose attention calls HF.
 
     For every block whose attention bridge delegates to an HF module (OPT's plain ``AttentionBridge``),

@@ -32,12 +32,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from factlens.errors import ArchitectureMismatchError, CheckpointError
+from factlens.models import from_config, unwrap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
@@ -82,7 +86,7 @@ def check_same_architecture(a: dict, b: dict, what: str = "reference checkpoint"
         )
 
 
-def save_checkpoint(root: str | Path, model, *, step: int, config: dict | None = None, optimizer=None,
+def save_checkpoint(root: str | Path, model: PreTrainedModel, *, step: int, config: dict | None = None, optimizer=None,
                     scheduler=None, data_seed: int | None = None, extra: dict | None = None) -> Path:
     """Write a checkpoint of an HF model atomically; returns its directory."""
     root = Path(root)
@@ -90,7 +94,7 @@ def save_checkpoint(root: str | Path, model, *, step: int, config: dict | None =
     final = step_dir(root, step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
         state = _untie(state)
         save_file(state, str(tmp / MODEL_FILE))
         files = [MODEL_FILE]
@@ -102,7 +106,7 @@ def save_checkpoint(root: str | Path, model, *, step: int, config: dict | None =
             files.append(STATE_FILE)
         manifest = {
             "format": FORMAT_VERSION, "step": step, "data_seed": data_seed, "config": config or {},
-            "architecture": architecture(_unwrap(model).config), "hf_config": _unwrap(model).config.to_dict(),
+            "architecture": architecture(unwrap(model).config), "hf_config": unwrap(model).config.to_dict(),
             "extra": extra or {}, "sha256": {f: _sha256(tmp / f) for f in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -115,11 +119,6 @@ def save_checkpoint(root: str | Path, model, *, step: int, config: dict | None =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,16 +160,14 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu"):
         """An HF model (on factlens attention) with this checkpoint's weights."""
-        from factlens.models import from_config
-
         model = from_config(self.manifest["hf_config"])
         load_state(model, self.state, self.path)
         return model.to(device)
 
 
-def load_state(model, state: dict[str, torch.Tensor], where: Path | str = "checkpoint") -> None:
+def load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: Path | str = "checkpoint") -> None:
     """Load a state dict strictly, turning key/shape mismatches into clear factlens errors."""
-    target = _unwrap(model)
+    target = unwrap(model)
     own = target.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -236,16 +233,3 @@ def latest_checkpoint(root: str | Path, *, with_training_state: bool = True) -> 
         if not with_training_state or (path / STATE_FILE).exists():
             return path
     return None
-
-
-def paper_schedule(total_steps: int, dense_until: int = 2000, dense_every: int = 125, n_spread: int = 32) -> list[int]:
-    """Zucchet et al.'s checkpoint steps: every 125 steps up to 2k, plus 32 evenly spread, plus the last.
-
-    Example:
-        >>> paper_schedule(16000)[:3], paper_schedule(16000)[-1]
-        ([0, 125, 250], 16000)
-    """
-    steps = set(range(0, min(dense_until, total_steps) + 1, dense_every))
-    steps |= {round(total_steps * i / n_spread) for i in range(1, n_spread + 1)}
-    steps.add(total_steps)
-    return sorted(s for s in steps if 0 <= s <= total_steps)

@@ -31,18 +31,28 @@ import difflib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
-from transformer_lens.utilities import get_act_name
 
 from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError, ShapeError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 OnNoEffect = Literal["raise", "warn", "ignore"]
 CHANGE_RTOL, CHANGE_ATOL = 1e-5, 1e-6  # a hook "changed" its tensor where torch.isclose(new, old) fails
 Positions = int | Sequence[int] | Int[torch.Tensor, " batch"] | None
 
+
+
+def act_name(kind: str, layer: int | None = None) -> str:
+    """TransformerLens's hook name for ``kind`` at ``layer`` (``transformer_lens.utilities.get_act_name``,
+    imported on first use so that ``import factlens`` does not load TransformerLens)."""
+    from transformer_lens.utilities import get_act_name
+
+    return get_act_name(kind, layer)
 
 @dataclass
 class HookRecord:
@@ -120,7 +130,7 @@ class Intervention:
 
 
 # ----------------------------------------------------------------------------------------------- indices
-def resolve_layers(model, layers: int | Sequence[int] | None) -> list[int]:
+def resolve_layers(model: TransformerBridge, layers: int | Sequence[int] | None) -> list[int]:
     """Layer indices (negative counts from the end); ``None`` = all. Raises ConfigError when out of range."""
     n = model.cfg.n_layers
     if layers is None:
@@ -134,7 +144,7 @@ def resolve_layers(model, layers: int | Sequence[int] | None) -> list[int]:
     return out
 
 
-def resolve_heads(model, heads: int | Sequence[int] | None) -> list[int] | None:
+def resolve_heads(model: TransformerBridge, heads: int | Sequence[int] | None) -> list[int] | None:
     """Head indices; ``None`` = all heads (returned as None). Raises ConfigError when out of range."""
     if heads is None:
         return None
@@ -199,7 +209,7 @@ def _check_pattern(src: torch.Tensor, target: torch.Tensor, where: str) -> None:
                          f"[{row_sums.min():.3f}, {row_sums.max():.3f}]. Pass hook_pattern, not hook_attn_scores.")
 
 
-def patch_pattern(model, source: PatternSource, *, layers: int | Sequence[int] | None = None,
+def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: int | Sequence[int] | None = None,
                   heads: int | Sequence[int] | None = None, positions: Positions = None,
                   detach: bool = True) -> Intervention:
     """Replace the post-softmax attention pattern (``hook_pattern``) of chosen layers/heads/query positions.
@@ -215,6 +225,9 @@ def patch_pattern(model, source: PatternSource, *, layers: int | Sequence[int] |
         detach: patch in ``source.detach()`` so no gradient flows into the source (stop-gradient).
 
     Example:
+        >>> import torch, factlens
+        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> tokens = model.to_tokens("The capital of France is")
         >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
         >>> edit = patch_pattern(model, cache)       # every layer, every head
     """
@@ -225,7 +238,7 @@ def patch_pattern(model, source: PatternSource, *, layers: int | Sequence[int] |
         iv.identity = True
         return iv
     for layer in layer_ids:
-        name = get_act_name("pattern", layer)
+        name = act_name("pattern", layer)
 
         def fn(pattern: torch.Tensor, hook, layer=layer, name=name) -> torch.Tensor:
             if callable(source) and not isinstance(source, (torch.Tensor, Mapping)):
@@ -250,7 +263,7 @@ def patch_pattern(model, source: PatternSource, *, layers: int | Sequence[int] |
     return iv
 
 
-def edit_scores(model, fn: Callable[[torch.Tensor, int], torch.Tensor], *,
+def edit_scores(model: TransformerBridge, fn: Callable[[torch.Tensor, int], torch.Tensor], *,
                 layers: int | Sequence[int] | None = None, description: str = "edit_scores") -> Intervention:
     """Edit the pre-softmax, post-mask attention scores (``hook_attn_scores``) with ``fn(scores, layer)``.
 
@@ -258,11 +271,11 @@ def edit_scores(model, fn: Callable[[torch.Tensor, int], torch.Tensor], *,
     """
     iv = Intervention(description)
     for layer in resolve_layers(model, layers):
-        iv.add(get_act_name("attn_scores", layer), lambda s, hook, layer=layer: fn(s, layer))
+        iv.add(act_name("attn_scores", layer), lambda s, hook, layer=layer: fn(s, layer))
     return iv
 
 
-def attend_to_self(model, *, layers: int | Sequence[int] | None = -1, positions: Positions = -1,
+def attend_to_self(model: TransformerBridge, *, layers: int | Sequence[int] | None = -1, positions: Positions = -1,
                    heads: int | Sequence[int] | None = None) -> Intervention:
     """Lv et al.'s mitigation (a): at the chosen query positions, chosen heads attend only to themselves.
 
@@ -273,6 +286,10 @@ def attend_to_self(model, *, layers: int | Sequence[int] | None = -1, positions:
         heads: heads to restrict (default all; ``[]`` = identity).
 
     Example:
+        >>> import torch, factlens
+        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> from factlens.recall.datasets import dataset_for
+        >>> dataset = dataset_for(model)
         >>> edit = attend_to_self(model, layers=-1, positions=dataset.end)
     """
     head_ids = resolve_heads(model, heads)
@@ -293,7 +310,7 @@ def attend_to_self(model, *, layers: int | Sequence[int] | None = -1, positions:
                        description=f"attend_to_self(layers={layer_ids}, heads={head_ids or 'all'})")
 
 
-def add_vector(model, vector: Float[torch.Tensor, "... d_model"], *, hook_name: str | None = None,
+def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_model"], *, hook_name: str | None = None,
                layer: int = -1, component: str = "mlp_out", positions: Positions = None,
                coeff: float = 1.0) -> Intervention:
     """Add ``coeff * vector`` to a residual-stream or component output at chosen positions.
@@ -305,10 +322,15 @@ def add_vector(model, vector: Float[torch.Tensor, "... d_model"], *, hook_name: 
         coeff: scale; ``-1`` subtracts (Lv et al.'s mitigation (b) subtracts the final MLP's intercept).
 
     Example:
+        >>> import torch, factlens
+        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> from factlens.recall.datasets import dataset_for
+        >>> dataset = dataset_for(model)
+        >>> intercept = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
         >>> edit = add_vector(model, -intercept, layer=-1, component="mlp_out", positions=dataset.end)
     """
     if hook_name is None:
-        hook_name = get_act_name(component, resolve_layers(model, layer)[0])
+        hook_name = act_name(component, resolve_layers(model, layer)[0])
     if not torch.isfinite(vector).all():
         raise ShapeError("add_vector: the vector contains NaN or inf.")
     if vector.shape[-1] != model.cfg.d_model:
@@ -369,13 +391,16 @@ def _check_names(model, interventions: Sequence[Intervention]) -> None:
 
 
 @contextlib.contextmanager
-def intervene(model, *interventions: Intervention, on_no_effect: OnNoEffect = "raise") -> Iterator[InterventionRun]:
+def intervene(model: TransformerBridge, *interventions: Intervention, on_no_effect: OnNoEffect = "raise") -> Iterator[InterventionRun]:
     """Install interventions for the duration of the block, then prove they took effect.
 
     Raises at the end of the block (see the module docstring). Works in eval and train mode; hook
     outputs stay in the autograd graph.
 
     Example:
+        >>> import torch, factlens
+        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> tokens = model.to_tokens("The capital of France is")
         >>> with intervene(model, attend_to_self(model)) as run:
         ...     logits = model(tokens)
     """
@@ -406,7 +431,7 @@ def intervene(model, *interventions: Intervention, on_no_effect: OnNoEffect = "r
         iv.verify(on_no_effect)
 
 
-def run_with_interventions(model, tokens, *interventions: Intervention, on_no_effect: OnNoEffect = "raise",
+def run_with_interventions(model: TransformerBridge, tokens, *interventions: Intervention, on_no_effect: OnNoEffect = "raise",
                            **forward_kwargs):
     """``model(tokens, **forward_kwargs)`` under :func:`intervene`; returns the model's output."""
     with intervene(model, *interventions, on_no_effect=on_no_effect):

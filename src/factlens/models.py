@@ -11,7 +11,7 @@ must be applied once only, and changes what the parameters mean, so **training n
 biography trainer trains plain HF models (:func:`build_hf`) and wraps copies with :func:`bridge_from_hf`
 (``compat=False`` by default) for analysis. :func:`tiny` and :func:`full_size` default to ``compat=False``.
 
-TransformerLens traps handled here (``notes/transformerlens-4.md`` §1.1):
+TransformerLens traps handled here (TransformerLens 4.3's behaviour, checked by ``tests/test_models.py``):
 
 - TL reloads tokenizers through ``AutoTokenizer`` from their ``name_or_path``; in-memory tokenizers fail.
   factlens's tokenizers are always saved to a directory first (:mod:`factlens.tokenizers`).
@@ -35,6 +35,7 @@ import copy
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedModel
@@ -42,6 +43,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
 from factlens.attention import install_bridge_hooks, use_factlens_attention
 from factlens.errors import ConfigError, UnknownModelError
 from factlens.tokenizers import gpt2_tokenizer, opt_style_tokenizer
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def resolve(name: str) -> ModelSpec:
     return SUPPORTED[key]
 
 
-def prepare(bridge):
+def prepare(bridge: TransformerBridge):
     """Make a bridge factlens-ready: TL pattern/score hooks take effect on OPT too. Idempotent.
 
     Returns the same bridge, with ``bridge.factlens_family`` set to ``"gpt2"`` or ``"opt"``.
@@ -104,12 +108,25 @@ def prepare(bridge):
     return bridge
 
 
-def _boot(name: str, hf_model: PreTrainedModel, tokenizer, device, compat: bool):
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, in either order."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def boot(name: str, hf_model: PreTrainedModel | None = None, tokenizer=None, device=None, compat: bool = False,
+          **boot_kwargs):
+    """``TransformerBridge.boot_transformers`` (quietly), then :func:`prepare` and optional compatibility mode:
+    the one boot sequence of every factlens bridge."""
     from transformer_lens.model_bridge import TransformerBridge
 
     with warnings.catch_warnings(), _quiet_transformers():
         warnings.simplefilter("ignore", UserWarning)
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                     **boot_kwargs)
     prepare(bridge)
     if compat:
         bridge.enable_compatibility_mode()
@@ -142,6 +159,7 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
         **boot_kwargs: passed on to ``TransformerBridge.boot_transformers``.
 
     Example:
+        >>> import factlens
         >>> model = factlens.load("gpt2")  # needs the hub       # doctest: +SKIP
         >>> model.to_str_tokens("The capital of France is")     # doctest: +SKIP
     """
@@ -266,7 +284,7 @@ def bridge_from_hf(hf_model: PreTrainedModel, tokenizer=None, *, device=None, co
     device = device or next(model.parameters()).device
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(family)
     name = "openai-community/gpt2" if family == "gpt2" else "facebook/opt-125m"
-    return _boot(name, model, tokenizer, device, compat)
+    return boot(name, model, tokenizer, device, compat)
 
 
 def tiny(arch: str = "gpt2", *, seed: int = 0, compat: bool = False, device=None, **overrides):
@@ -297,7 +315,7 @@ def full_size(name: str, *, seed: int = 0, compat: bool = False, device=None, dt
     return bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
 
 
-def family_of(model) -> str:
+def family_of(model: TransformerBridge | PreTrainedModel) -> str:
     """``"gpt2"`` or ``"opt"`` for a bridge or HF model."""
     config = getattr(model, "original_model", model).config
     return config.model_type

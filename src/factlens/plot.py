@@ -4,6 +4,8 @@ Every factlens result type has its own ``.plot()``; this module holds the viewer
 activations.
 
 Example:
+    >>> import torch, factlens
+    >>> model = factlens.tiny("gpt2", compat=True)
     >>> fig = attention_patterns(model, "The capital of France is", heads=[(0, 1), (1, 3)])
     >>> fig.layout.title.text
     'Attention patterns'
@@ -12,14 +14,18 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
 
 from factlens.hooks import resolve_heads, resolve_layers
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
-def attention_patterns(model, text: str | Int[torch.Tensor, "1 pos"], heads: Sequence[tuple[int, int]],
+
+def attention_patterns(model: TransformerBridge, text: str | Int[torch.Tensor, "1 pos"], heads: Sequence[tuple[int, int]],
                        *, prepend_bos: bool | None = None, title: str = "Attention patterns"):
     """Heat-maps of the post-softmax patterns of chosen ``(layer, head)`` pairs, with token labels.
 

@@ -37,13 +37,16 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from factlens.errors import ConfigError, ResourceError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformer_lens.model_bridge import TransformerBridge
 
 NamesFilter = Callable[[str], bool] | str | list[str] | None
 
@@ -348,6 +351,8 @@ class CacheEstimate:
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per hook: ``hook``, ``bytes``, ``share``."""
+        import pandas as pd
+
         total = max(1, self.total)
         return pd.DataFrame([{"hook": name, "bytes": b, "share": b / total} for name, b in self.per_hook.items()])
 
@@ -370,6 +375,9 @@ def cache_nbytes(cache) -> int:
     """Bytes a real ``ActivationCache`` (or dict of tensors) holds, shared storage counted once.
 
     Example:
+        >>> import torch, factlens
+        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> tokens = model.to_tokens("The capital of France is")
         >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
         >>> cache_nbytes(cache) == estimate_cache(model, 1, tokens.shape[1], lambda n: n.endswith("hook_pattern")).total
         True
@@ -377,7 +385,7 @@ def cache_nbytes(cache) -> int:
     return sum(_tensor_bytes(cache).values())
 
 
-def estimate_cache(model, batch: int, seq_len: int, names_filter: NamesFilter = None, *,
+def estimate_cache(model: TransformerBridge, batch: int, seq_len: int, names_filter: NamesFilter = None, *,
                    device: str | torch.device | None = None) -> CacheEstimate:
     """Predict the bytes ``model.run_with_cache`` holds for ``batch`` × ``seq_len`` tokens.
 
@@ -418,7 +426,7 @@ def estimate_cache(model, batch: int, seq_len: int, names_filter: NamesFilter = 
     return CacheEstimate(per_hook=per_hook, batch=batch, seq_len=seq_len, per_sequence=per_seq)
 
 
-def run_with_cache(model, tokens, *, names_filter: NamesFilter = None, budget: int | str | None = None,
+def run_with_cache(model: TransformerBridge, tokens, *, names_filter: NamesFilter = None, budget: int | str | None = None,
                    **kwargs):
     """``model.run_with_cache`` that refuses, with the fix, a cache that will not fit in memory.
 
@@ -433,6 +441,8 @@ def run_with_cache(model, tokens, *, names_filter: NamesFilter = None, budget: i
         ResourceError: The predicted cache exceeds the budget.
 
     Example:
+        >>> import torch, factlens
+        >>> model = factlens.tiny("gpt2", compat=True)
         >>> logits, cache = run_with_cache(model, model.to_tokens("Hello there"),
         ...                                names_filter=lambda n: n.endswith("hook_z"))
         >>> sorted(cache.keys())[:1]

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -35,29 +36,40 @@ DATA_DIR = Path(__file__).parent / "data" / "gpt2_tokenizer"
 EOT = "<|endoftext|>"
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """factlens's cache of generated tokenizer directories: ``$FACTLENS_CACHE`` or ``<tmp>/factlens-cache``."""
     root = Path(os.environ.get("FACTLENS_CACHE", Path(tempfile.gettempdir()) / "factlens-cache"))
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-def _write_dir(name: str, config: dict, added: list[dict] | None = None) -> Path:
-    """Materialise an HF tokenizer directory (tokenizer.json + config) in the cache, atomically."""
-    target = _cache_root() / name
+def cached_tokenizer_dir(name: str, write: Callable[[Path], None]) -> Path:
+    """The cached HF tokenizer directory ``name``, written once by ``write(tmp_dir)`` and renamed into place
+    atomically (a concurrent writer's identical copy wins the race harmlessly)."""
+    target = cache_root() / name
     if (target / "tokenizer_config.json").exists():
         return target
-    tmp = Path(tempfile.mkdtemp(dir=_cache_root(), prefix=f".{name}-"))
-    spec = json.loads((DATA_DIR / "tokenizer.json").read_text())
-    for tok in added or []:
-        spec["added_tokens"].append(tok)
-        spec["model"]["vocab"][tok["content"]] = tok["id"]
-    (tmp / "tokenizer.json").write_text(json.dumps(spec))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(config))
+    tmp = Path(tempfile.mkdtemp(dir=cache_root(), prefix=f".{name}-"))
+    write(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race; its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_dir(name: str, config: dict, added: list[dict] | None = None) -> Path:
+    """Materialise an HF tokenizer directory (tokenizer.json + config) in the cache, atomically."""
+
+    def write(tmp: Path) -> None:
+        spec = json.loads((DATA_DIR / "tokenizer.json").read_text())
+        for tok in added or []:
+            spec["added_tokens"].append(tok)
+            spec["model"]["vocab"][tok["content"]] = tok["id"]
+        (tmp / "tokenizer.json").write_text(json.dumps(spec))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config))
+
+    return cached_tokenizer_dir(name, write)
 
 
 def _special(content: str, idx: int) -> dict:

@@ -1,13 +1,22 @@
-"""Synthetic biographies of Zucchet et al. (2025), "How do language models learn facts?" (data side).
+"""Zucchet et al. (2025), *How do language models learn facts?*: synthetic biographies and the training run.
 
-- :mod:`~factlens.bios.pools`: value pools (900 first names, 1,000 last names, 800 cities, 200
+Data (:mod:`factlens.bios.data`):
+
+- :mod:`~factlens.bios.data.pools`: value pools (900 first names, 1,000 last names, 800 cities, 200
   universities, 100 majors, 500 companies, 74,772 birth dates) and the no-knowledge baseline.
-- :mod:`~factlens.bios.templates`: 25 templates per attribute.
-- :mod:`~factlens.bios.population`: the people, their values and their 20/5 train/held-out template split.
-- :mod:`~factlens.bios.vocab`: the word-level task tokenizer (HF ``tokenizers``, loadable by TransformerLens).
-- :mod:`~factlens.bios.batches`: padded biography batches with value/name masks, a resumable sharded stream.
-- :mod:`~factlens.bios.samplers`: uniform, power-law, celebrity, warm-up, sequential and replay samplers.
+- :mod:`~factlens.bios.data.templates`: 25 templates per attribute.
+- :mod:`~factlens.bios.data.population`: the people, their values and their 20/5 train/held-out template split.
+- :mod:`~factlens.bios.data.vocab`: the word-level task tokenizer (HF ``tokenizers``, loadable by TransformerLens).
+- :mod:`~factlens.bios.data.batches`: padded biography batches with value/name masks, a resumable sharded stream.
+- :mod:`~factlens.bios.data.samplers`: uniform, power-law, celebrity, warm-up, sequential and replay samplers.
+
+Training and reading runs:
+
 - :mod:`~factlens.bios.metrics`: attribute loss/accuracy, hallucination metrics, plateau end.
+- :mod:`~factlens.bios.config`: :class:`TrainConfig` / :class:`PatchConfig`, presets, the checkpoint schedule.
+- :mod:`~factlens.bios.trainer`: :func:`train`, the fast resumable (DDP) training loop.
+- :mod:`~factlens.bios.finetune`: fine-tuning on new people with replay.
+- :mod:`~factlens.bios.history` and :mod:`~factlens.bios.runs`: a run's metrics, config and checkpoints.
 
 Example:
     >>> from factlens.bios import BiographyStream, BiosVocab, Population, Uniform, no_knowledge_baseline
@@ -18,7 +27,24 @@ Example:
     (torch.Size([16, 128]), 6.785)
 """
 
-from factlens.bios.batches import BatchChoices, BiographyBatch, BiographyStream, eval_batches, make_batch
+
+from factlens.bios.config import PatchConfig, TrainConfig
+from factlens.bios.data.batches import BatchChoices, BiographyBatch, BiographyStream, eval_batches, make_batch
+from factlens.bios.data.pools import ATTRIBUTES, Pools, attribute_index, no_knowledge_baseline, pool_size
+from factlens.bios.data.population import Population
+from factlens.bios.data.samplers import (
+    Celebrities,
+    PowerLaw,
+    Replay,
+    Sampler,
+    Sequential,
+    Uniform,
+    WarmUp,
+    make_sampler,
+)
+from factlens.bios.data.templates import N_TEMPLATES, TEMPLATES
+from factlens.bios.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BiosVocab
+from factlens.bios.history import TrainingHistory
 from factlens.bios.metrics import (
     AttributeMetrics,
     attribute_accuracy,
@@ -30,20 +56,8 @@ from factlens.bios.metrics import (
     value_correct,
     value_nll,
 )
-from factlens.bios.pools import ATTRIBUTES, Pools, attribute_index, no_knowledge_baseline, pool_size
-from factlens.bios.population import Population
-from factlens.bios.samplers import (
-    Celebrities,
-    PowerLaw,
-    Replay,
-    Sampler,
-    Sequential,
-    Uniform,
-    WarmUp,
-    make_sampler,
-)
-from factlens.bios.templates import N_TEMPLATES, TEMPLATES
-from factlens.bios.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BiosVocab
+from factlens.bios.runs import load_bridge, load_hf
+from factlens.bios.trainer import Trainer, train
 
 __all__ = [
     "ATTRIBUTES",
@@ -59,12 +73,16 @@ __all__ = [
     "BiographyStream",
     "BiosVocab",
     "Celebrities",
+    "PatchConfig",
     "Pools",
     "Population",
     "PowerLaw",
     "Replay",
     "Sampler",
     "Sequential",
+    "TrainConfig",
+    "Trainer",
+    "TrainingHistory",
     "Uniform",
     "WarmUp",
     "attribute_accuracy",
@@ -73,12 +91,15 @@ __all__ = [
     "attribute_metrics",
     "eval_batches",
     "hallucination_metrics",
+    "load_bridge",
+    "load_hf",
     "make_batch",
     "make_sampler",
     "no_knowledge_baseline",
     "per_attribute_loss",
     "plateau_end",
     "pool_size",
+    "train",
     "value_correct",
     "value_nll",
 ]

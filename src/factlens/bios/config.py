@@ -18,9 +18,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factlens.bios import samplers as _samplers
-from factlens.bios.pools import Pools
-from factlens.checkpoints import paper_schedule
+from factlens.bios.data.pools import Pools
+from factlens.checkpoints import list_checkpoints
 from factlens.errors import CheckpointError, ConfigError
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -39,6 +38,19 @@ RUN_PRESETS: dict[str, dict] = {
                  pools=dict(first_names=60, last_names=60, cities=60, universities=30, majors=20, companies=40)),
     "tiny": dict(n_people=64, steps=30, batch_size=8, lr=1e-3, n_eval_sequences=32, n_unseen=16, checkpoint_every=10),
 }
+
+
+def paper_schedule(total_steps: int, dense_until: int = 2000, dense_every: int = 125, n_spread: int = 32) -> list[int]:
+    """Zucchet et al.'s checkpoint steps: every 125 steps up to 2k, plus 32 evenly spread, plus the last.
+
+    Example:
+        >>> paper_schedule(16000)[:3], paper_schedule(16000)[-1]
+        ([0, 125, 250], 16000)
+    """
+    steps = set(range(0, min(dense_until, total_steps) + 1, dense_every))
+    steps |= {round(total_steps * i / n_spread) for i in range(1, n_spread + 1)}
+    steps.add(total_steps)
+    return sorted(s for s in steps if 0 <= s <= total_steps)
 
 
 @dataclass
@@ -70,8 +82,6 @@ class PatchConfig:
             raise ConfigError(f"{path} is a run directory; pass reference_step to choose its checkpoint.")
         ckpt = path / "checkpoints" / f"step_{self.reference_step:07d}"
         if not ckpt.exists():
-            from factlens.checkpoints import list_checkpoints
-
             raise CheckpointError(f"no checkpoint at step {self.reference_step} in {path}; available: "
                                   f"{list_checkpoints(path / 'checkpoints')}")
         return ckpt
@@ -150,26 +160,6 @@ class TrainConfig:
         return seq_len
 
 
-_TRAINABLE_SAMPLERS = ("uniform", "power_law", "celebrities", "warmup", "sequential")
-
-
-def make_sampler(spec: dict, n: int, batch_size: int) -> _samplers.Sampler:
-    """A sampler from a JSON-able spec: ``{"kind": "uniform"}``, ``{"kind": "power_law", "alpha": 0.6}``,
-    ``{"kind": "celebrities", "n_celebrities": 4000, "weight": 8}``, ``{"kind": "warmup", "n_warmup": 8000,
-    "epochs": 3}``, ``{"kind": "sequential", "n_groups": 8, "n_repeats": 1, "total_steps": 16000}``.
-
-    Built by :func:`factlens.bios.samplers.make_sampler` over the run's ``n`` people (and ``batch_size``, which
-    the warm-up's epochs are counted in)."""
-    spec = dict(spec)
-    kind = spec.pop("kind", "uniform")
-    if kind not in _TRAINABLE_SAMPLERS:
-        raise ConfigError(f"unknown sampler kind {kind!r}; use {', '.join(_TRAINABLE_SAMPLERS[:-1])} or "
-                          f"{_TRAINABLE_SAMPLERS[-1]}.")
-    if kind == "warmup":
-        spec["batch_size"] = batch_size
-    return _samplers.make_sampler(kind, n=n, **spec)
-
-
 _OPT_FIELDS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
                "n_inner": "ffn_dim", "n_positions": "max_position_embeddings"}
 
@@ -185,4 +175,4 @@ def hf_field_names(arch: str, model: dict) -> dict:
     raise ConfigError(f"arch={arch!r}; the trainer builds 'gpt2' or 'opt' models.")
 
 
-__all__ = ["MODEL_PRESETS", "RUN_PRESETS", "PatchConfig", "TrainConfig", "hf_field_names", "make_sampler"]
+__all__ = ["MODEL_PRESETS", "RUN_PRESETS", "PatchConfig", "TrainConfig", "hf_field_names", "paper_schedule"]

@@ -1,7 +1,7 @@
 """Fine-tuning a trained biography model on new people, with replay of old ones (Zucchet et al. §4).
 
 Start from a pre-training checkpoint, add ``n_new`` people never seen before (disjoint names), and train with
-a constant learning rate on a :class:`~factlens.bios.samplers.Replay` mix: each old person has weight
+a constant learning rate on a :class:`~factlens.bios.data.samplers.Replay` mix: each old person has weight
 ``old_weight`` (0 = no replay), each new person weight 1. Old and new knowledge are evaluated separately
 (``old_attr_loss``/``old_attr_acc``, ``new_attr_loss``/``new_attr_acc`` in ``metrics.jsonl``), so the fast
 forgetting of old facts and the slower learning of new ones are both visible.
@@ -16,10 +16,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from factlens.bios.population import Population
-from factlens.bios.samplers import Replay
+from factlens.bios.data.population import Population
+from factlens.bios.data.samplers import Replay
+from factlens.bios.runs import checkpoint_path, run_config
+from factlens.checkpoints import architecture, check_same_architecture, load_checkpoint, load_state
 from factlens.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -40,9 +46,7 @@ class FinetuneConfig:
 
 def finetune_config(run_dir: str | Path, *, step: int | None = None, n_new: int = 4000, old_weight: float = 0.0,
                     steps: int = 4000, lr: float = 3e-5, **overrides):
-    """A :class:`~factlens.bios.train.TrainConfig` fine-tuning a run's checkpoint (constant LR, paper defaults)."""
-    from factlens.bios.analysis import checkpoint_path, run_config
-
+    """A :class:`~factlens.bios.trainer.TrainConfig` fine-tuning a run's checkpoint (constant LR, paper defaults)."""
     base = run_config(run_dir)
     ft = FinetuneConfig(init_from=str(checkpoint_path(run_dir, step)), n_new=n_new, old_weight=old_weight)
     # the sampler is set by the fine-tuning setup; the evaluation is split into old and new people
@@ -70,10 +74,8 @@ def people_slice(population: Population, lo: int, hi: int) -> Population:
                                eval_templates=population.eval_templates[lo:hi])
 
 
-def init_weights(model, config) -> None:
+def init_weights(model: PreTrainedModel, config) -> None:
     """Load the pre-training checkpoint's weights into ``model`` (architectures must match)."""
-    from factlens.checkpoints import architecture, check_same_architecture, load_checkpoint, load_state
-
     ckpt = load_checkpoint(FinetuneConfig(**config.finetune).init_from)
     check_same_architecture(ckpt.architecture, architecture(model.config), what="fine-tuning checkpoint")
     load_state(model, ckpt.state, ckpt.path)

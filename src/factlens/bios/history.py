@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from factlens.bios.data.pools import Pools, no_knowledge_baseline
 from factlens.bios.metrics import plateau_end as _plateau_end
-from factlens.bios.pools import Pools, no_knowledge_baseline
 
 
 def append_jsonl(path: Path, record: dict) -> None:

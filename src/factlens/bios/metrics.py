@@ -1,7 +1,7 @@
 """Knowledge metrics of Zucchet et al. (2025, §2): attribute loss, accuracy, hallucination statistics.
 
 All are pure functions of next-token ``logits`` ``[batch, pos, vocab]`` and a
-:class:`~factlens.bios.batches.BiographyBatch`; the logit at position ``p - 1`` predicts the token at ``p``.
+:class:`~factlens.bios.data.batches.BiographyBatch`; the logit at position ``p - 1`` predicts the token at ``p``.
 
 - **Attribute loss**: summed cross-entropy over all tokens of each attribute value, i.e.
   ``-log p(value | context)`` under teacher forcing, averaged over the ``6 × batch`` values (not over
@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from factlens.bios.batches import BiographyBatch
-from factlens.bios.pools import ATTRIBUTES
+from factlens.bios.data.batches import BiographyBatch
+from factlens.bios.data.pools import ATTRIBUTES, N_ATTR
 from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
-
-N_ATTR = len(ATTRIBUTES)
 
 
 @dataclass(frozen=True)
@@ -251,7 +249,7 @@ def hallucination_metrics(
     """Attribute loss, accuracy, mean top-token probability and mean entropy (nats) over value tokens.
 
     Evaluate it on a batch of unseen people
-    (:meth:`Population.unseen <factlens.bios.population.Population.unseen>`) to measure over-confidence
+    (:meth:`Population.unseen <factlens.bios.data.population.Population.unseen>`) to measure over-confidence
     (Zucchet et al. 2025 §4). Returns ``{"attr_loss", "attr_acc", "top_prob", "entropy"}`` as floats; top
     probability and entropy are means over all value-token positions of the batch. For per-attribute numbers
     and pooling over batches use :func:`attribute_metrics` and :meth:`AttributeMetrics.combine`.

@@ -11,7 +11,7 @@ checkpoint. :func:`run_grid` does exactly that under ``out_dir``:
 ``start == reference`` is "freeze attention at step s"; ``start = 0`` patches the whole run.
 
 Example:
-    >>> from factlens.bios.train import TrainConfig
+    >>> from factlens.bios.trainer import TrainConfig
     >>> result = run_grid(TrainConfig.preset("demo"), "runs/grid", reference_steps=[0, 200, 1200],
     ...                   start_steps=[0])                                         # doctest: +SKIP
     >>> result.plot().show()                                                        # doctest: +SKIP
@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from factlens.bios.history import TrainingHistory
-from factlens.bios.train import PatchConfig, TrainConfig, train
+from factlens.bios.trainer import PatchConfig, TrainConfig, train
 from factlens.errors import ConfigError
 
 

@@ -14,8 +14,11 @@ A :class:`Reference` turns tokens into post-softmax patterns ``{layer: [batch, h
 patch proves it took effect, on GPT-2 and OPT alike.
 
 Example:
+    >>> import torch, factlens
+    >>> model = factlens.tiny("gpt2", compat=True)
+    >>> tokens = model.to_tokens("The capital of France is")
     >>> ref = Reference.from_checkpoint("runs/demo", step=1000)              # doctest: +SKIP
-    >>> model = factlens.bios.analysis.load_bridge("runs/demo", step=100)    # doctest: +SKIP
+    >>> model = factlens.bios.runs.load_bridge("runs/demo", step=100)    # doctest: +SKIP
     >>> logits = patched_forward(model, tokens, ref)                         # doctest: +SKIP
 """
 
@@ -24,12 +27,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 
-from factlens.attention import LayerEdit, set_layer_edit
+from factlens.attention import LayerEdit, set_layer_edit, use_factlens_attention
+from factlens.attention_patcher import attention_modules
+from factlens.checkpoints import load_checkpoint, step_dir
 from factlens.errors import ArchitectureMismatchError, ConfigError
+from factlens.hooks import intervene, patch_pattern
+from factlens.models import boot
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel
 
 Patterns = dict[int, Float[torch.Tensor, "batch head q k"]]
 
@@ -51,7 +63,7 @@ class Reference:
         with torch.no_grad():
             return self.fn(tokens)
 
-    def check_compatible(self, model) -> None:
+    def check_compatible(self, model: TransformerBridge | PreTrainedModel) -> None:
         """Refuse (with :class:`ArchitectureMismatchError`) a model whose layers/heads/context differ."""
         cfg = _shape_of(model)
         ours = {"layers": self.n_layers, "heads": self.n_heads}
@@ -66,7 +78,7 @@ class Reference:
 
     # ------------------------------------------------------------------------------ sources
     @classmethod
-    def from_model(cls, model, description: str | None = None) -> Reference:
+    def from_model(cls, model: TransformerBridge | PreTrainedModel, description: str | None = None) -> Reference:
         """From an HF GPT-2/OPT model (factlens attention) or a TransformerLens bridge."""
         if hasattr(model, "run_with_cache"):  # a bridge
             names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
@@ -77,9 +89,6 @@ class Reference:
 
             return cls(fn, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx,
                        description or f"bridge {model.cfg.model_name}")
-        from factlens.attention import use_factlens_attention
-        from factlens.patching.training import attention_modules
-
         use_factlens_attention(model)
         model.eval()
         n_layers, n_heads, n_ctx = _shape_of(model)
@@ -108,8 +117,6 @@ class Reference:
     @classmethod
     def from_checkpoint(cls, path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> Reference:
         """From a factlens training checkpoint (``.../step_0001000``) or a run directory and ``step``."""
-        from factlens.checkpoints import load_checkpoint, step_dir
-
         path = Path(path)
         if step is not None and not (path / "manifest.json").exists():
             path = step_dir(path / "checkpoints" if (path / "checkpoints").is_dir() else path, step)
@@ -120,14 +127,8 @@ class Reference:
     def from_pretrained(cls, name_or_path: str, revision: str | None = None, device: str | torch.device = "cpu",
                         **boot_kwargs) -> Reference:
         """From a hub id or local directory at an optional revision, booted as a TL bridge."""
-        from transformer_lens.model_bridge import TransformerBridge
-
-        bridge = TransformerBridge.boot_transformers(name_or_path, revision=revision, device=device, **boot_kwargs)
-        from factlens.models import FAMILIES, prepare
-
-        if getattr(bridge.original_model.config, "model_type", "") in FAMILIES:
-            prepare(bridge)
-        return cls.from_model(bridge.eval(), description=f"{name_or_path}@{revision or 'main'}")
+        bridge = boot(name_or_path, device=device, revision=revision, **boot_kwargs)
+        return cls.from_model(bridge, description=f"{name_or_path}@{revision or 'main'}")
 
     @classmethod
     def from_callable(cls, fn: Callable[[torch.Tensor], Patterns], n_layers: int, n_heads: int,
@@ -145,12 +146,10 @@ def _shape_of(model) -> tuple[int, int, int | None]:
         cfg, "max_position_embeddings", None)
 
 
-def patched_forward(model, tokens: Int[torch.Tensor, "batch pos"], reference: Reference, *,
+def patched_forward(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], reference: Reference, *,
                     layers: int | Sequence[int] | None = None, heads: int | Sequence[int] | None = None,
                     on_no_effect: str = "raise", **forward_kwargs):
     """Run a bridge with a reference's patterns in the chosen layers/heads (verified via ``intervene``)."""
-    from factlens.hooks import intervene, patch_pattern
-
     reference.check_compatible(model)
     patterns = reference.patterns(tokens)
     patterns = {k: v.to(model.cfg.device) for k, v in patterns.items()}

@@ -1,0 +1,47 @@
+"""The ``factlens`` command line.
+
+Examples:
+    $ factlens demo                                   # 3 phases of knowledge acquisition on 2 CPU cores
+    $ factlens bios train --preset paper --people 64000 --steps 16000 --out runs/paper
+    $ factlens bios patch --reference runs/paper --reference-step 8000 --start 0 --out runs/patched
+    $ factlens bios grid --preset small --reference-steps 0 500 1000 4000 --starts 0 --out runs/grid
+    $ factlens capitals analyze --model gpt2 --shots 0 --out out/gpt2
+    $ factlens capitals mitigate --model gpt2 --shots 0 1 2 --out out/mitigate
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from factlens.cli import bios as bios_cli
+from factlens.cli import capitals as capitals_cli
+from factlens.errors import FactlensError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``factlens`` parser: ``demo``, ``bios ...`` (:mod:`factlens.cli.bios`), ``capitals ...``
+    (:mod:`factlens.cli.capitals`)."""
+    parser = argparse.ArgumentParser(prog="factlens", description="Mechanistic interpretability of factual recall.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bios_cli.add_commands(sub)
+    capitals_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; a factlens error (bad input, a run that will not fit in memory) prints its message and
+    returns 2 instead of a traceback (``FACTLENS_TRACEBACK=1`` shows the traceback)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FactlensError as err:
+        if os.environ.get("FACTLENS_TRACEBACK"):
+            raise
+        print(f"factlens: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``factlens capitals analyze|mitigate``: the Lv et al. analysis and mitigation table from the command line.
+
+Model names: the supported hub models (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``opt-1.3b``; ``all`` = the
+four), or offline random-weight twins for trying the pipeline without weights: ``tiny-gpt2``, ``tiny-opt`` and
+``random-<name>`` (the full-size config, random weights).
+
+Example:
+    $ factlens capitals mitigate --model gpt2 --shots 0 1 2 --out out/mitigate
+    $ factlens capitals analyze --model all --shots 0 --out out/analysis
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import factlens
+from factlens.models import SUPPORTED
+
+
+def build_model(name: str, device: str | None = None):
+    """A bridge for a CLI model name (compatibility mode on, as the Lv analyses need)."""
+    if name.startswith("tiny-"):
+        return factlens.tiny(name.removeprefix("tiny-"), compat=True, device=device)
+    if name.startswith("random-"):
+        return factlens.full_size(name.removeprefix("random-"), compat=True, device=device)
+    return factlens.load(name, device=device)
+
+
+def model_names(requested: list[str]) -> list[str]:
+    names: list[str] = []
+    for name in requested:
+        names.extend(SUPPORTED if name == "all" else [name])
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from factlens.recall.mitigate import mitigation_table
+    from factlens.recall.report import analyze
+
+    out = Path(args.out)
+    for name in model_names(args.model):
+        model = build_model(name, args.device)
+        target = out / name if len(args.model) > 1 or args.model == ["all"] else out
+        if args.capitals_command == "analyze":
+            for shots in args.shots:
+                folder = target / f"{shots}shot" if len(args.shots) > 1 else target
+                report = analyze(model, shots=shots, out_dir=folder)
+                print(f"{name}, {shots}-shot: {folder / 'index.html'}")
+                print(report.summary())
+        else:
+            table = mitigation_table(model, shots=args.shots)
+            target.mkdir(parents=True, exist_ok=True)
+            table.to_csv(target / "mitigation.csv")
+            (target / "mitigation.md").write_text(table.to_markdown())
+            table.plot().write_html(target / "mitigation.html")
+            print(f"{name}:\n{table.to_markdown()}\nwritten to {target}")
+        del model
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the ``capitals`` command group on the top-level parser's subparsers."""
+    capitals = sub.add_parser("capitals", help="country→capital recall (Lv et al. 2024)").add_subparsers(
+        dest="capitals_command", required=True)
+    for name, help_text in (("analyze", "whole analysis → HTML report"), ("mitigate", "mitigation table")):
+        p = capitals.add_parser(name, help=help_text)
+        p.add_argument("--model", nargs="+", default=["gpt2"],
+                       help="gpt2 | gpt2-medium | gpt2-large | opt-1.3b | all; tiny-gpt2 / tiny-opt / "
+                            "random-<name> for offline random-weight twins")
+        p.add_argument("--shots", type=int, nargs="+", default=[0])
+        p.add_argument("--out", required=True)
+        p.add_argument("--device")
+        p.set_defaults(func=run)

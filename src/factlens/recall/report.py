@@ -1,0 +1,207 @@
+"""The whole Lv et al. capitals analysis in one call, written out as tables and figures.
+
+:func:`analyze` runs: dataset → logit lens → path patching (heads/MLPs → final residual) → mover check of
+the top path-patching heads → MLP decomposition at the layer after the top mover and at the last layer
+(pooled and per subject) → final-layer effect → mitigation table. Every step caches only ``end``, so
+full-size GPT-2 small on the 225 zero-shot prompts runs in a few minutes on two CPU cores.
+
+Example:
+    >>> import tempfile, factlens
+    >>> from factlens.capitals import analyze
+    >>> report = analyze(factlens.tiny("gpt2"), out_dir=tempfile.mkdtemp(), folds=3, progress=False)
+    >>> print(report.to_markdown())                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from factlens.errors import ConfigError
+from factlens.recall.datasets import RelationDataset, dataset_for
+from factlens.recall.logit_lens import LogitLensResult, logit_lens
+from factlens.recall.metrics import require_eval
+from factlens.recall.mitigate import FinalLayerEffect, MitigationTable, final_layer_effect, mitigation_table
+from factlens.recall.mlp_decomposition import (
+    MLPDecompositionResult,
+    capture_mlp_activations,
+    decompose_from_activations,
+)
+from factlens.recall.movers import MoverResult, mover_scores
+from factlens.recall.path_patching import PathPatchingResult, path_patch
+from factlens.recall.relations import CAPITALS, Relation
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+@dataclass
+class CapitalsReport:
+    """Everything :func:`analyze` computed (each part has ``to_dataframe()`` and ``plot()``).
+
+    Attributes:
+        dataset: The prompts.
+        lens: Logit lens. path_patching: Heads/MLPs → final residual. movers: Mover check of every head.
+        mover_candidates: The top path-patching heads with their mover statistics; top_mover: ``(layer, head)``.
+        decompositions: ``"MLP{l}/pooled"`` / ``"MLP{l}/subject"`` → :class:`MLPDecompositionResult`.
+        final_layer: :class:`FinalLayerEffect`. mitigation: :class:`MitigationTable`.
+        timings: Seconds per step. files: Written files (after :meth:`save`).
+    """
+
+    dataset: RelationDataset
+    lens: LogitLensResult
+    path_patching: PathPatchingResult
+    movers: MoverResult
+    mover_candidates: pd.DataFrame
+    top_mover: tuple[int, int]
+    decompositions: dict[str, MLPDecompositionResult]
+    final_layer: FinalLayerEffect
+    mitigation: MitigationTable
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers."""
+        out: dict[str, Any] = {"n_prompts": len(self.dataset), **self.lens.final_layer_effect()}
+        top = self.path_patching.top(1, by="neg").iloc[0]
+        out.update(top_sender=top["name"], top_sender_pct=float(top["pct_change"]),
+                   top_mover=f"L{self.top_mover[0]}H{self.top_mover[1]}")
+        for key, res in self.decompositions.items():
+            out[f"{key} R2"] = res.r2
+            out[f"{key} mean answer rank"] = float(res.answer_ranks["rank"].mean())
+        shots = int(self.mitigation.rows["shots"].iloc[0])
+        for m in ("baseline", "a", "b", "a+b"):
+            out[f"P {m}"] = self.mitigation.cell(shots, m)
+        out["seconds"] = sum(self.timings.values())
+        return out
+
+    def to_markdown(self) -> str:
+        """A short markdown summary: headline numbers and the mitigation table."""
+        lines = ["# Capitals analysis", "", "| quantity | value |", "|---|---|"]
+        for k, v in self.summary().items():
+            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines += ["", "## Mitigations", "", self.mitigation.to_markdown()]
+        if self.notes:
+            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write CSV/markdown tables and HTML figures into ``out_dir`` plus an ``index.html`` linking them."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files: list[tuple[str, Path]] = []
+
+        def table(name: str, df: pd.DataFrame, label: str) -> None:
+            df.to_csv(out / name, index=False)
+            files.append((label, out / name))
+
+        def figure(name: str, fig, label: str) -> None:
+            fig.write_html(out / name, include_plotlyjs="directory")
+            files.append((label, out / name))
+
+        table("prompts.csv", self.dataset.to_dataframe(), "prompts (CSV)")
+        table("logit_lens.csv", self.lens.to_dataframe(), "logit lens (CSV)")
+        figure("logit_lens.html", self.lens.plot(), "logit lens")
+        table("path_patching.csv", self.path_patching.to_dataframe(), "path patching (CSV)")
+        figure("path_patching.html", self.path_patching.plot(), "path patching heat-map")
+        table("movers.csv", self.movers.to_dataframe(), "mover statistics (CSV)")
+        table("mover_candidates.csv", self.mover_candidates, "top path-patching heads as movers (CSV)")
+        figure("movers.html", self.movers.plot(), "mover r heat-map")
+        for row in self.mover_candidates.itertuples():
+            figure(f"mover_L{row.layer}H{row.head}.html", self.movers.plot(int(row.layer), int(row.head)),
+                   f"mover scatter L{row.layer}H{row.head}")
+        for key, res in self.decompositions.items():
+            stem = key.replace("/", "_").lower()
+            table(f"{stem}_beta.csv", res.to_dataframe(), f"{key}: β (CSV)")
+            table(f"{stem}_intercept.csv", res.intercept_table(), f"{key}: intercept top tokens (CSV)")
+            table(f"{stem}_answer_ranks.csv", res.answer_ranks, f"{key}: gold-answer ranks (CSV)")
+            figure(f"{stem}.html", res.plot(), f"{key}: β")
+        table("final_layer.csv", self.final_layer.to_dataframe(), "final-layer direct effects (CSV)")
+        table("final_layer_tokens.csv", self.final_layer.promoted, "tokens the last layer promotes (CSV)")
+        figure("final_layer.html", self.final_layer.plot(), "final-layer direct effects")
+        self.mitigation.to_csv(out / "mitigation.csv")
+        files.append(("mitigation table (CSV)", out / "mitigation.csv"))
+        (out / "mitigation.md").write_text(self.mitigation.to_markdown() + "\n")
+        files.append(("mitigation table (markdown)", out / "mitigation.md"))
+        figure("mitigation.html", self.mitigation.plot(), "mitigation bars")
+        (out / "summary.md").write_text(self.to_markdown() + "\n")
+        files.append(("summary (markdown)", out / "summary.md"))
+        items = "\n".join(f'<li><a href="{p.name}">{html.escape(label)}</a></li>' for label, p in files)
+        rows = "\n".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
+                         for k, v in self.summary().items())
+        (out / "index.html").write_text(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>factlens capitals report</title></head><body>"
+            f"<h1>factlens: capitals analysis</h1><table border='1'>{rows}</table><h2>Files</h2><ul>{items}</ul>"
+            "</body></html>\n")
+        self.files = [p for _, p in files] + [out / "index.html"]
+        return self.files
+
+
+def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int = 0, out_dir: str | Path | None = None, *,
+            n: int | None = None, folds: int = 5, top_k: int = 3, seed: int = 0, max_batch: int = 64,
+            patch_batch: int = 1024, progress: bool = True) -> CapitalsReport:
+    """Run the full analysis on ``model`` (see the module docstring); write it to ``out_dir`` if given.
+
+    Args:
+        relation, shots, n, seed: The prompts (:func:`factlens.capitals.dataset_for`).
+        folds: k of the mitigation table's template folds.
+        top_k: Path-patching heads (most negative effect) checked as movers.
+        max_batch: Prompts per forward pass; patch_batch: one-token rows per path-patching forward pass.
+
+    Example:
+        >>> import factlens
+        >>> report = analyze(factlens.full_size("gpt2"), out_dir="gpt2_report")    # doctest: +SKIP
+    """
+    require_eval(model, "analyze")
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+
+    def timed(name, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[name] = time.perf_counter() - t0
+        return out
+
+    L = model.cfg.n_layers
+    ds = timed("dataset", dataset_for, model, relation, shots=shots, seed=seed, n=n)
+    lens = timed("logit lens", logit_lens, model, ds, max_batch=max_batch, progress=progress)
+    pp = timed("path patching", path_patch, model, ds, metric="iw", max_batch=patch_batch, seed=seed,
+               progress=progress)
+    movers = timed("movers", mover_scores, model, ds, max_batch=max_batch, progress=progress)
+    cand = pp.top(top_k, by="neg", component="head")[["layer", "head", "name", "pct_change"]]
+    stats = movers.to_dataframe().set_index(["layer", "head"])
+    cand = cand.join(stats[["r", "mean_attention", "mean_projection", "score"]], on=["layer", "head"])
+    best = cand.sort_values("r", ascending=False, na_position="last").iloc[0]
+    top_mover = (int(best["layer"]), int(best["head"]))
+    decomps: dict[str, MLPDecompositionResult] = {}
+    t0 = time.perf_counter()
+    for layer in dict.fromkeys([min(top_mover[0] + 1, L - 1), L - 1]):
+        acts = capture_mlp_activations(model, ds, layer, max_batch=max_batch, progress=progress)
+        decomps[f"MLP{layer}/pooled"] = decompose_from_activations(model, acts, ds)
+        try:
+            decomps[f"MLP{layer}/subject"] = decompose_from_activations(model, acts, ds, group_by="subject")
+        except ConfigError as err:
+            notes.append(f"per-subject decomposition of MLP{layer} skipped: {err}")
+    timings["MLP decomposition"] = time.perf_counter() - t0
+    final = timed("final layer", final_layer_effect, model, ds, max_batch=max_batch)
+    table = timed("mitigation table", mitigation_table, model, relation, shots=[shots], folds=folds, seed=seed,
+                  n=n, max_batch=max_batch, progress=progress)
+    if torch.device(model.cfg.device).type == "cpu":
+        notes.append(f"CPU, {torch.get_num_threads()} threads; timings in seconds: "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    report = CapitalsReport(dataset=ds, lens=lens, path_patching=pp, movers=movers, mover_candidates=cand,
+                            top_mover=top_mover, decompositions=decomps, final_layer=final, mitigation=table,
+                            timings=timings, notes=notes)
+    if out_dir is not None:
+        report.save(out_dir)
+    return report
+
+
+__all__ = ["CapitalsReport", "analyze"]
