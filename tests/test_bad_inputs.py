@@ -176,6 +176,182 @@ CASES = {
 }
 
 
+# run directories, optimiser settings, divergence, storage (issue 14, root causes 1 and 2) -------------------------
+_SCRATCH: list = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scratch_root(tmp_path_factory):
+    _SCRATCH[:] = [tmp_path_factory.mktemp("bad-runs")]
+
+
+def _scratch(name: str):
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(dir=_SCRATCH[0], prefix=name))
+
+
+def _run_cfg(**overrides):
+    base = dict(steps=3, n_people=16, batch_size=4, n_eval_sequences=8, n_unseen=0, checkpoint_every=3,
+                log_every=3, resume_every=3, eval_batch_size=8,
+                pools=dict(first_names=20, last_names=20, cities=10, universities=6, majors=5, companies=6, years=10))
+    return TrainConfig.preset("tiny", **{**base, **overrides})
+
+
+_FINISHED: list = []
+
+
+def _finished_run():
+    """A copy of a finished 3-step tiny run (trained once per session), for a case to spoil."""
+    from factlens.bios.trainer import train
+
+    if not _FINISHED:
+        _FINISHED.append(_scratch("finished") / "run")
+        train(_run_cfg(), _FINISHED[0], progress=False)
+    target = _scratch("copy") / "run"
+    shutil.copytree(_FINISHED[0], target)
+    return target
+
+
+def _train_into(out, config=None):
+    from factlens.bios.trainer import train
+
+    return train(config or _run_cfg(), out, progress=False)
+
+
+def _foreign_dir(kind: str):
+    out = _scratch("foreign") / "out"
+    if kind == "hf":
+        factlens.build_hf("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(out)
+    else:
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 0.31}\n')
+    return _train_into(out)
+
+
+def _locked():
+    from factlens.bios.rundir import LOCK, RunLock
+
+    out = _finished_run()
+    with RunLock(out / LOCK):
+        return _train_into(out)
+
+
+def _edited_config_json():
+    from factlens.bios.runs import run_config
+
+    out = _finished_run()
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
+    return run_config(out)
+
+
+def _mixed_checkpoints():
+    from factlens.bios.runs import run_config
+
+    out = _finished_run()
+    manifest = out / "checkpoints" / "step_0000000" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["config"]["steps"] = 30  # as if copied in from a longer run
+    manifest.write_text(json.dumps(m))
+    return run_config(out)
+
+
+def _failing_save(code: int):
+    import os
+    from unittest import mock
+
+    with mock.patch("factlens.checkpoints.save_file", side_effect=OSError(code, os.strerror(code))):
+        return _train_into(_scratch("disk") / "run")
+
+
+def _little_disk():
+    from unittest import mock
+
+    with mock.patch("factlens.bios.rundir.free_bytes", return_value=10_000):
+        return _train_into(_scratch("disk") / "run")
+
+
+def _metrics_file(text: str):
+    from factlens.bios.history import TrainingHistory
+
+    out = _scratch("metrics")
+    (out / "metrics.jsonl").write_text(text)
+    return TrainingHistory.load(out)
+
+
+def _empty_checksums(checkpoint, tmp):
+    bad = tmp / "empty-sums"
+    shutil.copytree(checkpoint, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**m, "sha256": {}}))
+    return load_checkpoint(bad)
+
+
+def _diverged():
+    trainer = Trainer(_run_cfg(), _scratch("nan") / "run", progress=False)
+    with torch.no_grad():
+        next(trainer.raw_model.parameters()).fill_(float("nan"))  # as a too-large step leaves it
+    return trainer.run()
+
+
+def _cli():
+    import importlib
+
+    return importlib.import_module("factlens.cli.bios")
+
+
+def _out_is_a_file():
+    from factlens.bios.rundir import RunDirectory
+
+    path = _scratch("file") / "out"
+    path.write_text("not a directory")
+    return RunDirectory(path, _run_cfg()).check()
+
+
+CASES.update({
+    "min_lr above lr": (lambda gpt2, toks: TrainConfig.preset("tiny", min_lr=1e4), factlens.ConfigError, "min_lr <= lr"),
+    "negative weight decay": (lambda gpt2, toks: TrainConfig.preset("tiny", weight_decay=-0.1), factlens.ConfigError,
+                              "weight_decay >= 0"),
+    "AdamW beta of 1 or more": (lambda gpt2, toks: TrainConfig.preset("tiny", betas=(0.9, 1.0)), factlens.ConfigError,
+                                "[0, 1)"),
+    "zero learning rate": (lambda gpt2, toks: TrainConfig.preset("tiny", lr=0.0), factlens.ConfigError, "e.g. 4e-4"),
+    "non-positive gradient clip": (lambda gpt2, toks: TrainConfig.preset("tiny", grad_clip=0.0), factlens.ConfigError,
+                                   "or None"),
+    "zero training steps": (lambda gpt2, toks: TrainConfig.preset("tiny", steps=0), factlens.ConfigError,
+                            "positive integer"),
+    "malformed --sampler JSON": (lambda gpt2, toks: _cli()._sampler_json("{kind: power_law}"),
+                                 factlens.ConfigError, "double quotes"),
+    "--out that is a file": (lambda gpt2, toks: _out_is_a_file(), factlens.ConfigError, "Pass a directory path"),
+    "--run that does not exist": (lambda gpt2, toks: _cli()._existing_run("/nonexistent/run"),
+                                  factlens.CheckpointError, "--out directory of a training run"),
+    "--out holding a Hugging Face model": (lambda gpt2, toks: _foreign_dir("hf"), factlens.CheckpointError,
+                                           "new or empty directory"),
+    "--out holding another tool's metrics.jsonl": (lambda gpt2, toks: _foreign_dir("metrics"), factlens.CheckpointError,
+                                                   "new or empty directory"),
+    "shorter run into an older run's directory": (
+        lambda gpt2, toks: _train_into(_finished_run(), _run_cfg(steps=2, checkpoint_every=1)),
+        factlens.CheckpointError, "new output directory"),
+    "second trainer in a locked run directory": (lambda gpt2, toks: _locked(), factlens.CheckpointError,
+                                                 "Wait for it to finish"),
+    "config.json edited by hand": (lambda gpt2, toks: _edited_config_json(), factlens.CheckpointError,
+                                   "Restore it or delete it"),
+    "checkpoints of two runs in one directory": (lambda gpt2, toks: _mixed_checkpoints(), factlens.CheckpointError,
+                                                 "own directory"),
+    "full disk while writing a checkpoint": (lambda gpt2, toks: _failing_save(28), factlens.errors.StorageError,
+                                             "Free some space"),
+    "read-only output directory": (lambda gpt2, toks: _failing_save(30), factlens.errors.StorageError,
+                                   "writable directory"),
+    "too little free disk for the run": (lambda gpt2, toks: _little_disk(), factlens.errors.StorageError,
+                                         "fewer checkpoints"),
+    "empty metrics file": (lambda gpt2, toks: _metrics_file(""), factlens.EmptyDatasetError, "resume it"),
+    "metrics.jsonl corrupt before its last line": (
+        lambda gpt2, toks: _metrics_file('{"kind": "eval", "step": 0}\n{"kind": "ev\n{"kind": "eval", "step": 1}\n'),
+        factlens.CheckpointError, "Delete that line"),
+    "training that diverges to NaN": (lambda gpt2, toks: _diverged(), factlens.errors.DivergenceError, "lower lr"),
+})
+
 def _run(model, tokens, *interventions, **kwargs):
     with factlens.intervene(model, *interventions):
         model(tokens, **kwargs)
@@ -221,6 +397,11 @@ def test_resume_with_another_config(tmp_path):
     assert config["steps"] == 5
     with pytest.raises(factlens.CheckpointError, match="new output directory"):
         train(tiny_config(steps=5, lr=5e-3), tmp_path, progress=False)
+
+
+def test_manifest_with_an_empty_checksum_map(checkpoint, tmp_path):
+    with pytest.raises(factlens.CheckpointError, match=r"cannot be verified.*Delete this checkpoint"):
+        _empty_checksums(checkpoint, tmp_path)
 
 
 def test_docs_list_every_case():

@@ -9,8 +9,11 @@ A checkpoint is a directory ``step_{step:07d}`` holding
   sha256 of every other file.
 
 It is written into a temporary sibling directory, every file ``fsync``-ed, then renamed into place with
-``os.replace``, so a crash never leaves a half-written checkpoint under the final name. :func:`load_checkpoint`
-verifies the manifest and the checksums and refuses a mismatch with :class:`~factlens.errors.CheckpointError`.
+``os.replace``, so a crash never leaves a half-written checkpoint under the final name; files and directories
+get the permissions the user's umask gives (as ``torch.save`` and ``save_pretrained`` do), and a full disk or a
+read-only directory is reported as :class:`~factlens.errors.StorageError` naming the path and the space needed.
+:func:`load_checkpoint` verifies the manifest and the checksums and refuses a mismatch, or a manifest without
+checksums, with :class:`~factlens.errors.CheckpointError`.
 
 Example:
     >>> import factlens, tempfile
@@ -24,12 +27,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from factlens.errors import ArchitectureMismatchError, CheckpointError
+from factlens.errors import ArchitectureMismatchError, CheckpointError, StorageError
 from factlens.models import from_config, unwrap
 
 if TYPE_CHECKING:
@@ -65,6 +71,86 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: Path, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (``mkstemp``/``mkdtemp`` make it private)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk or an unwritable directory while writing ``path`` into a
+    :class:`~factlens.errors.StorageError` that names the path, the space needed and the fix.
+
+    Example:
+        >>> import errno
+        >>> try:
+        ...     with storage_errors("runs/x/metrics.jsonl", needed=2**20):
+        ...         raise OSError(errno.ENOSPC, "No space left on device")
+        ... except StorageError as err:
+        ...     print(str(err)[:60])
+        cannot write runs/x/metrics.jsonl: no space left on the devi
+    """
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, StorageError) or err.errno not in (*_NO_SPACE, *_NOT_WRITABLE):
+            raise
+        raise storage_error(path, err, needed) from err
+
+
+def storage_error(path: str | Path, err: OSError, needed: int | None = None) -> StorageError:
+    """The :class:`~factlens.errors.StorageError` for ``err`` raised while writing ``path``."""
+    from factlens.resources import format_bytes
+
+    if err.errno in _NO_SPACE:
+        free = _free_bytes(path)
+        have = f"{format_bytes(free)} free" if free is not None else "free space unknown"
+        want = f"; this write needs about {format_bytes(needed)}" if needed else ""
+        return StorageError(f"cannot write {path}: no space left on the device ({have}{want}). Free some space "
+                            "or write to a directory on another disk (out_dir / --out).")
+    return StorageError(f"cannot write {path}: {err.strerror or 'permission denied'} (the directory is read-only "
+                        "or not yours). Pass a writable directory (out_dir / --out) or fix its permissions.")
+
+
+def _free_bytes(path: str | Path) -> int | None:
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary sibling, ``fsync``, rename) with the umask's mode."""
+    path = Path(path)
+    with storage_errors(path, len(text.encode())):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            _chmod_default(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:07d}"
 
@@ -88,37 +174,53 @@ def check_same_architecture(a: dict, b: dict, what: str = "reference checkpoint"
 
 def save_checkpoint(root: str | Path, model: PreTrainedModel, *, step: int, config: dict | None = None, optimizer=None,
                     scheduler=None, data_seed: int | None = None, extra: dict | None = None) -> Path:
-    """Write a checkpoint of an HF model atomically; returns its directory."""
+    """Write a checkpoint of an HF model atomically; returns its directory.
+
+    A full disk or an unwritable ``root`` raises :class:`~factlens.errors.StorageError` (naming the path and
+    the bytes needed) and leaves no partial checkpoint behind."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-        state = _untie(state)
-        save_file(state, str(tmp / MODEL_FILE))
-        files = [MODEL_FILE]
-        if optimizer is not None:
-            blob = {"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "torch_rng": torch.get_rng_state()}
-            torch.save(blob, tmp / STATE_FILE)
-            files.append(STATE_FILE)
-        manifest = {
-            "format": FORMAT_VERSION, "step": step, "data_seed": data_seed, "config": config or {},
-            "architecture": architecture(unwrap(model).config), "hf_config": unwrap(model).config.to_dict(),
-            "extra": extra or {}, "sha256": {f: _sha256(tmp / f) for f in files},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        for f in [*files, MANIFEST]:
-            _fsync(tmp / f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    state = _untie({k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()})
+    needed = sum(v.numel() * v.element_size() for v in state.values()) * (3 if optimizer is not None else 1)
+    with storage_errors(final, needed):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
+        try:
+            _write_checkpoint(tmp, final, state, model, step=step, config=config, optimizer=optimizer,
+                              scheduler=scheduler, data_seed=data_seed, extra=extra)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, state: dict[str, torch.Tensor], model, *, step, config, optimizer,
+                      scheduler, data_seed, extra) -> None:
+    _chmod_default(tmp, directory=True)
+    save_file(state, str(tmp / MODEL_FILE))
+    files = [MODEL_FILE]
+    if optimizer is not None:
+        blob = {"optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "torch_rng": torch.get_rng_state()}
+        torch.save(blob, tmp / STATE_FILE)
+        files.append(STATE_FILE)
+    manifest = {
+        "format": FORMAT_VERSION, "step": step, "data_seed": data_seed, "config": config or {},
+        "architecture": architecture(unwrap(model).config), "hf_config": unwrap(model).config.to_dict(),
+        "extra": extra or {}, "sha256": {f: _sha256(tmp / f) for f in files},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    for f in [*files, MANIFEST]:
+        _chmod_default(tmp / f)  # safetensors writes its file 0600
+        _fsync(tmp / f)
+    if final.exists():  # replace an older copy: move it aside first, so the final name is never half-written
+        old = final.with_name(f".old_{final.name}_{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -194,10 +296,17 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, load_tensors: bool
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{mpath} is corrupt ({err}); delete this checkpoint and resume from an earlier one.") from err
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath} is corrupt (not a JSON object); delete this checkpoint and resume from an "
+                              "earlier one.")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {manifest.get('format')!r}; this factlens reads {FORMAT_VERSION}.")
     if verify:
-        for fname, digest in manifest.get("sha256", {}).items():
+        sums = manifest.get("sha256")
+        if not isinstance(sums, dict) or MODEL_FILE not in sums:
+            raise CheckpointError(f"{mpath} has no checksum for {MODEL_FILE}, so the weights cannot be verified: "
+                                  "the manifest is corrupt. Delete this checkpoint and resume from an earlier one.")
+        for fname, digest in sums.items():
             f = path / fname
             if not f.exists():
                 raise CheckpointError(f"{path} is missing {fname}; the checkpoint is incomplete.")
@@ -233,3 +342,15 @@ def latest_checkpoint(root: str | Path, *, with_training_state: bool = True) -> 
         if not with_training_state or (path / STATE_FILE).exists():
             return path
     return None
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints under ``root``; returns the deleted steps."""
+    steps = list_checkpoints(root)
+    doomed = steps[:-keep] if keep > 0 else steps
+    for step in doomed:
+        path = step_dir(root, step)
+        trash = path.with_name(f".old_{path.name}_{os.getpid()}")
+        os.replace(path, trash)  # out of list_checkpoints' sight at once, then deleted
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed

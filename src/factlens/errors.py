@@ -64,17 +64,32 @@ class ResourceError(FactlensError, MemoryError):
     """A predicted allocation (a cache, a training run) that would not fit in the memory available."""
 
 
+class StorageError(FactlensError, OSError):
+    """A write that failed for lack of disk space or permission (the message names the path and the space)."""
+
+
+class DivergenceError(FactlensError, FloatingPointError):
+    """Training produced a non-finite loss or weights (the message names the settings to change)."""
+
+
+class RunNotFoundError(CheckpointError, FileNotFoundError):
+    """A directory that is not a training run, or a run without the file asked for."""
+
+
 __all__ = [
     "ArchitectureMismatchError",
     "CheckpointError",
     "ConfigError",
+    "DivergenceError",
     "EmptyDatasetError",
     "FactlensError",
     "HookDidNotFireError",
     "InterventionNoEffectError",
     "ModeError",
     "ResourceError",
+    "RunNotFoundError",
     "ShapeError",
+    "StorageError",
     "TokenizationError",
     "UnknownModelError",
 ]

@@ -111,10 +111,55 @@ class TrainConfig:
     n_unseen: int = 0
     checkpoint_every: int | None = None  # None = the paper's schedule
     resume_every: int = 500
+    keep_resume: int = 2  # resume checkpoints kept in out/resume (older ones are deleted)
     log_every: int = 10
     compile: bool = False
     patch: PatchConfig | None = None
     finetune: dict | None = None  # a FinetuneConfig as a dict (see factlens.bios.finetune)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse, with :class:`~factlens.errors.ConfigError` naming the fix, settings that cannot train.
+
+        Example:
+            >>> TrainConfig.preset("tiny", min_lr=1e4)
+            Traceback (most recent call last):
+            ...
+            factlens.errors.ConfigError: min_lr=10000.0 is above lr=0.001: the cosine schedule would raise the learning rate until the loss diverges. Pass 0 <= min_lr <= lr (e.g. min_lr=1e-7).
+        """
+        for name in ("steps", "batch_size", "n_people", "n_eval_sequences", "eval_batch_size", "resume_every",
+                     "keep_resume", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}; pass a positive integer.")
+        for name in ("n_unseen", "seed", "data_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}; pass an integer >= 0.")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 1):
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r}; pass a positive integer, or None for "
+                              "the paper's schedule.")
+        if not _is_real(self.lr) or not 0 < self.lr < 1:
+            raise ConfigError(f"lr={self.lr!r} is not a learning rate; use e.g. 4e-4.")
+        if not _is_real(self.min_lr) or self.min_lr < 0:
+            raise ConfigError(f"min_lr={self.min_lr!r}; pass 0 <= min_lr <= lr (e.g. min_lr=1e-7).")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr={self.min_lr} is above lr={self.lr}: the cosine schedule would raise the "
+                              "learning rate until the loss diverges. Pass 0 <= min_lr <= lr (e.g. min_lr=1e-7).")
+        if not _is_real(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r} is negative: it grows the weights until the loss "
+                              "diverges. Pass weight_decay >= 0 (the paper uses 0.1).")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else (self.betas,)
+        if len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"betas={self.betas!r}; AdamW needs two values in [0, 1), e.g. (0.9, 0.95).")
+        if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip <= 0):
+            raise ConfigError(f"grad_clip={self.grad_clip!r}; pass a positive maximum gradient norm (e.g. 1.0), "
+                              "or None for no clipping.")
+        if not isinstance(self.sampler, dict):
+            raise ConfigError(f"sampler={self.sampler!r}; pass a dict such as {{'kind': 'power_law', 'alpha': 0.6}}.")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:
@@ -145,11 +190,8 @@ class TrainConfig:
         return paper_schedule(self.steps)
 
     def validate(self, max_bio_tokens: int) -> int:
-        """Check the config; returns the sequence length to use."""
-        if self.steps < 1 or self.batch_size < 1 or self.n_people < 1:
-            raise ConfigError("steps, batch_size and n_people must be positive.")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"lr={self.lr} is not a learning rate; use e.g. 4e-4.")
+        """Check the config against the task (:meth:`check` runs on construction); returns the sequence length."""
+        self.check()
         seq_len = self.seq_len or 8 * math.ceil(max_bio_tokens / 8)
         if seq_len < max_bio_tokens:
             raise ConfigError(f"seq_len={seq_len} is shorter than the longest biography ({max_bio_tokens} tokens).")
@@ -158,6 +200,10 @@ class TrainConfig:
             raise ConfigError(f"seq_len={seq_len} is longer than the model's context n_positions={n_ctx}; "
                               f"raise n_positions or shorten the sequence.")
         return seq_len
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 _OPT_FIELDS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,25 +20,71 @@ import pandas as pd
 
 from factlens.bios.data.pools import Pools, no_knowledge_baseline
 from factlens.bios.metrics import plateau_end as _plateau_end
+from factlens.checkpoints import atomic_write_text, storage_errors
+from factlens.errors import CheckpointError, EmptyDatasetError, RunNotFoundError
+
+METRICS = "metrics.jsonl"
+KINDS = ("train", "eval")
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON record (a line) and flush it to disk."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    with storage_errors(path, len(line)), open(path, "a") as f:
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records with ``step > max_step`` (all of them for ``max_step < 0``), atomically."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics log. A torn last line (the process died mid-write) is dropped with a warning;
+    any other line that is not a factlens record raises :class:`~factlens.errors.CheckpointError`."""
+    path = Path(path)
+    lines = path.read_text().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: a write cut short by a crash
+                warnings.warn(f"{path}: dropped a torn last line (the run was interrupted while writing it).",
+                              stacklevel=2)
+                continue
+            raise CheckpointError(f"{path} line {i + 1} is not JSON: the file is corrupt or not a factlens "
+                                  "metrics log. Delete that line, or the file, and resume the run.") from None
+        if not (isinstance(record, dict) and record.get("kind") in KINDS and isinstance(record.get("step"), int)):
+            raise CheckpointError(f"{path} line {i + 1} is not a factlens metrics record (a dict with 'kind' "
+                                  f"{' or '.join(KINDS)} and an integer 'step'); this file belongs to another tool. "
+                                  "Use another output directory.")
+        rows.append(record)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep exactly what a run resumed at ``step`` has already logged: training rows up to ``step`` and
+    evaluations before it (the evaluation at ``step`` runs again). ``step=0`` empties the log. A torn last line
+    is dropped. Rewritten atomically, only when something changes."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= max_step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn line is expected here: this is the recovery
+        rows = read_jsonl(path)
+    keep = [r for r in rows if r["step"] < step or (r["step"] == step and r["kind"] == "train")]
+    text = "".join(json.dumps(r) + "\n" for r in keep)
+    if text != path.read_text():
+        atomic_write_text(path, text)
+
+
+def _run_pools(run_dir: Path) -> Pools:
+    """The pools of the run in ``run_dir`` (its verified config); the paper's when it has no config at all."""
+    from factlens.bios.runs import run_config
+
+    try:
+        return run_config(run_dir, require_checkpoint=False).make_pools()
+    except RunNotFoundError:
+        return Pools.default()
 
 
 @dataclass
@@ -58,13 +104,23 @@ class TrainingHistory:
 
     @classmethod
     def load(cls, run_dir: str | Path, pools: Pools | None = None) -> TrainingHistory:
+        """Read ``run_dir/metrics.jsonl``; the baseline uses the run's pools (from its checkpoints' config)."""
         run_dir = Path(run_dir)
-        rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        path = run_dir / METRICS
+        if not path.is_file():
+            raise RunNotFoundError(f"{run_dir} has no {METRICS}: it is not a training run, or the run has not "
+                                   f"started. Check the path, or train it (factlens bios train --out {run_dir}).")
+        rows = read_jsonl(path)
         evals = pd.DataFrame([r for r in rows if r["kind"] == "eval"]).drop(columns="kind", errors="ignore")
         train = pd.DataFrame([r for r in rows if r["kind"] == "train"]).drop(columns="kind", errors="ignore")
+        if not rows:
+            raise EmptyDatasetError(f"{path} is empty: the run has not logged anything yet. Let it reach its first "
+                                    f"evaluation (step 0), or resume it (factlens bios train --out {run_dir}).")
+        if evals.empty:
+            raise EmptyDatasetError(f"{path} has no evaluation record yet (the run logs one at step 0 and at every "
+                                    "checkpoint); let the run reach its first checkpoint, or resume it.")
         if pools is None:
-            sizes = json.loads((run_dir / "config.json").read_text()).get("pools") if (run_dir / "config.json").exists() else None
-            pools = Pools.sized(**sizes) if sizes else Pools.default()
+            pools = _run_pools(run_dir)
         baseline = no_knowledge_baseline(pools)
         return cls(evals=evals, train=train, baseline=baseline, run_dir=run_dir)
 

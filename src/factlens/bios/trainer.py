@@ -6,10 +6,16 @@ the same, so any checkpoint opens as a bridge for analysis (:func:`factlens.bios
 
 - Optimiser: AdamW (β = 0.9, 0.95; weight decay 0.1 on matrices, none on biases/norms), peak LR 4e-4,
   cosine decay to 1e-7 without warm-up; bf16 autocast on CUDA; optional ``torch.compile``.
-- Data: :class:`~factlens.bios.data.batches.BiographyStream`, a pure function of (seed, step), so a resumed run
+- Data: :class:`~factlens.bios.batches.BiographyStream`, a pure function of (seed, step), so a resumed run
   and DDP ranks see exactly the batches a single uninterrupted run sees.
-- Checkpoints (model only) on the paper's schedule under ``out/checkpoints``; a resume checkpoint (model +
-  optimizer + scheduler) under ``out/resume``, overwritten atomically; metrics in ``out/metrics.jsonl``.
+- Data: a :class:`~factlens.bios.task.BiosTask` (population, vocabulary, stream, evaluation sets), built from
+  the config alone; the memory the run needs is measured once at start-up (:mod:`factlens.bios.memory`).
+- The run directory is owned (:mod:`factlens.bios.rundir`): checked before anything is written, locked while
+  the run is in it. Checkpoints (model only) on the paper's schedule under ``out/checkpoints``; resume
+  checkpoints (model + optimizer + RNG) under ``out/resume``, the last ``keep_resume`` kept; metrics in
+  ``out/metrics.jsonl``, truncated to the resume point when a run resumes.
+- Divergence: a non-finite loss or weight stops the run at the next logging step or save with
+  :class:`~factlens.errors.DivergenceError`; no non-finite checkpoint is ever written.
 - Attention patching (:class:`PatchConfig`): from ``start_patching`` on, a frozen reference checkpoint's
   patterns replace the model's (:class:`~factlens.attention_patcher.AttentionPatcher`), optionally resetting
   the optimizer state as the paper does.
@@ -28,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
@@ -40,7 +46,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from factlens.attention_patcher import AttentionPatcher
-from factlens.bios import finetune
+from factlens.bios import memory
 from factlens.bios.config import (  # re-exported: the trainer's public configuration
     MODEL_PRESETS,
     RUN_PRESETS,
@@ -48,22 +54,23 @@ from factlens.bios.config import (  # re-exported: the trainer's public configur
     TrainConfig,
     hf_field_names,
 )
-from factlens.bios.data.batches import BiographyStream, eval_batches
 from factlens.bios.data.population import Population
-from factlens.bios.data.samplers import make_sampler
-from factlens.bios.data.vocab import BiosVocab
-from factlens.bios.finetune import init_weights, people_slice
-from factlens.bios.history import TrainingHistory, append_jsonl, truncate_jsonl
+from factlens.bios.finetune import init_weights
+from factlens.bios.history import TrainingHistory, append_jsonl, read_jsonl, truncate_metrics
 from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
+from factlens.bios.rundir import RunDirectory
+from factlens.bios.runs import config_diff
+from factlens.bios.task import UNSEEN, BiosTask
 from factlens.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     load_state,
+    prune_checkpoints,
     save_checkpoint,
 )
-from factlens.errors import CheckpointError, ConfigError
+from factlens.errors import CheckpointError, ConfigError, DivergenceError, FactlensError
 from factlens.models import build_hf
-from factlens.resources import check_fits, format_bytes, memory_usage, saved_tensor_bytes
+from factlens.resources import format_bytes, memory_usage
 
 
 class _PaddingNoticeFilter(logging.Filter):
@@ -96,121 +103,62 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _maybe_init_dist(device: torch.device) -> bool:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+def _setup_device(device: str | torch.device | None) -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world size, whether this call started the process group); under ``torchrun`` each rank
+    takes its local GPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' requested but CUDA is not available; pass device='cpu'.")
+    own_dist = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if own_dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return True
-    return False
+    rank, world = _dist_info()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device, rank, world, own_dist
 
 
 class Trainer:
-    """One training run: model, optimiser, data, evaluation and checkpoints. See :func:`train`."""
+    """One training run: a :class:`~factlens.bios.task.BiosTask`, a model, its optimiser, and the run directory.
+
+    ``task`` defaults to ``BiosTask.build(config, population)``. Nothing is written before :meth:`run`.
+    """
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, *, device: str | torch.device | None = None,
-                 progress: bool = True, population: Population | None = None) -> None:
+                 progress: bool = True, population: Population | None = None, task: BiosTask | None = None) -> None:
         self.config, self.out = config, Path(out_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' requested but CUDA is not available; pass device='cpu'.")
-        self.own_dist = _maybe_init_dist(self.device)
-        self.rank, self.world = _dist_info()
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
+        self.device, self.rank, self.world, self.own_dist = _setup_device(device)
         if config.batch_size % self.world:
             raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {self.world} ranks.")
         self.progress = progress and self.rank == 0
-        self.population = population or Population.generate(config.n_people, seed=config.data_seed,
-                                                             pools=config.make_pools())
-        if len(self.population) != config.n_people:
-            raise ConfigError(f"the population has {len(self.population)} people, the config says {config.n_people}.")
-        self.vocab = BiosVocab(self.population.pools)
-        self.seq_len = config.validate(self.vocab.max_biography_tokens())
-        if config.finetune:
-            self.population, sampler, groups = finetune.setup(config, self.population)
-        else:
-            sampler = make_sampler(config.sampler, n=config.n_people, batch_size=config.batch_size)
-            groups = {"": (0, len(self.population))}
-        self.stream = BiographyStream(self.population, self.vocab, sampler, config.batch_size, self.seq_len,
-                                      seed=config.data_seed)
-        self.eval_groups = {
-            prefix: eval_batches(people_slice(self.population, lo, hi), self.vocab, config.n_eval_sequences, config.eval_batch_size,
-                                 self.seq_len, seed=config.data_seed)
-            for prefix, (lo, hi) in groups.items()}
-        self.unseen_set = []
-        if config.n_unseen:
-            unseen = self.population.unseen(config.n_unseen, seed=config.data_seed + 1)
-            self.unseen_set = eval_batches(unseen, self.vocab, config.n_unseen, config.eval_batch_size,
-                                           self.seq_len, seed=config.data_seed + 1, split="train")
-        model_kw = dict(config.model)
-        model_kw.setdefault("n_positions", self.seq_len)
-        self.model = build_hf(config.arch, seed=config.seed, vocab_size=self.vocab.size,
-                              **hf_field_names(config.arch, model_kw)).to(self.device)
-        self.raw_model = self.model
-        if config.finetune:
-            init_weights(self.raw_model, config)
+        self.task = task or BiosTask.build(config, population)
+        self.raw_model = self._build_model()
+        self.optimizer = self._make_optimizer()
+        self.model, self.forward = self._wrap_model()
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.patcher = None
         self.step = 0
-        self.optimizer = self._make_optimizer()
-        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
-        if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward = torch.compile(self.model) if config.compile else self.model
-        self._saved_bytes = (self._measure_saved_bytes(1), self._measure_saved_bytes(2))  # before any patching
+        self._saved_bytes = self._measure_saved_bytes(1), self._measure_saved_bytes(2)  # before any patching
         self.check_memory()
 
-    # ------------------------------------------------------------------------------ memory
-    def memory_estimate(self) -> dict[str, int]:
-        """Bytes this rank needs: weights, gradients, AdamW state, the activations saved for backward, the
-        logits and, when the run patches attention, the reference model and its captured patterns.
-
-        The activations are measured, not modelled: the training forward runs on batches of 1 and 2 with
-        every tensor autograd saves counted (:func:`~factlens.resources.saved_tensor_bytes`), and the count is
-        extrapolated linearly to this rank's batch (every saved tensor is per-sequence or fixed; on GPT-2 and
-        OPT the extrapolation over-predicts a direct measurement by under 0.05%). The rest are fp32 upper
-        bounds. ``torch.compile`` saves less than this eager measurement.
-        """
-        cfg = self.config
-        n_params = sum(p.numel() for p in self.raw_model.parameters())
-        b, t = cfg.batch_size // self.world, self.seq_len
-        one, two = self._saved_bytes
-        est = {"weights + gradients + AdamW": 16 * n_params,
-               "activations saved for backward": one + (two - one) * (b - 1),
-               # the logits, their flattened copy and two gradients live at once at the start of backward
-               "logits (copies and gradients in the loss)": 4 * 4 * b * t * self.vocab.size}
-        if cfg.patch is not None:
-            mcfg = self.raw_model.config
-            n_layers = len(cfg.patch.layers) if cfg.patch.layers is not None else mcfg.num_hidden_layers
-            est["reference model"] = 4 * n_params
-            est["reference patterns"] = 4 * b * n_layers * mcfg.num_attention_heads * t * t
-        return est
-
-    def _measure_saved_bytes(self, batch: int) -> int:
-        """What the training forward and loss (unpatched, eager) save for backward on ``batch`` sequences; the
-        RNG is forked, so the run's randomness is untouched."""
-        tokens = torch.zeros(batch, self.seq_len, dtype=torch.long, device=self.device)
-        was_training = self.raw_model.training
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            self.raw_model.train()  # dropout masks are saved too
-            try:
-                return saved_tensor_bytes(lambda: _loss_sum(self._logits(tokens, self.raw_model), tokens[:, 1:]),
-                                          exclude=self.raw_model.parameters())
-            finally:
-                self.raw_model.train(was_training)
-
-    def check_memory(self) -> None:
-        """Refuse, before the first step, a run whose predictable memory exceeds what the device has free."""
-        est = self.memory_estimate()
-        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.items())
-        fixes = ["a smaller batch_size", "a smaller model (TrainConfig.model)"]
-        if self.config.patch is not None:
-            fixes.insert(1, "patch fewer layers (PatchConfig.layers)")
-        if self.device.type == "cuda":
-            fixes.append("more GPUs (torchrun splits the batch across ranks)")
-        check_fits(sum(est.values()), self.device, what=f"training ({parts})", fixes=fixes)
+    # the task's parts, under the names analysis code uses
+    population = property(lambda self: self.task.population)
+    vocab = property(lambda self: self.task.vocab)
+    seq_len = property(lambda self: self.task.seq_len)
+    stream = property(lambda self: self.task.stream)
 
     # ------------------------------------------------------------------------------ setup
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.config
+        model_kw = dict(cfg.model)
+        model_kw.setdefault("n_positions", self.seq_len)
+        model = build_hf(cfg.arch, seed=cfg.seed, vocab_size=self.vocab.size,
+                         **hf_field_names(cfg.arch, model_kw)).to(self.device)
+        if cfg.finetune:
+            init_weights(model, cfg)
+        return model
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
         decay = [p for p in self.raw_model.parameters() if p.ndim >= 2]
@@ -219,26 +167,52 @@ class Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=None if fused else True)
 
-    def _make_patcher(self):
+    def _wrap_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the DDP-wrapped model when there are several ranks, the forward the step runs: compiled if asked)."""
+        model = self.raw_model
+        if self.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model, torch.compile(model) if self.config.compile else model
+
+    def _make_patcher(self) -> AttentionPatcher:
         patch = self.config.patch
-        ckpt = load_checkpoint(patch.checkpoint_dir())
-        reference = ckpt.build_model(self.device)
+        reference = load_checkpoint(patch.checkpoint_dir()).build_model(self.device)
         patcher = AttentionPatcher(self.raw_model, reference, layers=patch.layers, heads=patch.heads)
         if self.config.compile:
             patcher.reference_forward = torch.compile(reference)
         return patcher
 
-    def _patching_active(self, step: int) -> bool:
-        return self.config.patch is not None and step >= self.config.patch.start_patching
-
     def _sync_patching(self, step: int) -> None:
         """Install the patcher once ``step`` reaches ``start_patching`` (resetting AdamW if asked)."""
-        if not self._patching_active(step) or (self.patcher is not None and self.patcher.installed):
+        patch = self.config.patch
+        if patch is None or step < patch.start_patching or (self.patcher is not None and self.patcher.installed):
             return
         self.patcher = self.patcher or self._make_patcher()
         self.patcher.install()
-        if step == self.config.patch.start_patching and self.config.patch.reset_optimizer:
+        if step == patch.start_patching and patch.reset_optimizer:
             self.optimizer = self._make_optimizer()
+
+    # ------------------------------------------------------------------------------ memory (start-up only)
+    def _measure_saved_bytes(self, batch: int) -> int:
+        """What the training forward and loss (unpatched, eager) save for backward on ``batch`` sequences."""
+        def loss(tokens):
+            return _loss_sum(self._logits(tokens, self.raw_model), tokens[:, 1:])
+
+        return memory.saved_bytes(self.raw_model, loss, seq_len=self.seq_len, device=self.device,
+                                  batches=(batch,))[0]
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes this rank needs, by part (see :func:`factlens.bios.memory.estimate`)."""
+        patch = self.config.patch
+        layers = None if patch is None else (len(patch.layers) if patch.layers is not None
+                                             else self.raw_model.config.num_hidden_layers)
+        return memory.estimate(self.raw_model, self._saved_bytes, batch=self.config.batch_size // self.world,
+                               seq_len=self.seq_len, vocab_size=self.vocab.size, patched_layers=layers)
+
+    def check_memory(self) -> None:
+        """Refuse, before the first step, a run whose predictable memory exceeds what the device has free."""
+        memory.check(self.memory_estimate(), self.device, patched=self.config.patch is not None)
 
     # ---------------------------------------------------------------------------- running
     def _logits(self, tokens: torch.Tensor, model=None) -> torch.Tensor:
@@ -278,7 +252,7 @@ class Trainer:
         """Attribute loss/accuracy on held-out templates; hallucination metrics on unseen people."""
         self.raw_model.eval()
         out: dict[str, float] = {}
-        for prefix, batches in [*self.eval_groups.items(), ("unseen_", self.unseen_set)]:
+        for prefix, batches in self.task.eval_sets.items():
             totals: dict[str, float] = {}
             n = 0
             for batch in batches:
@@ -286,7 +260,7 @@ class Trainer:
                 logits = self._logits(batch.tokens, self.raw_model).float()
                 stats = {"attr_loss": float(attribute_loss(logits, batch)),
                          "attr_acc": float(attribute_accuracy(logits, batch))}
-                if prefix == "unseen_":
+                if prefix == UNSEEN:
                     summary = hallucination_metrics(logits, batch)
                     stats.update(top_prob=float(summary["top_prob"]), entropy=float(summary["entropy"]))
                 for k, v in stats.items():
@@ -296,17 +270,33 @@ class Trainer:
         self.raw_model.train()
         return out
 
+    def check_finite(self, step: int, losses: list[torch.Tensor]) -> None:
+        """Raise :class:`~factlens.errors.DivergenceError` if a loss in ``losses`` or a weight is NaN/inf (one
+        device sync; run at every logging step and before every save, never on the other steps)."""
+        weights = torch.stack([torch.isfinite(p).all() for p in self.raw_model.parameters()]).all()
+        losses_ok = torch.isfinite(torch.stack(losses)).all() if losses else torch.tensor(True)
+        if bool(weights) and bool(losses_ok):
+            return
+        cfg = self.config
+        what = "the loss" if not bool(losses_ok) else "the weights"
+        last = latest_checkpoint(self.out / "resume")
+        raise DivergenceError(
+            f"training diverged: {what} became NaN or inf by step {step} (lr={cfg.lr}, min_lr={cfg.min_lr}, "
+            f"weight_decay={cfg.weight_decay}, betas={tuple(cfg.betas)}, grad_clip={cfg.grad_clip}); nothing "
+            f"non-finite was saved{f' (the last resume checkpoint is {last})' if last else ''}. Fix: lower lr "
+            f"(e.g. lr={cfg.lr / 10:g}), keep 0 <= min_lr <= lr and weight_decay >= 0, or set grad_clip=1.0; then "
+            "train into a new directory.")
+
     # -------------------------------------------------------------------------- persistence
     def _save(self, step: int, resume: bool) -> None:
         if self.rank != 0:
             return
         extra = {"seq_len": self.seq_len, "vocab_fingerprint": self.vocab.fingerprint}
+        root = self.out / ("resume" if resume else "checkpoints")
+        save_checkpoint(root, self.raw_model, step=step, config=self.config.to_dict(),
+                        optimizer=self.optimizer if resume else None, data_seed=self.config.data_seed, extra=extra)
         if resume:
-            save_checkpoint(self.out / "resume", self.raw_model, step=step, config=self.config.to_dict(),
-                            optimizer=self.optimizer, data_seed=self.config.data_seed, extra=extra)
-        else:
-            save_checkpoint(self.out / "checkpoints", self.raw_model, step=step, config=self.config.to_dict(),
-                            data_seed=self.config.data_seed, extra=extra)
+            prune_checkpoints(root, self.config.keep_resume)
 
     def try_resume(self) -> bool:
         """Restore the newest resume checkpoint in ``out/resume`` (if any); returns whether it did."""
@@ -314,11 +304,10 @@ class Trainer:
         if path is None:
             return False
         ckpt = load_checkpoint(path)
-        saved = TrainConfig.from_dict(ckpt.config).to_dict()
-        if saved != self.config.to_dict():
-            diff = [k for k in saved if saved[k] != self.config.to_dict().get(k)]
-            raise CheckpointError(f"{self.out} holds a run with another config (differs in {diff}); use a new "
-                                  "output directory or the same config to resume.")
+        saved, ours = TrainConfig.from_dict(ckpt.config).to_dict(), self.config.to_dict()
+        if saved != ours:
+            raise CheckpointError(f"{self.out} holds a run with another config (differs in {config_diff(saved, ours)}); "
+                                  "use a new output directory, or the same config to resume it.")
         load_state(self.raw_model, ckpt.state, path)
         # The patcher (and, exactly at start_patching, the optimizer reset) is applied by the loop's
         # _sync_patching at the resumed step, after this state is loaded, as in an uninterrupted run.
@@ -328,16 +317,63 @@ class Trainer:
         self.step = ckpt.step
         return True
 
+    def _storage_needed(self) -> tuple[int, str]:
+        """Bytes the rest of the run writes (checkpoints still to come, resume checkpoints kept), and how."""
+        cfg = self.config
+        model = sum(p.numel() * p.element_size() for p in self.raw_model.state_dict().values())
+        n = sum(1 for s in cfg.checkpoint_steps() if s >= self.step)
+        k = min(cfg.keep_resume + 1, math.ceil(cfg.steps / cfg.resume_every) + 1)
+        return n * model + 3 * k * model, (f"{n} checkpoints of {format_bytes(model)} and up to {k} resume "
+                                           f"checkpoints of {format_bytes(3 * model)}")
+
+    @contextlib.contextmanager
+    def _own_run_dir(self):
+        """Rank 0 checks and locks the run directory and writes its config; every rank learns whether it may go on
+        (so a refused directory stops all ranks, not only rank 0)."""
+        refused: FactlensError | None = None
+        with contextlib.ExitStack() as stack:
+            if self.rank == 0:
+                try:
+                    needed, what = self._storage_needed()
+                    stack.enter_context(RunDirectory(self.out, self.config).claim(needed=needed, what=what))
+                except FactlensError as err:
+                    refused = err
+            if self.world > 1:
+                verdict = [None if refused is None else f"{type(refused).__name__}: {refused}"]
+                dist.broadcast_object_list(verdict, src=0)
+                if verdict[0] is not None and refused is None:
+                    raise CheckpointError(f"rank 0 refused the run directory: {verdict[0]}")
+            if refused is not None:
+                raise refused
+            yield
+
+    def _finished(self) -> bool:
+        """Whether the run in the directory already ran to the end (then a re-run writes nothing)."""
+        metrics = self.out / "metrics.jsonl"
+        if self.step < self.config.steps or not metrics.exists():
+            return False
+        final = [r for r in read_jsonl(metrics) if r["kind"] == "eval" and r["step"] == self.config.steps]
+        return bool(final) and latest_checkpoint(self.out / "checkpoints", with_training_state=False) is not None
+
     def run(self) -> TrainingHistory:
         """Train to ``config.steps`` (resuming if possible), evaluating and checkpointing on schedule."""
-        cfg = self.config
-        metrics_path = self.out / "metrics.jsonl"
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        resumed = self.try_resume()
-        if self.rank == 0:
-            truncate_jsonl(metrics_path, self.step if resumed else -1)
+        with self._own_run_dir():
+            self.try_resume()
+            if not self._finished():
+                if self.rank == 0:
+                    truncate_metrics(self.out / "metrics.jsonl", self.step)
+                self._loop()
+        if self.world > 1:
+            dist.barrier()
+        if self.patcher is not None:
+            self.patcher.remove()
+        if self.own_dist:
+            dist.destroy_process_group()
+        return TrainingHistory.load(self.out) if self.rank == 0 else None
+
+    def _loop(self) -> None:
+        """The step loop: evaluate + checkpoint on schedule, one optimiser step, log, save a resume point."""
+        cfg, metrics = self.config, self.out / "metrics.jsonl"
         schedule = set(cfg.checkpoint_steps())
         self.raw_model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
@@ -347,9 +383,10 @@ class Trainer:
         for step in range(self.step, cfg.steps + 1):
             self._sync_patching(step)
             if step in schedule:
+                self.check_finite(step, window)
                 record = {"kind": "eval", "step": step, **self.evaluate()}
                 if self.rank == 0:
-                    append_jsonl(metrics_path, record)
+                    append_jsonl(metrics, record)
                     self._save(step, resume=False)
                 postfix.update({k: f"{v:.3f}" for k, v in record.items() if k.endswith(("attr_loss", "attr_acc"))})
                 bar.set_postfix(postfix)
@@ -358,26 +395,22 @@ class Trainer:
             window.append(self.train_step(step))
             tokens_seen += cfg.batch_size * self.seq_len
             self.step = step + 1
-            if self.step % cfg.log_every == 0 and self.rank == 0:
-                elapsed, mem = time.perf_counter() - t0, memory_usage(self.device)
-                append_jsonl(metrics_path, {"kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
-                                            "lr": self.optimizer.param_groups[0]["lr"],
-                                            "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                                            **mem.to_dict()})
-                postfix["mem"] = mem.short()
-                bar.set_postfix(postfix, refresh=False)
+            if self.step % cfg.log_every == 0:
+                self.check_finite(self.step, window)
+                if self.rank == 0:
+                    mem = memory_usage(self.device)
+                    append_jsonl(metrics, {"kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
+                                           "lr": self.optimizer.param_groups[0]["lr"],
+                                           "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9),
+                                           **mem.to_dict()})
+                    postfix["mem"] = mem.short()
+                    bar.set_postfix(postfix, refresh=False)
                 window.clear()
             if self.step % cfg.resume_every == 0 or self.step == cfg.steps:
+                self.check_finite(self.step, window)
                 self._save(self.step, resume=True)
             bar.update(1)
         bar.close()
-        if self.world > 1:
-            dist.barrier()
-        if self.patcher is not None:
-            self.patcher.remove()
-        if self.own_dist:
-            dist.destroy_process_group()
-        return TrainingHistory.load(self.out) if self.rank == 0 else None
 
 
 def train(config: TrainConfig, out_dir: str | Path, *, device=None, progress: bool = True,

@@ -25,13 +25,42 @@ def _train_config(args: argparse.Namespace):
         if value is not None:
             overrides[field] = value
     if args.sampler:
-        overrides["sampler"] = json.loads(args.sampler)
+        overrides["sampler"] = _sampler_json(args.sampler)
     return TrainConfig.preset(args.preset, **overrides)
 
 
+def _sampler_json(text: str) -> dict:
+    from factlens.errors import ConfigError
+
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--sampler {text!r} is not valid JSON ({err.msg} at character {err.pos}); write it like "
+                          """--sampler '{"kind": "power_law", "alpha": 0.6}' (double quotes inside single ones)."""
+                          ) from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--sampler {text!r} is not a JSON object; write it like "
+                          """--sampler '{"kind": "power_law", "alpha": 0.6}'.""")
+    return spec
+
+
+def _existing_run(path: str) -> Path:
+    """``--run`` as a path, refused (naming the fix) when it is not a directory."""
+    from factlens.errors import RunNotFoundError
+
+    run = Path(path)
+    if not run.is_dir():
+        raise RunNotFoundError(f"--run {path}: {'is a file, not' if run.exists() else 'there is no'} run directory "
+                               "there; pass the --out directory of a training run (factlens bios train --out DIR).")
+    return run
+
+
 def _write_curves(history, out: Path) -> None:
+    from factlens.checkpoints import storage_errors
+
     fig = history.plot()
-    fig.write_html(out / "curves.html")
+    with storage_errors(out / "curves.html"):
+        fig.write_html(out / "curves.html")
     with contextlib.suppress(Exception):  # kaleido/Chrome not installed: the HTML is the figure
         fig.write_image(out / "curves.png")
 
@@ -45,10 +74,12 @@ def _summarise(history) -> str:
 
 
 def cmd_train(args: argparse.Namespace, config=None) -> int:
+    from factlens.bios.rundir import RunDirectory
     from factlens.bios.trainer import train
 
     config = config or _train_config(args)
     out = Path(args.out)
+    RunDirectory(out, config).check()  # refuse a bad --out before building anything
     t0 = time.perf_counter()
     history = train(config, out, device=args.device, progress=not args.quiet)
     _write_curves(history, out)
@@ -88,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from factlens.bios.trainer import Trainer
     from factlens.checkpoints import load_checkpoint, load_state
 
-    config = run_config(args.run)
+    config = run_config(_existing_run(args.run))  # from the checkpoints' manifests; a disagreeing config.json is refused
     trainer = Trainer(config, Path(args.run), device=args.device, progress=False)
     ckpt = load_checkpoint(checkpoint_path(args.run, args.step))
     load_state(trainer.raw_model, ckpt.state, ckpt.path)
@@ -100,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from factlens.bios.history import TrainingHistory
 
-    history = TrainingHistory.load(args.run)
+    history = TrainingHistory.load(_existing_run(args.run))
     _write_curves(history, Path(args.run))
     print(f"{args.run}: {_summarise(history)}; figure {Path(args.run) / 'curves.html'}")
     return 0
@@ -109,7 +140,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     from factlens.patching.circuits import attention_to_name
 
-    result = attention_to_name(args.run, n_sequences=args.sequences, device=args.device or "cpu",
+    result = attention_to_name(_existing_run(args.run), n_sequences=args.sequences, device=args.device or "cpu",
                                progress=not args.quiet)
     result.to_dataframe().to_csv(Path(args.run) / "attention_to_name.csv", index=False)
     result.plot().write_html(Path(args.run) / "attention_to_name.html")
