@@ -110,8 +110,15 @@ def test_resume_after_sigkill_gives_identical_losses(tmp_path):
     interrupted_at = max(list_checkpoints(killed / "resume"))
     assert interrupted_at < 40, "the worker finished before it could be killed; the test proves nothing"
 
+    # the killed trainer's lock is released by the kernel: the resume takes it over
     train(tiny_config(steps=40, resume_every=5), killed, progress=False)  # resumes
     assert train_losses(killed) == train_losses(reference)
+    timing = ("tokens_per_s", "rss_gib", "peak_rss_gib")
+    rows = [{k: v for k, v in json.loads(ln).items() if k not in timing}
+            for ln in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{k: v for k, v in json.loads(ln).items() if k not in timing}
+                    for ln in (reference / "metrics.jsonl").read_text().splitlines()]  # no duplicate or lost row
+    assert len(list_checkpoints(killed / "resume")) <= 2  # keep_resume
     a = load_checkpoint(killed / "checkpoints" / "step_0000040").state
     b = load_checkpoint(reference / "checkpoints" / "step_0000040").state
     assert all(torch.equal(a[k], b[k]) for k in a)

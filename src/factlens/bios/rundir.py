@@ -38,7 +38,7 @@ from pathlib import Path
 from factlens.bios.config import TrainConfig
 from factlens.bios.history import METRICS, read_jsonl
 from factlens.bios.runs import CHECKPOINTS, CONFIG, RESUME, config_diff, read_config_json, stored_configs
-from factlens.checkpoints import _free_bytes, atomic_write_text, storage_errors
+from factlens.checkpoints import _free_bytes, atomic_write_text, list_checkpoints, storage_errors
 from factlens.errors import CheckpointError, ConfigError, StorageError
 
 try:
@@ -106,6 +106,17 @@ class RunDirectory:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a torn last line is recovered by the resume
                 read_jsonl(path / METRICS)  # another tool's log raises, naming the fix
+
+    def finished(self) -> bool:
+        """Whether the directory holds this run trained to its last step (final evaluation logged, final
+        checkpoint written). Like :meth:`check`, it refuses a directory that holds anything else."""
+        self.check()
+        if not self.metrics.exists():
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logged = any(r["kind"] == "eval" and r["step"] == self.config.steps for r in read_jsonl(self.metrics))
+        return logged and self.config.steps in list_checkpoints(self.checkpoints)
 
     def _foreign(self, entries: list[str]) -> CheckpointError:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")

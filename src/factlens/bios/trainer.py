@@ -56,10 +56,10 @@ from factlens.bios.config import (  # re-exported: the trainer's public configur
 )
 from factlens.bios.data.population import Population
 from factlens.bios.finetune import init_weights
-from factlens.bios.history import TrainingHistory, append_jsonl, read_jsonl, truncate_metrics
+from factlens.bios.history import TrainingHistory, append_jsonl, truncate_metrics
 from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
 from factlens.bios.rundir import RunDirectory
-from factlens.bios.runs import config_diff
+from factlens.bios.runs import config_diff, run_config
 from factlens.bios.task import UNSEEN, BiosTask
 from factlens.checkpoints import (
     latest_checkpoint,
@@ -177,6 +177,8 @@ class Trainer:
 
     def _make_patcher(self) -> AttentionPatcher:
         patch = self.config.patch
+        if not (Path(patch.reference) / "manifest.json").exists():
+            run_config(patch.reference)  # a reference run whose checkpoints or config.json disagree is refused
         reference = load_checkpoint(patch.checkpoint_dir()).build_model(self.device)
         patcher = AttentionPatcher(self.raw_model, reference, layers=patch.layers, heads=patch.heads)
         if self.config.compile:
@@ -349,11 +351,7 @@ class Trainer:
 
     def _finished(self) -> bool:
         """Whether the run in the directory already ran to the end (then a re-run writes nothing)."""
-        metrics = self.out / "metrics.jsonl"
-        if self.step < self.config.steps or not metrics.exists():
-            return False
-        final = [r for r in read_jsonl(metrics) if r["kind"] == "eval" and r["step"] == self.config.steps]
-        return bool(final) and latest_checkpoint(self.out / "checkpoints", with_training_state=False) is not None
+        return self.step == self.config.steps and RunDirectory(self.out, self.config).finished()
 
     def run(self) -> TrainingHistory:
         """Train to ``config.steps`` (resuming if possible), evaluating and checkpointing on schedule."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from factlens.bios.history import TrainingHistory
+from factlens.bios.rundir import RunDirectory
 from factlens.bios.trainer import PatchConfig, TrainConfig, train
 from factlens.errors import ConfigError
 
@@ -69,13 +70,6 @@ def _summary(run_dir: Path) -> dict:
             "run_dir": str(run_dir)}
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    try:
-        return int(TrainingHistory.load(run_dir).evals["step"].max()) >= steps
-    except (FileNotFoundError, KeyError, ValueError):
-        return False
-
-
 def run_grid(config: TrainConfig, out_dir: str | Path, *, reference_steps: Sequence[int],
              start_steps: Sequence[int] = (0,), include_freeze: bool = True, reset_optimizer: bool = True,
              device=None, progress: bool = True) -> GridResult:
@@ -96,7 +90,7 @@ def run_grid(config: TrainConfig, out_dir: str | Path, *, reference_steps: Seque
         raise ConfigError(f"reference steps {missing} are not on the checkpoint schedule; pick from {sorted(available)} "
                           "or set checkpoint_every.")
     ref_dir = out / "reference"
-    if not _finished(ref_dir, config.steps):
+    if not RunDirectory(ref_dir, config).finished():  # refuses a directory holding another config's run
         train(config, ref_dir, device=device, progress=progress)
     rows = []
     for ref in reference_steps:
@@ -108,8 +102,9 @@ def run_grid(config: TrainConfig, out_dir: str | Path, *, reference_steps: Seque
             cell = out / f"ref{ref}_start{start}"
             patch = PatchConfig(reference=str(ref_dir), reference_step=ref, start_patching=start,
                                 reset_optimizer=reset_optimizer)
-            if not _finished(cell, config.steps):
-                train(dataclasses.replace(config, patch=patch), cell, device=device, progress=progress)
+            cell_config = dataclasses.replace(config, patch=patch)
+            if not RunDirectory(cell, cell_config).finished():
+                train(cell_config, cell, device=device, progress=progress)
             rows.append({"reference_step": ref, "start_patching": start, **_summary(cell)})
     result = GridResult(pd.DataFrame(rows), _summary(ref_dir))
     result.table.to_csv(out / "grid.csv", index=False)

@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 
 from factlens.attention import LayerEdit, set_layer_edit, use_factlens_attention
 from factlens.attention_patcher import attention_modules
+from factlens.bios.runs import run_config
 from factlens.checkpoints import load_checkpoint, step_dir
 from factlens.errors import ArchitectureMismatchError, ConfigError
 from factlens.hooks import intervene, patch_pattern
@@ -119,6 +120,8 @@ class Reference:
         """From a factlens training checkpoint (``.../step_0001000``) or a run directory and ``step``."""
         path = Path(path)
         if step is not None and not (path / "manifest.json").exists():
+            if (path / "checkpoints").is_dir():
+                run_config(path)  # a run whose checkpoints or config.json disagree is refused
             path = step_dir(path / "checkpoints" if (path / "checkpoints").is_dir() else path, step)
         ckpt = load_checkpoint(path)
         return cls.from_model(ckpt.build_model(device), description=f"checkpoint {path}")
