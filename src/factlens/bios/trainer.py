@@ -153,12 +153,11 @@ class Trainer:
         self.step = 0
         self.optimizer = self._make_optimizer()
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
-        if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self._wrap()
         self._saved_bytes = (self._measure_saved_bytes(1), self._measure_saved_bytes(2))  # before any patching
         self.check_memory()
+        # the reference is loaded and checked (it exists, has the step, has this architecture) before step 0
+        self.patcher = self._make_patcher() if config.patch is not None else None
 
     # ------------------------------------------------------------------------------ memory
     def memory_estimate(self) -> dict[str, int]:
@@ -219,6 +218,13 @@ class Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=None if fused else True)
 
+    def _wrap(self) -> None:
+        """DDP (over the parameters that require grad now) and ``torch.compile`` around the raw model."""
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.model) if self.config.compile else self.model
+
     def _make_patcher(self):
         patch = self.config.patch
         ckpt = load_checkpoint(patch.checkpoint_dir())
@@ -237,6 +243,8 @@ class Trainer:
             return
         self.patcher = self.patcher or self._make_patcher()
         self.patcher.install()
+        if self.world > 1 and self.patcher.frozen:
+            self._wrap()  # DDP rebuilt without the q/k it froze, whose gradients it would wait for forever
         if step == self.config.patch.start_patching and self.config.patch.reset_optimizer:
             self.optimizer = self._make_optimizer()
 
