@@ -89,6 +89,8 @@ def test_grid_reuses_an_existing_reference_run_and_freezes_only_when_asked(tmp_p
         run_grid(None, tmp_path / "g3", reference=ref, reference_steps=[2], start_steps=[4], progress=False)
     with pytest.raises(factlens.ConfigError, match=r"reference steps \[3\] are not saved.*\[0, 2, 4\]"):
         run_grid(None, tmp_path / "g4", reference=ref, reference_steps=[3], progress=False)
+    with pytest.raises(factlens.ConfigError, match=r"out_dir is the reference run.*write the grid elsewhere"):
+        run_grid(None, ref, reference=ref, reference_steps=[2], progress=False)
     assert not any((tmp_path / g).exists() for g in ("other", "g2", "g3", "g4"))
 
 

@@ -169,6 +169,11 @@ def test_reference_of_another_architecture_is_refused_before_step_0(opt_run, tmp
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
+def test_opt_model_with_a_gpt2_reference_is_refused_naming_the_arch():
+    with pytest.raises(factlens.ArchitectureMismatchError, match=r"a GPT-2 model.*an OPT model.*arch='gpt2'"):
+        AttentionPatcher(_tiny_hf("opt", 0), _tiny_hf("gpt2", 1))
+
+
 def test_reference_with_fewer_layers_is_refused_before_step_0(tmp_path):
     shallow = tmp_path / "shallow"
     train(tiny_config(steps=2, checkpoint_every=2, model=dict(n_layer=1)), shallow, progress=False)
@@ -249,6 +254,8 @@ def test_attention_to_name_on_an_opt_run_numbers_layers_from_0(opt_run):
 def test_attention_to_name_needs_at_least_one_step(gpt2_run):
     with pytest.raises(factlens.ConfigError, match=r"steps=\[\].*omit steps"):
         attention_to_name(gpt2_run, steps=[], progress=False)
+    with pytest.raises(factlens.CheckpointError, match=r"step 7; available: \[0, 10\]"):
+        attention_to_name(gpt2_run, steps=[0, 7], progress=False)  # refused before any checkpoint is measured
 
 
 def test_attention_to_name_result_plot_labels_match_values():

@@ -65,7 +65,11 @@ def _config(model):
     return unwrap(model).config
 
 
-_ARCH_NAMES = {"gpt2": "GPT-2", "opt": "OPT"}
+_ARCH_NAMES = {"gpt2": "a GPT-2", "opt": "an OPT"}
+
+
+def _a(model_type: str | None) -> str:
+    return _ARCH_NAMES.get(model_type, f"a {model_type!r}")
 
 
 class PatternRecorder:
@@ -150,8 +154,8 @@ def _check_same_architecture(model: PreTrainedModel, reference: PreTrainedModel)
     ref_type, own_type = ref.get("model_type"), own.get("model_type")
     if ref_type != own_type:
         raise ArchitectureMismatchError(
-            f"the reference is an {_ARCH_NAMES.get(ref_type, ref_type)} model and the model being trained a "
-            f"{_ARCH_NAMES.get(own_type, own_type)} model; patterns are patched between models of one architecture. "
+            f"the reference is {_a(ref_type)} model and the model being trained {_a(own_type)} model; patterns are "
+            "patched between models of one architecture. "
             f"Train the patched run with arch={ref_type!r} (--arch {ref_type}), or patch from a reference run "
             f"trained with arch={own_type!r}.")
     check_same_architecture(ref, own)

@@ -76,12 +76,12 @@ def reference_checkpoint(reference: str | Path, step: int | None = None) -> Path
                               f"or pass the run directory ({path.parent.parent}) with reference_step={step}.")
         return path
     if not path.is_dir():
-        raise CheckpointError(f"reference {path} does not exist; pass a run directory trained by factlens "
+        raise CheckpointError(f"the reference {path} does not exist; pass a run directory trained by factlens "
                               "(factlens bios train --out DIR) or one of its checkpoints/step_NNNNNNN directories.")
     root = path / "checkpoints"
     steps = list_checkpoints(root)
     if not steps:
-        raise CheckpointError(f"reference {path} holds no checkpoints; pass a run directory trained by factlens "
+        raise CheckpointError(f"the reference {path} holds no checkpoints; pass a run directory trained by factlens "
                               "(factlens bios train --out DIR), or wait until it has saved its first checkpoint.")
     if step is None:
         raise ConfigError(f"{path} is a run directory; pass reference_step (--reference-step) to choose one of its "
