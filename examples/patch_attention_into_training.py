@@ -104,9 +104,9 @@ main_fig = show(curves, "learning_curves")
 
 # %% [markdown]
 # ## 4. Attention to the name over the reference run
-# The circuits the patch transplants: name grouping (layer 1 attends from the name's last token to its first
-# tokens) and extraction (the last layer attends from the attribute position to the name). Their attention
-# mass rises as the plateau ends.
+# The circuits the patch transplants: name grouping (layer 0, the first, attends from the name's last token
+# to its first tokens) and extraction (the last layer attends from the attribute position to the name). Their
+# attention mass rises as the plateau ends. Layers are numbered from 0, as in TransformerLens.
 
 # %%
 atn = attention_to_name(RUNS / "reference", n_sequences=32 if TINY else 256, progress=False)

@@ -68,7 +68,7 @@ def test_architecture_mismatch_is_refused():
     model = factlens.build_hf("gpt2", seed=0)
     with pytest.raises(factlens.ArchitectureMismatchError, match="n_layer"):
         AttentionPatcher(model, factlens.build_hf("gpt2", n_layer=3))
-    with pytest.raises(factlens.ArchitectureMismatchError, match="model_type"):
+    with pytest.raises(factlens.ArchitectureMismatchError, match=r"an OPT model.*a GPT-2 model.*arch='opt'"):
         AttentionPatcher(model, factlens.build_hf("opt"))
     bridge = factlens.tiny("gpt2", n_head=2, n_embd=32)
     with pytest.raises(factlens.ArchitectureMismatchError, match="heads"):

@@ -3,8 +3,16 @@
 A frozen reference model runs forward on the same batch; its post-softmax attention patterns replace the
 trained model's in the chosen layers and heads, with stop-gradient. The trained model keeps its own values,
 outputs, MLPs and embeddings. Both models use factlens's registered attention function
-(:mod:`factlens.attention`): the reference captures its patterns on the explicit path, and a fully patched
-layer of the trained model computes only ``pattern @ V``. Layers that are not patched keep the SDPA path.
+(:mod:`factlens.attention`): the reference records its patterns on the explicit path (:class:`PatternRecorder`,
+the one capture implementation), and a fully patched layer of the trained model computes only ``pattern @ V``.
+Layers that are not patched keep the SDPA path.
+
+A fully patched layer's W_Q and W_K get no gradient. Where they are parameters of their own (OPT's ``q_proj``
+and ``k_proj``), :meth:`AttentionPatcher.install` freezes them and :meth:`AttentionPatcher.remove` unfreezes
+them, so a DDP wrapper built after installing does not wait for gradients that never come (the biography
+trainer rebuilds its wrapper when patching starts). GPT-2's fused ``c_attn`` keeps training its value columns;
+its q/k columns receive zero gradients instead. The reference must be another model: the trainee itself, or a
+model sharing its parameters, is refused (patching would freeze the trainee).
 
 The patcher proves it worked: it counts, per layer, the patterns captured and consumed on every forward
 (:meth:`AttentionPatcher.check_fired` raises :class:`~factlens.errors.HookDidNotFireError` otherwise), and
@@ -27,11 +35,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
-from factlens.attention import LayerEdit, set_layer_edit
+from factlens.attention import LayerEdit, set_layer_edit, use_factlens_attention
 from factlens.checkpoints import architecture, check_same_architecture
-from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError
+from factlens.errors import (
+    ArchitectureMismatchError,
+    ConfigError,
+    HookDidNotFireError,
+    InterventionNoEffectError,
+)
 from factlens.models import unwrap
 
 if TYPE_CHECKING:
@@ -52,50 +65,150 @@ def _config(model):
     return unwrap(model).config
 
 
+_ARCH_NAMES = {"gpt2": "a GPT-2", "opt": "an OPT"}
+
+
+def _a(model_type: str | None) -> str:
+    return _ARCH_NAMES.get(model_type, f"a {model_type!r}")
+
+
+class PatternRecorder:
+    """Record the post-softmax attention patterns of a plain HF GPT-2/OPT model on its own forward.
+
+    The one capture implementation: :class:`AttentionPatcher` records its reference with it, and
+    :meth:`factlens.patching.references.Reference.from_model` its HF sources. Each recorded layer gets an edit
+    that stores the pattern (detached) and returns it unchanged; the edits are built once, so a compiled forward
+    sees the same functions on every call (no recompiles), and they are installed only while :meth:`run` runs,
+    so one model can serve several recorders.
+
+    Example:
+        >>> import torch, factlens
+        >>> model = factlens.build_hf("gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=100)
+        >>> patterns = PatternRecorder(model).run(torch.randint(0, 100, (1, 5)))
+        >>> sorted(patterns), tuple(patterns[0].shape)
+        ([0, 1], (1, 2, 5, 5))
+
+    Args:
+        model: the HF model (it is pointed at factlens's attention function, which computes the patterns).
+        layers: the 0-based layers to record (default all).
+    """
+
+    def __init__(self, model: PreTrainedModel, layers: Sequence[int] | None = None) -> None:
+        use_factlens_attention(unwrap(model))
+        self.model = model
+        self.layers = list(range(len(attention_modules(model)))) if layers is None else list(layers)
+        self.patterns: dict[int, torch.Tensor | None] = dict.fromkeys(self.layers)
+        self._edits = {layer: LayerEdit(pattern_fn=self._store(layer)) for layer in self.layers}
+
+    def _store(self, layer: int):
+        def fn(pattern: torch.Tensor) -> torch.Tensor:
+            # only a tensor is stored here: counting happens outside (a compiled forward would otherwise
+            # specialise on a counter's value and recompile every call)
+            self.patterns[layer] = pattern.detach()
+            return pattern
+        return fn
+
+    @torch.no_grad()
+    def run(self, input_ids: Int[torch.Tensor, "batch pos"], forward=None, *,
+            strict: bool = True) -> dict[int, Float[torch.Tensor, "batch head q k"]]:
+        """Run ``forward`` (default the model) on ``input_ids``; returns ``{layer: pattern}``.
+
+        Patterns of an earlier call are never returned (the slots are reset first). With ``strict`` a layer
+        that recorded nothing raises :class:`~factlens.errors.HookDidNotFireError`.
+        """
+        for layer in self.layers:
+            self.patterns[layer] = None
+        mods = attention_modules(self.model)
+        try:
+            for layer in self.layers:
+                set_layer_edit(mods[layer], self._edits[layer])
+            (forward or self.model)(input_ids.to(next(unwrap(self.model).parameters()).device))
+        finally:
+            for layer in self.layers:
+                set_layer_edit(mods[layer], None)
+        missing = [layer for layer in self.layers if self.patterns[layer] is None]
+        if strict and missing:
+            raise HookDidNotFireError(
+                f"layers {missing} recorded no attention pattern: the model's attention does not route through "
+                "factlens (build it with factlens.build_hf or call factlens.attention.use_factlens_attention).")
+        return {layer: p for layer, p in self.patterns.items() if p is not None}
+
+
+def _refuse_shared(model: PreTrainedModel, reference: PreTrainedModel) -> None:
+    """The reference must be another model: patching freezes it, and it must not be the trainee."""
+    fix = ("Pass a separate frozen copy as the reference: copy.deepcopy(model) for the model as it is now, or "
+           "load_checkpoint(path).build_model() for a checkpoint.")
+    if unwrap(model) is unwrap(reference):
+        raise ConfigError("the reference is the model being trained: the patcher would freeze it "
+                          f"(requires_grad_(False)) and feed it its own patterns. {fix}")
+    own = {p.untyped_storage().data_ptr(): name for name, p in unwrap(model).named_parameters()}
+    for p in unwrap(reference).parameters():
+        name = own.get(p.untyped_storage().data_ptr())
+        if name is not None and p.untyped_storage().data_ptr() != 0:
+            raise ConfigError(f"the reference shares the parameter {name} with the model being trained: freezing "
+                              f"the reference would freeze it in the trainee too. {fix}")
+
+
+def _check_same_architecture(model: PreTrainedModel, reference: PreTrainedModel) -> None:
+    ref, own = architecture(_config(reference)), architecture(_config(model))
+    ref_type, own_type = ref.get("model_type"), own.get("model_type")
+    if ref_type != own_type:
+        raise ArchitectureMismatchError(
+            f"the reference is {_a(ref_type)} model and the model being trained {_a(own_type)} model; patterns are "
+            "patched between models of one architecture. "
+            f"Train the patched run with arch={ref_type!r} (--arch {ref_type}), or patch from a reference run "
+            f"trained with arch={own_type!r}.")
+    check_same_architecture(ref, own)
+
+
+def _checked(indices: Sequence[int], n: int, what: str, per: str, last: bool) -> list[int]:
+    """0-based indices (with ``last``, ``-1`` = the last), each once, in range; the fix is named otherwise."""
+    values = [int(i) for i in indices]
+    low = -n if last else 0
+    if not values or any(not low <= i < n for i in values):
+        raise ConfigError(f"{what} {values} out of range for {n} {per}; use 0..{n - 1}"
+                          f"{' (or -1 for the last)' if last else ''}, or omit {what} to patch all.")
+    return list(dict.fromkeys(i % n for i in values))
+
+
 class AttentionPatcher:
     """Replace a trained model's attention patterns with a frozen reference's, layer by layer.
 
     Args:
         model: the HF model being trained (GPT-2 or OPT, factlens attention).
-        reference: a frozen HF model of the same architecture (e.g. a reference checkpoint).
-        layers: layers to patch (default all). heads: heads to patch (default all).
+        reference: another, frozen HF model of the same architecture (e.g. a reference checkpoint); the model
+            itself, or a model sharing its parameters, is refused.
+        layers: 0-based layers to patch (default all). heads: 0-based heads to patch (default all).
+
+    Attributes:
+        frozen: the parameters :meth:`install` froze (``q_proj``/``k_proj`` of fully patched OPT layers).
     """
 
-    def __init__(self, model, reference, *, layers: Sequence[int] | None = None,
+    def __init__(self, model: PreTrainedModel, reference: PreTrainedModel, *, layers: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None) -> None:
-        check_same_architecture(architecture(_config(reference)), architecture(_config(model)))
+        _refuse_shared(model, reference)
+        _check_same_architecture(model, reference)
         self.model, self.reference = model, reference
         n_layers = len(attention_modules(model))
         n_heads = _config(model).num_attention_heads
-        self.layers = list(range(n_layers)) if layers is None else [int(x) % n_layers for x in layers]
-        if layers is not None and any(not -n_layers <= int(x) < n_layers for x in layers):
-            raise ConfigError(f"layers {list(layers)} out of range for {n_layers} layers.")
-        if heads is not None and any(not 0 <= int(h) < n_heads for h in heads):
-            raise ConfigError(f"heads {list(heads)} out of range for {n_heads} heads per layer.")
-        self.heads = None if heads is None or len(heads) == n_heads else [int(h) for h in heads]
-        self._slots: dict[int, torch.Tensor | None] = dict.fromkeys(self.layers)
+        self.layers = (list(range(n_layers)) if layers is None
+                       else _checked(layers, n_layers, "layers", "layers", last=True))
+        heads = None if heads is None else _checked(heads, n_heads, "heads", "heads per layer", last=False)
+        self.heads = None if heads is None or len(heads) == n_heads else heads
         self.captured = dict.fromkeys(self.layers, 0)
         self.consumed = dict.fromkeys(self.layers, 0)
         self.installed = False
+        self.frozen: list[torch.nn.Parameter] = []
         reference.eval().requires_grad_(False)
-        # built once, so a compiled reference forward sees the same functions every step (no recompiles)
-        self._capture_edits = {layer: LayerEdit(pattern_fn=self._capture(layer)) for layer in self.layers}
+        self._recorder = PatternRecorder(reference, self.layers)
         # replaced by torch.compile(reference) for compiled training; a compiled reference must belong to one
         # patcher (another patcher's capture edits would invalidate its graph and force recompiles)
         self.reference_forward = reference
 
     # ------------------------------------------------------------------------------------ edits
-    def _capture(self, layer: int):
-        def fn(pattern: torch.Tensor) -> torch.Tensor:
-            # only a tensor is stored here: counting happens outside (a compiled reference would otherwise
-            # specialise on the counter's value and recompile every step)
-            self._slots[layer] = pattern.detach()
-            return pattern
-        return fn
-
     def _take(self, layer: int) -> torch.Tensor:
         # No Python state is mutated here when compiling: torch.compile traces this into the model's graph.
-        pattern = self._slots[layer]
+        pattern = self._recorder.patterns[layer]
         if pattern is None:
             raise HookDidNotFireError(f"layer {layer}: no reference pattern was captured for this forward; call "
                                       "patcher.forward(tokens) (it runs the reference first).")
@@ -111,20 +224,37 @@ class AttentionPatcher:
         return LayerEdit(pattern_fn=lambda own: torch.where(head_mask[None, :, None, None], self._take(layer), own))
 
     def install(self) -> AttentionPatcher:
-        """Install the replace edits on the model (the reference is hooked only while it runs)."""
-        device = next(self.model.parameters()).device
+        """Install the replace edits on the model (the reference is hooked only while it runs).
+
+        A fully patched layer never computes ``QK^T``; where W_Q and W_K are parameters of their own (OPT's
+        ``q_proj``/``k_proj``) they are frozen until :meth:`remove`, so that a DDP wrapper built after this
+        call does not wait for their gradients. Installing twice is a no-op.
+        """
+        if self.installed:
+            return self
+        device = next(unwrap(self.model).parameters()).device
         mods = attention_modules(self.model)
         for layer in self.layers:
             set_layer_edit(mods[layer], self._edit(layer, device))
+            if self.heads is None:
+                for proj in ("q_proj", "k_proj"):
+                    sub = getattr(mods[layer], proj, None)
+                    for p in sub.parameters() if isinstance(sub, torch.nn.Module) else ():
+                        if p.requires_grad:
+                            p.requires_grad_(False)
+                            self.frozen.append(p)
         self.installed = True
         return self
 
     def remove(self) -> None:
-        """Remove every edit: the model is back on the plain SDPA path."""
+        """Remove every edit and unfreeze what :meth:`install` froze: the model is back on the SDPA path."""
         for mod in attention_modules(self.model):
             set_layer_edit(mod, None)
+        for p in self.frozen:
+            p.requires_grad_(True)
+        self.frozen = []
         for layer in self.layers:
-            self._slots[layer] = None
+            self._recorder.patterns[layer] = None
         self.installed = False
 
     def __enter__(self) -> AttentionPatcher:
@@ -137,20 +267,9 @@ class AttentionPatcher:
     @torch.no_grad()
     def run_reference(self, input_ids: Int[torch.Tensor, "batch pos"]) -> None:
         """Run the frozen reference on the batch, capturing its patterns for the next model forward."""
-        for layer in self.layers:  # stale patterns of an earlier batch are never reused (reset in place)
-            self._slots[layer] = None
-        ref_mods = attention_modules(self.reference)
-        # capture edits exist only while this patcher runs the reference, so a reference model can be shared
-        try:
-            for layer in self.layers:
-                set_layer_edit(ref_mods[layer], self._capture_edits[layer])
-            self.reference_forward(input_ids)
-        finally:
-            for layer in self.layers:
-                set_layer_edit(ref_mods[layer], None)
-        for layer in self.layers:
-            if self._slots[layer] is not None:
-                self.captured[layer] += 1
+        patterns = self._recorder.run(input_ids, self.reference_forward, strict=False)
+        for layer in patterns:
+            self.captured[layer] += 1
 
     def mark_consumed(self) -> None:
         """Count one patched forward on every layer (for compiled models, whose traced code cannot count)."""

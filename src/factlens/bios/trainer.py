@@ -141,6 +141,8 @@ class Trainer:
         self.step = 0
         self._saved_bytes = self._measure_saved_bytes(1), self._measure_saved_bytes(2)  # before any patching
         self.check_memory()
+        # the reference is loaded and checked (it exists, has the step, has this architecture) before step 0
+        self.patcher = self._make_patcher() if config.patch is not None else None
 
     # the task's parts, under the names analysis code uses
     population = property(lambda self: self.task.population)
@@ -168,7 +170,8 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=None if fused else True)
 
     def _wrap_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(the DDP-wrapped model when there are several ranks, the forward the step runs: compiled if asked)."""
+        """(the DDP-wrapped model when there are several ranks, over the parameters that require grad now; the
+        forward the step runs: compiled if asked)."""
         model = self.raw_model
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
@@ -192,6 +195,9 @@ class Trainer:
             return
         self.patcher = self.patcher or self._make_patcher()
         self.patcher.install()
+        if self.world > 1 and self.patcher.frozen:
+            # DDP rebuilt without the q/k the patcher froze, whose gradients it would wait for forever
+            self.model, self.forward = self._wrap_model()
         if step == patch.start_patching and patch.reset_optimizer:
             self.optimizer = self._make_optimizer()
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, base=None):
+    """The preset with the command line's overrides; without --preset, ``base`` (a reference run's config) with
+    them, else the demo preset."""
     from factlens.bios.trainer import TrainConfig
 
     overrides = {}
@@ -26,7 +29,9 @@ def _train_config(args: argparse.Namespace):
             overrides[field] = value
     if args.sampler:
         overrides["sampler"] = _sampler_json(args.sampler)
-    return TrainConfig.preset(args.preset, **overrides)
+    if args.preset is None and base is not None:
+        return dataclasses.replace(base, **overrides)
+    return TrainConfig.preset(args.preset or "demo", **overrides)
 
 
 def _sampler_json(text: str) -> dict:
@@ -93,22 +98,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    import dataclasses
+    from factlens.bios.config import PatchConfig, reference_config
 
-    from factlens.bios.runs import run_config
-    from factlens.bios.trainer import PatchConfig
-
-    config = run_config(args.reference) if args.same_config else _train_config(args)
     patch = PatchConfig(reference=args.reference, reference_step=args.reference_step, start_patching=args.start,
                         reset_optimizer=not args.keep_optimizer)
-    return cmd_train(args, dataclasses.replace(config, patch=patch))
+    if args.same_config:
+        args.preset = None
+    # without --preset the run takes the reference's config (same model, data and schedule), with any overrides
+    base = reference_config(args.reference, args.reference_step) if args.preset is None else None
+    return cmd_train(args, dataclasses.replace(_train_config(args, base), patch=patch))
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
+    from factlens.bios.config import reference_config
     from factlens.patching.grid import run_grid
 
-    result = run_grid(_train_config(args), args.out, reference_steps=args.reference_steps, start_steps=args.starts,
-                      device=args.device, progress=not args.quiet)
+    if args.reference:  # reuse it; its config is the grid's unless --preset/overrides say otherwise (then refused)
+        config = _train_config(args, reference_config(args.reference))
+    else:
+        config = _train_config(args)
+    result = run_grid(config, args.out, reference_steps=args.reference_steps, start_steps=args.starts,
+                      reference=args.reference, include_freeze=args.freeze, device=args.device,
+                      progress=not args.quiet)
     print(result.to_dataframe().to_string(index=False))
     print(f"table {Path(args.out) / 'grid.csv'}, heat-map {Path(args.out) / 'grid.html'}")
     return 0
@@ -176,18 +187,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_train)
     p = bios.add_parser("patch", help="train with attention patched from a reference run's checkpoint")
-    _train_args(p)
+    _train_args(p, preset=None)
     p.add_argument("--reference", required=True, help="reference run directory (or checkpoint directory)")
     p.add_argument("--reference-step", type=int)
     p.add_argument("--start", type=int, default=0, help="start_patching step")
     p.add_argument("--keep-optimizer", action="store_true", help="do not reset AdamW when patching starts")
-    p.add_argument("--same-config", action="store_true", help="reuse the reference run's config")
+    p.add_argument("--same-config", action="store_true",
+                   help="reuse the reference run's config, ignoring --preset (the default without --preset)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_patch)
     p = bios.add_parser("grid", help="reference step × start step patching grid (resumable)")
-    _train_args(p)
+    _train_args(p, preset=None)
+    p.add_argument("--reference", help="an existing, finished reference run to reuse (its config is the grid's); "
+                                       "default: train OUT/reference")
     p.add_argument("--reference-steps", type=int, nargs="+", required=True)
     p.add_argument("--starts", type=int, nargs="+", default=[0])
+    p.add_argument("--freeze", action="store_true",
+                   help="also run the freeze cells (start == reference step: attention frozen at that step)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_grid)
     p = bios.add_parser("eval", help="evaluate a checkpoint of a run")

@@ -4,11 +4,14 @@ Two circuits, measured per layer, averaged over heads and sequences:
 
 - **name grouping**: query = the last token of each occurrence of the person's full name; target = total
   attention on the *other* tokens of the person's name (every earlier name token, all occurrences). The paper
-  reads it in layer 1, where it reaches ≈0.9 within a few hundred steps.
+  reads it in the first layer, where it reaches ≈0.9 within a few hundred steps.
 - **extraction**: query = the position that predicts an attribute value's first token (the last template token
   before the value); targets = total attention on name tokens vs on template text (real tokens that are
   neither name nor value nor ``<bos>``). The paper reads it in the last layer, where attention moves from text
   (≈0.5 → 0.1) onto the name (≈0.37 → 0.9) during the plateau.
+
+Layers are numbered from 0 everywhere, as in TransformerLens's hook names: the paper's "layer 1" of its
+8-layer model is layer 0 here, its "layer 8" is layer 7.
 
 Example:
     >>> result = attention_to_name("runs/demo", steps=[0, 200, 1000])      # doctest: +SKIP
@@ -27,7 +30,8 @@ from jaxtyping import Float
 
 from factlens.bios.data.batches import BiographyBatch, eval_batches
 from factlens.bios.runs import checkpoint_path, load_hf, run_population
-from factlens.checkpoints import list_checkpoints
+from factlens.checkpoints import list_checkpoints, load_checkpoint
+from factlens.errors import ConfigError
 from factlens.patching.references import Reference
 from factlens.resources import track
 
@@ -75,47 +79,76 @@ class AttentionToNameResult:
     axis_names: tuple[str, ...] = ("step", "layer", "circuit")
 
     def to_dataframe(self) -> pd.DataFrame:
-        rows = [{"step": s, "layer": layer + 1, "circuit": c, "attention": float(self.values[i, layer, j])}
+        """One row per (step, layer, circuit); layers are 0-based, as in TransformerLens (``blocks.0`` is 0)."""
+        rows = [{"step": s, "layer": layer, "circuit": c, "attention": float(self.values[i, layer, j])}
                 for i, s in enumerate(self.steps) for layer in range(self.values.shape[1])
                 for j, c in enumerate(self.circuits)]
         return pd.DataFrame(rows)
 
     def plot(self, layers: Sequence[int] | None = None):
-        """Attention mass over training steps: name grouping in layer 1, extraction in the last layer (default)."""
+        """Attention mass over training steps.
+
+        Args:
+            layers: 0-based layers to draw every circuit of (``-1`` = the last). By default, the paper's reading:
+                name grouping in the first layer (layer 0, the paper's "layer 1") and extraction in the last.
+        """
         import plotly.graph_objects as go
 
         n_layers = self.values.shape[1]
-        picks = layers or [1, n_layers]
+        if layers is None:
+            picks = [(0, self.circuits[:1]), (n_layers - 1, self.circuits[1:])]
+        else:
+            bad = [layer for layer in layers if not -n_layers <= int(layer) < n_layers]
+            if bad or not len(layers):
+                raise ConfigError(f"layer {bad[0] if bad else list(layers)} is not a layer of this "
+                                  f"{n_layers}-layer model; pass 0-based layers 0..{n_layers - 1} (or -1 for the last), "
+                                  "or omit layers for the paper's reading.")
+            picks = [(int(layer) % n_layers, self.circuits) for layer in dict.fromkeys(layers)]
         colours = {"name_grouping→name": "#9467bd", "extraction→name": "#1f77b4", "extraction→text": "#ff7f0e"}
         dashes = ["solid", "dash", "dot", "dashdot"]
         fig = go.Figure()
-        for i, layer in enumerate(picks):
-            for j, circuit in enumerate(self.circuits):
-                if layers is None and ((circuit.startswith("name") and layer != 1) or
-                                       (circuit.startswith("extraction") and layer != n_layers)):
-                    continue
+        for i, (layer, circuits) in enumerate(picks):
+            for circuit in circuits:
+                j = self.circuits.index(circuit)
                 fig.add_trace(go.Scatter(
-                    x=self.steps, y=self.values[:, layer - 1, j].tolist(), mode="lines+markers",
+                    x=self.steps, y=self.values[:, layer, j].tolist(), mode="lines+markers",
                     name=f"{circuit} (layer {layer})", line=dict(color=colours[circuit], dash=dashes[i % 4]),
                     hovertemplate=f"{circuit}, layer {layer}<br>step %{{x}}<br>attention %{{y:.3f}}<extra></extra>"))
-        fig.update_layout(title="Attention to the name over training", template="plotly_white",
-                          xaxis_title="training step", yaxis_title="attention mass (sum of pattern weights)",
+        fig.update_layout(title="Attention to the name over training (layers numbered from 0)",
+                          template="plotly_white", xaxis_title="training step",
+                          yaxis_title="attention mass (sum of pattern weights, 0..1)",
                           yaxis_range=[0, 1], height=420, width=800)
         return fig
+
+
+def _seq_len(run_dir: str | Path, step: int) -> int:
+    """The run's training sequence length (stored in every checkpoint), else the model's context."""
+    ckpt = load_checkpoint(checkpoint_path(run_dir, step), verify=False, load_tensors=False)
+    seq_len = ckpt.manifest.get("extra", {}).get("seq_len")
+    if seq_len is None:
+        hf = ckpt.manifest["hf_config"]
+        seq_len = hf.get("n_positions") or hf["max_position_embeddings"]  # GPT-2 or OPT
+    return int(seq_len)
 
 
 def attention_to_name(run_dir: str | Path, steps: Sequence[int] | None = None, *, n_sequences: int = 512,
                       batch_size: int = 64, device: str | torch.device = "cpu",
                       progress: bool = True) -> AttentionToNameResult:
-    """Measure both circuits on ``n_sequences`` held-out-template biographies at every chosen checkpoint."""
+    """Measure both circuits on ``n_sequences`` held-out-template biographies at every chosen checkpoint.
 
-    population, vocab = run_population(run_dir)
-    config_seq = load_hf(run_dir, steps[0] if steps else None).config.n_positions
-    batches = eval_batches(population, vocab, n_sequences, batch_size, seq_len=config_seq, seed=1234)
+    Works on GPT-2 and OPT runs alike; ``steps`` defaults to every checkpoint of the run, and every step is
+    checked (it must be a saved checkpoint) before any model is loaded.
+    """
+    if steps is not None and not len(steps):
+        raise ConfigError("steps=[] measures nothing; omit steps to measure every checkpoint, or list the "
+                          f"checkpoint steps to measure (available: {list_checkpoints(Path(run_dir) / 'checkpoints')}).")
     steps = list(steps) if steps is not None else list_checkpoints(Path(run_dir) / "checkpoints")
+    for step in steps:
+        checkpoint_path(run_dir, step)  # a missing step is refused before any work, with the available ones
+    population, vocab = run_population(run_dir)
+    batches = eval_batches(population, vocab, n_sequences, batch_size, seq_len=_seq_len(run_dir, steps[0]), seed=1234)
     values = []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
-        checkpoint_path(run_dir, step)
         ref = Reference.from_model(load_hf(run_dir, step, device))
         acc = torch.zeros(ref.n_layers, len(CIRCUITS))
         for batch in batches:

@@ -4,11 +4,13 @@ Zucchet et al. (§2.2, Fig D) train one reference run, then for every (reference
 fresh run from the same initialisation on the same data stream with attention patched from that reference
 checkpoint. :func:`run_grid` does exactly that under ``out_dir``:
 
-- ``out_dir/reference``: the reference run (trained first; resumed if interrupted);
+- ``out_dir/reference``: the reference run (trained first; resumed if interrupted), unless ``reference=RUN``
+  names an existing, finished run to reuse (``factlens bios grid --reference RUN``);
 - ``out_dir/ref{R}_start{S}``: one patched run per cell (finished runs are skipped, interrupted ones resume);
 - ``out_dir/grid.csv`` and ``out_dir/grid.html``: final attribute loss per cell, with the unpatched run.
 
-``start == reference`` is "freeze attention at step s"; ``start = 0`` patches the whole run.
+``start == reference`` is "freeze attention at step s": those cells run only with ``include_freeze=True``
+(``--freeze``); ``start = 0`` patches the whole run.
 
 Example:
     >>> from factlens.bios.trainer import TrainConfig
@@ -26,10 +28,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from factlens.bios.config import PatchConfig, TrainConfig, reference_config
 from factlens.bios.history import TrainingHistory
 from factlens.bios.rundir import RunDirectory
-from factlens.bios.trainer import PatchConfig, TrainConfig, train
-from factlens.errors import ConfigError
+from factlens.bios.trainer import train
+from factlens.checkpoints import list_checkpoints
+from factlens.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -70,27 +74,70 @@ def _summary(run_dir: Path) -> dict:
             "run_dir": str(run_dir)}
 
 
-def run_grid(config: TrainConfig, out_dir: str | Path, *, reference_steps: Sequence[int],
-             start_steps: Sequence[int] = (0,), include_freeze: bool = True, reset_optimizer: bool = True,
-             device=None, progress: bool = True) -> GridResult:
-    """Train the reference run and every patched run of the grid (resumable); return the results table.
+def _reference(reference: str | Path, config: TrainConfig | None, out: Path) -> tuple[TrainConfig, Path, set[int]]:
+    """An existing, finished, unpatched reference run whose config is the grid's: (config, run dir, saved steps)."""
+    ref_dir = Path(reference)
+    if ref_dir.resolve() == out.resolve():
+        raise ConfigError(f"out_dir is the reference run {ref_dir}; write the grid elsewhere (its cells are run "
+                          "directories of their own).")
+    ref_config = reference_config(ref_dir)
+    if ref_config.patch is not None:
+        raise ConfigError(f"the reference run {ref_dir} was itself trained with patched attention; a grid compares "
+                          "patched runs with an unpatched reference: pass an unpatched run, or omit reference to "
+                          "train one.")
+    if config is None:
+        config = ref_config
+    elif config.to_dict() != ref_config.to_dict():
+        theirs, ours = ref_config.to_dict(), config.to_dict()
+        fields = [k for k in ours if ours[k] != theirs.get(k)]
+        raise ConfigError(f"the grid's config differs from the reference run's in {fields}; every cell must share "
+                          "the reference's initialisation and data stream. Pass config=None (on the command line: "
+                          "no --preset or overrides) to take the reference's, or omit reference to train one.")
+    saved = set(list_checkpoints(ref_dir / "checkpoints"))
+    if not RunDirectory(ref_dir, config).finished():
+        raise CheckpointError(f"the reference run {ref_dir} has reached step {max(saved)} of {config.steps} (still "
+                              "training, or interrupted); let it finish (factlens bios train with its settings and "
+                              f"--out {ref_dir} resumes it), then run the grid.")
+    return config, ref_dir, saved
+
+
+def run_grid(config: TrainConfig | None, out_dir: str | Path, *, reference_steps: Sequence[int],
+             start_steps: Sequence[int] = (0,), reference: str | Path | None = None, include_freeze: bool = False,
+             reset_optimizer: bool = True, device=None, progress: bool = True) -> GridResult:
+    """Train (or reuse) the reference run and every patched run of the grid (resumable); return the results table.
 
     Args:
-        config: the run configuration shared by the reference and every patched run.
+        config: the run configuration shared by the reference and every patched run; ``None`` with
+            ``reference`` takes the reference run's.
         reference_steps: reference checkpoint steps (each must be on the reference's checkpoint schedule).
-        start_steps: ``start_patching`` values; cells with ``start > reference`` are skipped.
+        start_steps: ``start_patching`` values (training steps, ``0..steps-1``); cells with
+            ``start > reference`` are skipped.
+        reference: an existing, finished reference run to reuse instead of training ``out_dir/reference``. Its
+            config must be the grid's (it is checked), and it is only read.
         include_freeze: also run ``start == reference`` ("freeze attention at step s") for every reference.
     """
     out = Path(out_dir)
-    if config.patch is not None:
-        raise ConfigError("pass the unpatched run config; run_grid sets patching per cell.")
-    available = set(config.checkpoint_steps())
+    if reference is not None:
+        config, ref_dir, available = _reference(reference, config, out)
+    elif config is None:
+        raise ConfigError("pass config (the reference run is trained with it) or reference=RUN (an existing "
+                          "reference run to reuse).")
+    else:
+        if config.patch is not None:
+            raise ConfigError("pass the unpatched run config; run_grid sets patching per cell.")
+        ref_dir, available = out / "reference", set(config.checkpoint_steps())
+    if not len(reference_steps):
+        raise ConfigError(f"reference_steps is empty; pick reference checkpoint steps from {sorted(available)}.")
     missing = [s for s in reference_steps if s not in available]
     if missing:
-        raise ConfigError(f"reference steps {missing} are not on the checkpoint schedule; pick from {sorted(available)} "
-                          "or set checkpoint_every.")
-    ref_dir = out / "reference"
-    if not RunDirectory(ref_dir, config).finished():  # refuses a directory holding another config's run
+        where = "saved by the reference run" if reference is not None else "on the checkpoint schedule"
+        raise ConfigError(f"reference steps {missing} are not {where}; pick from {sorted(available)}"
+                          f"{'' if reference is not None else ' or set checkpoint_every'}.")
+    bad = [s for s in start_steps if not 0 <= s < config.steps]
+    if bad or not len(start_steps):
+        raise ConfigError(f"start steps {list(bad or start_steps)} are not training steps of this {config.steps}-step "
+                          f"run; use 0..{config.steps - 1} (0 patches the whole run).")
+    if reference is None and not RunDirectory(ref_dir, config).finished():  # refuses another config's run
         train(config, ref_dir, device=device, progress=progress)
     rows = []
     for ref in reference_steps:
@@ -106,6 +153,7 @@ def run_grid(config: TrainConfig, out_dir: str | Path, *, reference_steps: Seque
             if not RunDirectory(cell, cell_config).finished():
                 train(cell_config, cell, device=device, progress=progress)
             rows.append({"reference_step": ref, "start_patching": start, **_summary(cell)})
+    out.mkdir(parents=True, exist_ok=True)
     result = GridResult(pd.DataFrame(rows), _summary(ref_dir))
     result.table.to_csv(out / "grid.csv", index=False)
     result.plot().write_html(out / "grid.html")

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 
-from factlens.attention import LayerEdit, set_layer_edit, use_factlens_attention
-from factlens.attention_patcher import attention_modules
+from factlens.attention_patcher import PatternRecorder
+from factlens.bios.config import reference_checkpoint
 from factlens.bios.runs import run_config
-from factlens.checkpoints import load_checkpoint, step_dir
+from factlens.checkpoints import load_checkpoint
 from factlens.errors import ArchitectureMismatchError, ConfigError
 from factlens.hooks import intervene, patch_pattern
-from factlens.models import boot
+from factlens.models import boot, unwrap
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -90,39 +90,21 @@ class Reference:
 
             return cls(fn, model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx,
                        description or f"bridge {model.cfg.model_name}")
-        use_factlens_attention(model)
         model.eval()
         n_layers, n_heads, n_ctx = _shape_of(model)
+        recorder = PatternRecorder(model)
 
         def fn(tokens: torch.Tensor) -> Patterns:
-            store: Patterns = {}
-            mods = attention_modules(model)
-
-            def capture(layer):
-                def inner(p):
-                    store[layer] = p.detach()
-                    return p
-                return inner
-
-            try:
-                for layer, mod in enumerate(mods):
-                    set_layer_edit(mod, LayerEdit(pattern_fn=capture(layer)))
-                model(tokens.to(next(model.parameters()).device))
-            finally:
-                for mod in mods:
-                    set_layer_edit(mod, None)
-            return store
+            return recorder.run(tokens)
 
         return cls(fn, n_layers, n_heads, n_ctx, description or f"{type(model).__name__}")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> Reference:
         """From a factlens training checkpoint (``.../step_0001000``) or a run directory and ``step``."""
-        path = Path(path)
-        if step is not None and not (path / "manifest.json").exists():
-            if (path / "checkpoints").is_dir():
-                run_config(path)  # a run whose checkpoints or config.json disagree is refused
-            path = step_dir(path / "checkpoints" if (path / "checkpoints").is_dir() else path, step)
+        if (Path(path) / "checkpoints").is_dir():
+            run_config(path)  # a run whose checkpoints or config.json disagree is refused
+        path = reference_checkpoint(path, step)
         ckpt = load_checkpoint(path)
         return cls.from_model(ckpt.build_model(device), description=f"checkpoint {path}")
 
@@ -144,7 +126,7 @@ def _shape_of(model) -> tuple[int, int, int | None]:
     """(layers, heads, context) of a bridge or an HF GPT-2/OPT model."""
     if hasattr(model, "cfg") and hasattr(model.cfg, "n_heads"):
         return model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx
-    cfg = getattr(model, "module", model).config
+    cfg = unwrap(model).config
     return cfg.num_hidden_layers, cfg.num_attention_heads, getattr(cfg, "n_positions", None) or getattr(
         cfg, "max_position_embeddings", None)
 
