@@ -32,6 +32,7 @@ from jaxtyping import Int
 from factlens.attention import LayerEdit, set_layer_edit
 from factlens.checkpoints import architecture, check_same_architecture
 from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError
+from factlens.indices import head_indices, layer_indices
 from factlens.models import unwrap
 
 if TYPE_CHECKING:
@@ -67,12 +68,9 @@ class AttentionPatcher:
         self.model, self.reference = model, reference
         n_layers = len(attention_modules(model))
         n_heads = _config(model).num_attention_heads
-        self.layers = list(range(n_layers)) if layers is None else [int(x) % n_layers for x in layers]
-        if layers is not None and any(not -n_layers <= int(x) < n_layers for x in layers):
-            raise ConfigError(f"layers {list(layers)} out of range for {n_layers} layers.")
-        if heads is not None and any(not 0 <= int(h) < n_heads for h in heads):
-            raise ConfigError(f"heads {list(heads)} out of range for {n_heads} heads per layer.")
-        self.heads = None if heads is None or len(heads) == n_heads else [int(h) for h in heads]
+        self.layers = layer_indices(n_layers, layers)
+        heads = head_indices(n_heads, heads)
+        self.heads = None if heads is None or len(heads) == n_heads else heads
         self._slots: dict[int, torch.Tensor | None] = dict.fromkeys(self.layers)
         self.captured = dict.fromkeys(self.layers, 0)
         self.consumed = dict.fromkeys(self.layers, 0)
