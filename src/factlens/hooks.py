@@ -328,7 +328,9 @@ def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: in
             elif name in source:
                 new = source[name]
             else:
-                raise ShapeError(f"patch_pattern: the source has no pattern for layer {layer} ({name!r}).")
+                raise ShapeError(f"patch_pattern: the source has no pattern for layer {layer} ({name!r}); pass a "
+                                 "pattern for every patched layer (e.g. a cache from run_with_cache with names_filter="
+                                 "lambda n: n.endswith('hook_pattern')) or restrict layers= to those it has.")
             if not isinstance(new, torch.Tensor):
                 raise ShapeError(f"{name}: the source gave {type(new).__name__}, not a [batch, head, q, k] tensor.")
             sel = None if head_ids is None and positions is None else \
@@ -480,7 +482,8 @@ def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_mode
             out[rows, pos] = out[rows, pos] + v
         else:
             if v.shape[0] != t.shape[0]:
-                raise ShapeError(f"add_vector: per-prompt vector has batch {v.shape[0]}, the input {t.shape[0]}.")
+                raise ShapeError(f"add_vector: per-prompt vector has {v.shape[0]} rows but the batch has {t.shape[0]} "
+                                 "prompts; pass one row per prompt ([batch, d_model]) or one [d_model] vector for all.")
             out[rows, pos] = out[rows, pos] + v[rows]
         return out
 

@@ -42,11 +42,11 @@ Index = int | Sequence[int] | torch.Tensor | None
 def _kind_error(value, what: str) -> ConfigError:
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return ConfigError(
-            f"{what}={value!r} is a boolean, not an index; pass integers, e.g. {what}=[0, 2] (for a boolean "
-            f"mask m: {what}=torch.nonzero(m).flatten().tolist())")
+            f"{what} {value!r} is a boolean, not an index; pass integers such as [0, 2] (for a boolean mask m: "
+            "torch.nonzero(m).flatten().tolist())")
     if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
-        return ConfigError(f"{what}={value!r} is not an integer; pass an int (e.g. {what}=1, or int(x))")
-    return ConfigError(f"{what}={value!r} of type {type(value).__name__} is not an index; pass an int, a list "
+        return ConfigError(f"{what} {value!r} is not an integer; pass an int (e.g. 1, or int(x) for a whole float)")
+    return ConfigError(f"{what} {value!r} of type {type(value).__name__} is not an index; pass an int, a list "
                        "of ints or a 1-d integer tensor")
 
 

@@ -121,7 +121,7 @@ def check_tokens(input_ids: torch.Tensor, vocab_size: int, n_ctx: int, past: int
         >>> check_tokens(torch.tensor([[1, 2, 3]]), vocab_size=50, n_ctx=4, past=2)
         Traceback (most recent call last):
         ...
-        factlens.errors.ShapeError: 3 new tokens after 2 cached ones reach position 5, but the model's context is 4 positions (n_ctx); truncate the prompt (e.g. tokens[:, -4:]) or generate fewer tokens (max_new_tokens).
+        factlens.errors.ShapeError: 3 new token(s) after 2 cached ones reach position 5, but the model's context is 4 positions (n_ctx); truncate the prompt (e.g. tokens[:, -4:]) or generate fewer tokens (max_new_tokens).
     """
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise ShapeError(f"token ids have dtype {input_ids.dtype}; pass integer ids (model.to_tokens(text)).")
@@ -134,7 +134,7 @@ def check_tokens(input_ids: torch.Tensor, vocab_size: int, n_ctx: int, past: int
                              "or vocabulary do not fit.")
     total = past + input_ids.shape[-1]
     if total > n_ctx:
-        what = f"{input_ids.shape[-1]} new tokens after {past} cached ones reach position {total}" if past else \
+        what = f"{input_ids.shape[-1]} new token(s) after {past} cached ones reach position {total}" if past else \
             f"a sequence of {total} tokens"
         raise ShapeError(f"{what}, but the model's context is {n_ctx} positions (n_ctx); truncate the prompt "
                          f"(e.g. tokens[:, -{n_ctx}:]) or generate fewer tokens (max_new_tokens).")

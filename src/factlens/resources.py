@@ -405,16 +405,19 @@ def pos_slice_indices(pos_slice, seq_len: int) -> list[int] | None:
         return None
     from transformer_lens.utilities.slice import Slice
 
+    range_hint = f"use 0..{seq_len - 1} or -{seq_len}..-1"
     try:
         sl = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
         idx = [int(i) for i in sl.indices(seq_len).reshape(-1).tolist()]
-    except (ValueError, TypeError, IndexError) as err:
+    except IndexError:
+        raise ConfigError(f"pos_slice={pos_slice!r} selects positions outside a sequence of {seq_len} tokens; "
+                          f"{range_hint}") from None
+    except (ValueError, TypeError) as err:
         raise ConfigError(f"pos_slice={pos_slice!r} is not a position selection ({err}); pass an int such as -1, "
                           "a slice such as slice(-3, None) or a list of positions") from None
     bad = [i for i in idx if not -seq_len <= i < seq_len]
     if bad:
-        raise ConfigError(f"pos_slice selects position(s) {bad} of a sequence of {seq_len} tokens; use "
-                          f"0..{seq_len - 1} or -{seq_len}..-1")
+        raise ConfigError(f"pos_slice selects position(s) {bad} of a sequence of {seq_len} tokens; {range_hint}")
     return idx
 
 
