@@ -249,3 +249,154 @@ def test_attention_pattern_viewer(model):
     assert heat.z.shape[0] == heat.z.shape[1] == len(heat.x)
     assert all(abs(row.sum() - 1) < 1e-5 for row in heat.z)  # post-softmax rows
     assert " France" in "".join(heat.x)  # token labels
+
+
+# ------------------------------------------------------------------------- TL idioms and per-hook verification
+def _zero_head0_inplace(z, hook):  # TL's in-place idiom, returning the tensor
+    z[:, :, 0] = 0.0
+    return z
+
+
+def _zero_head0_none(z, hook):  # ... or returning None
+    z[:, :, 0] = 0.0
+
+
+def _zero_head0_copy(z, hook):
+    out = z.clone()
+    out[:, :, 0] = 0.0
+    return out
+
+
+def test_inplace_hooks_count_as_changes(model, tokens):
+    """Issue 15 §2: the standard TL hook edits in place; it must not raise InterventionNoEffectError."""
+    base = model(tokens)
+    outs = []
+    for fn in (_zero_head0_inplace, _zero_head0_none, _zero_head0_copy):
+        with intervene(model, hook("blocks.0.attn.hook_z", fn)) as run:
+            outs.append(model(tokens))
+        rec = run.records["blocks.0.attn.hook_z"]
+        assert rec.calls == 1 and rec.changed and 0 < rec.max_abs_change < 1e3
+    assert (outs[0] - base).abs().max() > 1e-4
+    torch.testing.assert_close(outs[0], outs[2])
+    torch.testing.assert_close(outs[1], outs[2])
+
+
+def test_tl_style_hook_lists_match_run_with_hooks(model, tokens):
+    """``[(name, fn), ...]`` (names or filters) behave as in TL's own ``run_with_hooks`` (golden reference)."""
+    hooks = [("blocks.0.hook_mlp_out", lambda t, hook: 1.5 * t),
+             (lambda name: name == "blocks.1.attn.hook_z", _zero_head0_copy)]
+    golden = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    with intervene(model, hooks) as run:
+        ours = model(tokens)
+    torch.testing.assert_close(ours, golden)
+    assert set(run.records) == {"blocks.0.hook_mlp_out", "blocks.1.attn.hook_z"}
+    torch.testing.assert_close(factlens.run_with_interventions(model, tokens, fwd_hooks=hooks), golden)
+    torch.testing.assert_close(factlens.run_with_interventions(model, tokens, hooks[0], hooks[1]), golden)
+
+
+def test_records_to_dataframe_report_real_sizes(model, tokens):
+    """Issue 15 §2: max_abs_change is a real size, never the mask fill value (3.4e38)."""
+    vector = torch.arange(model.cfg.d_model, dtype=torch.float32) / 10
+    with intervene(model, attend_to_self(model), add_vector(model, vector, positions=-1)) as run:
+        model(tokens)
+    df = run.records.to_dataframe()
+    assert list(df["hook"]) == [f"blocks.{model.cfg.n_layers - 1}.attn.hook_attn_scores",
+                                f"blocks.{model.cfg.n_layers - 1}.hook_mlp_out"]
+    scores, mlp = run.records[df["hook"][0]], run.records[df["hook"][1]]
+    assert scores.n_masked == scores.n_changed > 0 and scores.max_abs_change == 0.0  # masking only
+    # the vector is added at the last position of both prompts: its largest entry is the largest change
+    assert mlp.n_masked == 0 and abs(mlp.max_abs_change - float(vector.abs().max())) < 1e-4
+    assert df["max_abs_change"].max() < 1e3
+
+
+def test_each_hook_is_checked(model, tokens):
+    """Issue 14 §5: a two-hook intervention in which one hook changes nothing names that hook."""
+    iv = hook("blocks.0.hook_mlp_out", lambda t, h: t * 2)
+    iv.add("blocks.1.hook_mlp_out", lambda t, h: t)
+    with pytest.raises(factlens.InterventionNoEffectError, match=r"1 of its 2 hooks.*blocks\.1\.hook_mlp_out"), \
+            intervene(model, iv):
+        model(tokens)
+    with pytest.warns(UserWarning, match="blocks.1.hook_mlp_out"), intervene(model, iv, on_no_effect="warn"):
+        model(tokens)
+    with intervene(model, iv, on_no_effect="ignore") as run:
+        model(tokens)
+    assert [r.changed for r in run.records.values()] == [True, False]
+    for typo in ("rasie", "Raise", None):
+        with pytest.raises(factlens.ConfigError, match="'raise', 'warn', 'ignore'"), \
+                intervene(model, iv, on_no_effect=typo):
+            pass
+
+
+def test_nested_interventions_on_one_hook_compose(model, tokens):
+    with intervene(model, hook("blocks.0.hook_mlp_out", lambda t, h: t + 1)) as outer, \
+            intervene(model, hook("blocks.0.hook_mlp_out", lambda t, h: 2 * t)) as inner:
+        nested = model(tokens)
+    golden = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda t, hook: t + 1),
+                                                     ("blocks.0.hook_mlp_out", lambda t, hook: 2 * t)])
+    torch.testing.assert_close(nested, golden)
+    assert outer.records["blocks.0.hook_mlp_out"].calls == inner.records["blocks.0.hook_mlp_out"].calls == 1
+
+
+def test_a_hook_that_raises_leaves_the_model_clean(model, tokens):
+    base = model(tokens)
+
+    def boom(t, hook):
+        raise KeyError("user bug")
+
+    with pytest.raises(KeyError, match="user bug"), intervene(model, hook("blocks.0.hook_mlp_out", boom)):
+        model(tokens)
+    assert not any(hp._forward_hooks for hp in model.hook_dict.values())
+    torch.testing.assert_close(model(tokens), base)
+
+
+# ------------------------------------------------------------------------------------------ pattern checks
+def test_patterns_must_be_causal_nonnegative_and_normalised(model, tokens):
+    """Issue 14 §4: weight on future keys and negative weights (rows still summing to 1) are refused."""
+    p = tokens.shape[1]
+    future = torch.full((tokens.shape[0], model.cfg.n_heads, p, p), 1 / p)  # uniform over every key
+    with pytest.raises(factlens.ShapeError, match="future key"), intervene(model, patch_pattern(model, future)):
+        model(tokens)
+    with intervene(model, patch_pattern(model, future, causal=False)) as run:  # said explicitly: allowed
+        model(tokens)
+    assert all(r.changed for r in run.records.values())
+    negative = uniform_pattern(model, tokens)
+    negative[..., -1, 0] += 0.5
+    negative[..., -1, 1] -= 0.5
+    assert torch.allclose(negative.sum(-1), torch.ones(()))
+    with pytest.raises(factlens.ShapeError, match="negative"), intervene(model, patch_pattern(model, negative)):
+        model(tokens)
+    # only the rows that are patched in are checked: a bad row elsewhere does not matter
+    with intervene(model, patch_pattern(model, negative, positions=1)):
+        model(tokens)
+
+
+def test_pattern_row_sum_tolerance_follows_the_dtype(model, tokens):
+    off = uniform_pattern(model, tokens) * (1 + 5e-3)  # rows sum to 1.005
+    with pytest.raises(factlens.ShapeError, match="sum to 1"), intervene(model, patch_pattern(model, off)):
+        model(tokens)
+    with intervene(model, patch_pattern(model, off.to(torch.bfloat16))):  # bf16 rounding: accepted
+        model(tokens)
+
+
+def test_score_edit_closing_a_row_is_an_error_not_a_change(model, tokens):
+    def close_last_row(scores, layer):
+        out = scores.clone()
+        out[:, :, -1, :] = float("-inf")
+        return out
+
+    with pytest.raises(factlens.ShapeError, match="at least one key open"), \
+            intervene(model, factlens.edit_scores(model, close_last_row, layers=0)):
+        model(tokens)
+
+
+def test_per_prompt_positions_on_a_right_padded_batch_equal_single_prompts(model):
+    """The edit at each prompt's own last token equals the same edit on that prompt alone."""
+    prompts = ["The capital of France is", "Keep in mind, the capital of Japan is"]
+    tokens = model.to_tokens(prompts)  # right-padded
+    ends = torch.tensor([model.to_tokens(p).shape[1] - 1 for p in prompts])
+    with intervene(model, attend_to_self(model, positions=ends)):
+        batched = model(tokens)
+    for i, prompt in enumerate(prompts):
+        with intervene(model, attend_to_self(model, positions=-1)):
+            single = model(model.to_tokens(prompt))
+        torch.testing.assert_close(batched[i, ends[i]], single[0, -1], atol=1e-4, rtol=1e-4)

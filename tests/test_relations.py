@@ -239,3 +239,34 @@ def test_prompt_dataset_biographies(gpt2, opt):
         make_prompt_dataset([("Someone was born in", "Ada Lovelace", "London")], gpt2)
     with pytest.raises(ConfigError, match="two answers"):
         make_prompt_dataset([items[0], ("Ada Lovelace lived in", "Ada Lovelace", "Paris")], gpt2)
+
+
+# ------------------------------------------------------------------------- whole-word, NFC subject matching
+def test_subject_inside_a_longer_word_is_not_the_subject(gpt2):
+    """Issue 14 §8: "Niger" inside "Nigeria" is not the subject; the counterfactual swaps the subject only."""
+    ds = make_prompt_dataset([("Unlike Nigeria, the capital of Niger is", "Niger", "Niamey"),
+                              ("Unlike Nigeria, the capital of France is", "France", "Paris")], gpt2, first_piece=True)
+    assert ds.relation.templates == ("Unlike Nigeria, the capital of {subject} is",)
+    cf = ds.counterfactual(seed=0)
+    assert cf.prompts == ["Unlike Nigeria, the capital of France is", "Unlike Nigeria, the capital of Niger is"]
+    assert all("Franceia" not in p and "Nigeriaia" not in p for p in cf.prompts)
+
+
+def test_subject_token_span_is_the_slot_not_an_earlier_word(gpt2):
+    """" Franceia" tokenizes as [" France", "ia"]: the first token match is not the subject; the slot is."""
+    assert gpt2.tokenize(" Franceia")[0] == "ĠFrance"
+    ds = make_prompt_dataset([("Unlike Franceia, the capital of France is", "France", "Paris")], gpt2)
+    n = int(ds.positions["N"][0])
+    assert gpt2.decode(ds.tokens[0, :n + 1]) == "Unlike Franceia, the capital of France"
+    with pytest.raises(TokenizationError, match="whole word"):
+        make_prompt_dataset([("Unlike Franceia, the capital is", "France", "Paris")], gpt2)
+
+
+def test_prompts_and_subjects_are_compared_in_nfc(gpt2):
+    composed, decomposed = "Cura\u00e7ao", "Curac\u0327ao"
+    assert composed != decomposed
+    ds = make_prompt_dataset([(f"Welcome to {decomposed}, whose capital is", composed, "Willemstad")], gpt2,
+                             first_piece=True)
+    assert ds.subjects == [composed] and ds.prompts == [f"Welcome to {composed}, whose capital is"]
+    rel = make_relation("c", {decomposed: "Willemstad"}, "the capital of {subject} is")
+    assert rel.subjects == (composed,) and rel.answer_of(decomposed) == "Willemstad"

@@ -20,6 +20,7 @@ from factlens.resources import (
     format_bytes,
     memory_usage,
     parse_bytes,
+    pos_slice_indices,
     run_with_cache,
     saved_tensor_bytes,
     set_memory_budget,
@@ -216,3 +217,42 @@ def test_training_logs_memory(tmp_path):
     logged = [r for r in rows if r["kind"] == "train"]
     assert len(logged) == 2
     assert all(0 < r["rss_gib"] <= r["peak_rss_gib"] * 1.01 + 1e-3 for r in logged)
+
+
+# ------------------------------------------------------------------------------------------------ pos_slice
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_pos_slice_estimate_equals_the_real_cache(tiny_models, arch):
+    """Issue 14 §9: the prediction honours pos_slice, byte for byte, and the kept positions are the right ones
+    (OPT's flattened ``ln2`` hooks included, which TL alone would slice along their feature axis)."""
+    model = tiny_models[arch]
+    model.eval()
+    tokens = model.to_tokens(["The capital of France is the best", "Hello there my friends how are you"])
+    _, full = model.run_with_cache(tokens)
+    b, t = tokens.shape
+    for pos_slice in (-1, 2, slice(0, 2), slice(-3, None), [0, 3]):
+        kept = pos_slice_indices(pos_slice, t)
+        for names in (None, lambda n: n.endswith("hook_pattern") or "ln2" in n or n.endswith("hook_z")):
+            _, cache = run_with_cache(model, tokens, pos_slice=pos_slice, names_filter=names)
+            est = estimate_cache(model, b, t, names, pos_slice=pos_slice)
+            assert est.total == cache_nbytes(cache), (pos_slice, names)
+            # every entry is a copy of its kept positions, not a view that keeps the whole tensor alive
+            assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in cache.values())
+        for name in ("blocks.0.attn.hook_pattern", "blocks.1.ln2.hook_scale", "blocks.0.attn.hook_z"):
+            ref = full[name]
+            if name.endswith("hook_pattern"):
+                ref = ref[:, :, kept]  # [b, h, q, k]: query positions
+            else:
+                flat = ref.ndim == 2 and ref.shape[0] == b * t  # OPT's ln2 hooks fire as [b·p, d]
+                ref = (ref.reshape(b, t, ref.shape[-1]) if flat else ref)[:, kept]
+            torch.testing.assert_close(cache[name], ref)
+
+
+def test_pos_slice_makes_a_refused_cache_fit(tiny_models):
+    model = tiny_models["gpt2"]
+    tokens = model.to_tokens("The capital of France is").repeat(16, 1)
+    whole = estimate_cache(model, 16, tokens.shape[1]).total
+    with pytest.raises(factlens.ResourceError, match="pos_slice"):
+        run_with_cache(model, tokens, budget=whole // 2)
+    _, cache = run_with_cache(model, tokens, budget=whole // 2, pos_slice=-1)
+    assert cache_nbytes(cache) < whole // 2
+    assert cache["blocks.0.hook_resid_pre"].shape == (16, 1, model.cfg.d_model)

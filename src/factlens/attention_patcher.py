@@ -45,6 +45,7 @@ from factlens.errors import (
     HookDidNotFireError,
     InterventionNoEffectError,
 )
+from factlens.indices import head_indices, layer_indices
 from factlens.models import unwrap
 
 if TYPE_CHECKING:
@@ -161,16 +162,6 @@ def _check_same_architecture(model: PreTrainedModel, reference: PreTrainedModel)
     check_same_architecture(ref, own)
 
 
-def _checked(indices: Sequence[int], n: int, what: str, per: str, last: bool) -> list[int]:
-    """0-based indices (with ``last``, ``-1`` = the last), each once, in range; the fix is named otherwise."""
-    values = [int(i) for i in indices]
-    low = -n if last else 0
-    if not values or any(not low <= i < n for i in values):
-        raise ConfigError(f"{what} {values} out of range for {n} {per}; use 0..{n - 1}"
-                          f"{' (or -1 for the last)' if last else ''}, or omit {what} to patch all.")
-    return list(dict.fromkeys(i % n for i in values))
-
-
 class AttentionPatcher:
     """Replace a trained model's attention patterns with a frozen reference's, layer by layer.
 
@@ -191,9 +182,8 @@ class AttentionPatcher:
         self.model, self.reference = model, reference
         n_layers = len(attention_modules(model))
         n_heads = _config(model).num_attention_heads
-        self.layers = (list(range(n_layers)) if layers is None
-                       else _checked(layers, n_layers, "layers", "layers", last=True))
-        heads = None if heads is None else _checked(heads, n_heads, "heads", "heads per layer", last=False)
+        self.layers = layer_indices(n_layers, layers)
+        heads = head_indices(n_heads, heads)
         self.heads = None if heads is None or len(heads) == n_heads else heads
         self.captured = dict.fromkeys(self.layers, 0)
         self.consumed = dict.fromkeys(self.layers, 0)

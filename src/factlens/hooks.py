@@ -36,15 +36,18 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from jaxtyping import Float, Int
 
+from factlens.attention import causal_bool_mask
 from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError, ShapeError
+from factlens.indices import check_index, head_indices, layer_indices, position_indices
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 OnNoEffect = Literal["raise", "warn", "ignore"]
+ON_NO_EFFECT = ("raise", "warn", "ignore")
 CHANGE_RTOL, CHANGE_ATOL = 1e-5, 1e-6  # a hook "changed" its tensor where torch.isclose(new, old) fails
 Positions = int | Sequence[int] | Int[torch.Tensor, " batch"] | None
-
+HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
 
 
 def act_name(kind: str, layer: int | None = None) -> str:
@@ -54,14 +57,75 @@ def act_name(kind: str, layer: int | None = None) -> str:
 
     return get_act_name(kind, layer)
 
+
+def check_on_no_effect(on_no_effect: str) -> str:
+    """``on_no_effect`` if it is one of ``"raise"``, ``"warn"``, ``"ignore"``; else a ConfigError naming them."""
+    if on_no_effect not in ON_NO_EFFECT:
+        close = difflib.get_close_matches(str(on_no_effect), ON_NO_EFFECT, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"on_no_effect={on_no_effect!r} is not an option{hint}; pass one of "
+                          f"{', '.join(map(repr, ON_NO_EFFECT))}")
+    return on_no_effect
+
+
 @dataclass
 class HookRecord:
-    """What happened at one hook point during an :func:`intervene` block."""
+    """What happened at one hook point during an :func:`intervene` block.
+
+    Attributes:
+        name: The TL hook name.
+        calls: How often the hook ran.
+        changed: Whether any call changed its tensor beyond float noise (``torch.isclose``).
+        max_abs_change: The largest change among entries that are finite on both sides and not at the dtype's
+            masking value (``torch.finfo(dtype).min``): a real size, never the mask fill.
+        n_changed: Entries changed, summed over calls.
+        n_masked: Of those, entries set to (or from) ``±inf``, NaN or the masking value: masking edits such as
+            :func:`attend_to_self` change scores only this way.
+    """
 
     name: str
     calls: int = 0
     changed: bool = False
     max_abs_change: float = 0.0
+    n_changed: int = 0
+    n_masked: int = 0
+
+    def note(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Record one call that turned ``before`` into ``after``."""
+        self.calls += 1
+        if after.shape != before.shape:
+            self.changed = True
+            self.n_changed += after.numel()
+            return
+        with torch.no_grad():
+            a, b = after.detach().float(), before.detach().float()
+            # elementwise closeness: float noise (the same pattern from SDPA vs an explicit softmax) is not a
+            # change, and masked entries (finfo.min or -inf, equal on both sides) are equal
+            diff = ~torch.isclose(a, b, rtol=CHANGE_RTOL, atol=CHANGE_ATOL)
+            n = int(diff.sum())
+            if not n:
+                return
+            big = torch.finfo(after.dtype).max / 2 if after.is_floating_point() else float("inf")
+            extreme = ~torch.isfinite(a) | ~torch.isfinite(b) | (a.abs() >= big) | (b.abs() >= big)
+            real = diff & ~extreme
+            self.changed = True
+            self.n_changed += n
+            self.n_masked += int((diff & extreme).sum())
+            if bool(real.any()):
+                self.max_abs_change = max(self.max_abs_change, float((a - b)[real].abs().max()))
+
+
+class HookRecords(dict):
+    """Hook name → :class:`HookRecord`, with :meth:`to_dataframe` for a notebook."""
+
+    def to_dataframe(self):
+        """One row per hook: ``hook``, ``calls``, ``changed``, ``n_changed``, ``n_masked``, ``max_abs_change``."""
+        import pandas as pd
+
+        cols = ["hook", "calls", "changed", "n_changed", "n_masked", "max_abs_change"]
+        return pd.DataFrame([{"hook": r.name, "calls": r.calls, "changed": r.changed, "n_changed": r.n_changed,
+                              "n_masked": r.n_masked, "max_abs_change": r.max_abs_change}
+                             for r in self.values()], columns=cols)
 
 
 @dataclass
@@ -75,30 +139,29 @@ class Intervention:
     description: str
     fwd_hooks: list[tuple[str, Callable]] = field(default_factory=list)
     identity: bool = False  # the identity by construction: no hooks, no checks
-    records: dict[str, HookRecord] = field(default_factory=dict)
+    records: dict[str, HookRecord] = field(default_factory=HookRecords)
 
-    def add(self, name: str, fn: Callable[[torch.Tensor, object], torch.Tensor | None]) -> None:
-        """Add a hook on TL hook ``name``; the call and the change are recorded."""
-        record = self.records.setdefault(name, HookRecord(name))
+    def add(self, name: str, fn: HookFn, *, copy_input: bool = True) -> None:
+        """Add a hook on TL hook ``name``; the call and the change are recorded.
+
+        ``fn(tensor, hook)`` may return a new tensor, or edit ``tensor`` in place and return it or ``None``
+        (the TransformerLens idiom). The change is measured against a copy taken before ``fn`` runs;
+        ``copy_input=False`` skips the copy for functions known never to edit their input in place.
+        """
+        key, k = name, 1
+        while key in self.records:  # a second hook on the same point (TL allows it): its own record
+            k += 1
+            key = f"{name} #{k}"
+        record = self.records.setdefault(key, HookRecord(name))
 
         def recorded(tensor: torch.Tensor, hook) -> torch.Tensor:
+            before = tensor.detach().clone() if copy_input else tensor
             out = fn(tensor, hook)
             out = tensor if out is None else out
-            record.calls += 1
-            if out.shape != tensor.shape:
-                record.changed = True
-            else:
-                with torch.no_grad():
-                    a, b = out.detach().float(), tensor.detach().float()
-                    # elementwise closeness: float noise (the same pattern from SDPA vs an explicit softmax) is
-                    # not a change, and masked entries (finfo.min or -inf, equal on both sides) never swamp it
-                    close = torch.isclose(a, b, rtol=CHANGE_RTOL, atol=CHANGE_ATOL)
-                    changed = not bool(close.all())
-                    diff = (a - b).abs().masked_fill(close, 0.0)
-                    delta = float(diff.nan_to_num(nan=float("inf")).max()) if changed else 0.0
-                if changed:
-                    record.changed = True
-                    record.max_abs_change = max(record.max_abs_change, delta)
+            if not isinstance(out, torch.Tensor):
+                raise ShapeError(f"{self.description}: the hook on {name!r} returned {type(out).__name__}; a hook "
+                                 "returns the (edited) tensor, or None after editing it in place")
+            record.note(before, out)
             return out
 
         self.fwd_hooks.append((name, recorded))
@@ -106,70 +169,50 @@ class Intervention:
     def reset(self) -> None:
         for record in self.records.values():
             record.calls, record.changed, record.max_abs_change = 0, False, 0.0
+            record.n_changed = record.n_masked = 0
 
     def verify(self, on_no_effect: OnNoEffect = "raise") -> None:
-        """Raise if a hook never fired or (per ``on_no_effect``) changed nothing."""
+        """Raise if a hook never fired or (per ``on_no_effect``, hook by hook) changed nothing."""
+        check_on_no_effect(on_no_effect)
         if self.identity:
             return
-        for record in self.records.values():
-            if record.calls == 0:
-                raise HookDidNotFireError(
-                    f"{self.description}: hook {record.name!r} never fired during the forward pass. Check the "
-                    "layer index, that no stop_at_layer/start_at_layer skips it, and that per-head results "
-                    "are enabled when hooking hook_result."
-                )
-        if on_no_effect != "ignore" and not any(r.changed for r in self.records.values()):
-            msg = (
-                f"{self.description}: its hooks fired but left every tensor unchanged, so the intervention "
-                "had no effect. If that is expected (e.g. patching a model with its own patterns), pass "
-                "on_no_effect='ignore'."
+        silent = [r.name for r in self.records.values() if r.calls == 0]
+        if silent:
+            which = f"hook {silent[0]!r}" if len(silent) == 1 else f"hooks {silent}"
+            raise HookDidNotFireError(
+                f"{self.description}: {which} never fired during the forward pass. Check the layer index, that "
+                "no stop_at_layer/start_at_layer skips it, and that per-head results are enabled when hooking "
+                "hook_result."
             )
-            if on_no_effect == "raise":
-                raise InterventionNoEffectError(msg)
-            warnings.warn(msg, stacklevel=3)
+        idle = [r.name for r in self.records.values() if not r.changed]
+        if on_no_effect == "ignore" or not idle:
+            return
+        n = len(self.records)
+        which = (f"its hook {idle[0]!r} fired but left its tensor unchanged" if n == 1 else
+                 f"its hooks fired but left every tensor unchanged ({idle})" if len(idle) == n else
+                 f"{len(idle)} of its {n} hooks fired but left their tensor unchanged: {idle}")
+        msg = (f"{self.description}: {which}, so the intervention had no effect there. If that is expected "
+               "(e.g. patching a model with its own patterns), pass on_no_effect='ignore'; otherwise drop those "
+               "hooks or check their layers and positions.")
+        if on_no_effect == "raise":
+            raise InterventionNoEffectError(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------- indices
 def resolve_layers(model: TransformerBridge, layers: int | Sequence[int] | None) -> list[int]:
-    """Layer indices (negative counts from the end); ``None`` = all. Raises ConfigError when out of range."""
-    n = model.cfg.n_layers
-    if layers is None:
-        return list(range(n))
-    items = [layers] if isinstance(layers, int) else list(layers)
-    out = []
-    for layer in items:
-        if not -n <= int(layer) < n:
-            raise ConfigError(f"layer {layer} is out of range for a model with {n} layers; use 0..{n - 1} or -1.")
-        out.append(int(layer) % n)
-    return out
+    """Layer indices (negative counts from the end); ``None`` = all (see :mod:`factlens.indices`)."""
+    return layer_indices(model.cfg.n_layers, layers)
 
 
 def resolve_heads(model: TransformerBridge, heads: int | Sequence[int] | None) -> list[int] | None:
-    """Head indices; ``None`` = all heads (returned as None). Raises ConfigError when out of range."""
-    if heads is None:
-        return None
-    n = model.cfg.n_heads
-    items = [heads] if isinstance(heads, int) else list(heads)
-    for h in items:
-        if not -n <= int(h) < n:
-            raise ConfigError(f"head {h} is out of range for a model with {n} heads per layer; use 0..{n - 1}.")
-    return [int(h) % n for h in items]
+    """Head indices; ``None`` = all heads (returned as None); see :mod:`factlens.indices`."""
+    return head_indices(model.cfg.n_heads, heads)
 
 
 def _rows_and_positions(positions: Positions, batch: int, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Index tensors (rows, pos) selecting the edited positions of a [batch, seq, ...] tensor."""
-    if positions is None:
-        rows = torch.arange(batch, device=device).repeat_interleave(seq)
-        return rows, torch.arange(seq, device=device).repeat(batch)
-    if isinstance(positions, torch.Tensor) and positions.ndim == 1 and len(positions) == batch and batch > 1:
-        pos = positions.to(device).long()
-        return torch.arange(batch, device=device), pos % seq
-    items = torch.as_tensor([positions] if isinstance(positions, int) else list(positions), device=device).long()
-    if ((items < -seq) | (items >= seq)).any():
-        raise ConfigError(f"position(s) {items.tolist()} out of range for sequence length {seq}.")
-    items = items % seq
-    rows = torch.arange(batch, device=device).repeat_interleave(len(items))
-    return rows, items.repeat(batch)
+    return position_indices(positions, batch, seq, device)
 
 
 def selection_mask(shape: torch.Size, heads: list[int] | None, positions: Positions,
@@ -193,7 +236,18 @@ PatternSource = (
 )
 
 
-def _check_pattern(src: torch.Tensor, target: torch.Tensor, where: str) -> None:
+def _pattern_tolerance(dtype: torch.dtype) -> float:
+    """How far a valid pattern's rows may be from summing to 1 (and its entries below 0) in ``dtype``."""
+    return max(1e-3, 2 * torch.finfo(dtype).eps)  # fp32 1e-3; fp16 2e-3; bf16 1.6e-2
+
+
+def _check_pattern(src: torch.Tensor, target: torch.Tensor, where: str, *, causal: bool = True,
+                   sel: torch.Tensor | None = None) -> None:
+    """Refuse a pattern that cannot be an attention pattern of this model on the rows ``sel`` it replaces.
+
+    Checks the shape, device, dtype, finiteness, non-negativity, row sums (post-softmax) and, unless
+    ``causal=False``, that no query attends to a key after it (keys end at the query, as in the KV cache).
+    """
     if src.shape != target.shape:
         raise ShapeError(f"{where}: pattern of shape {tuple(src.shape)} where the model's is {tuple(target.shape)} "
                          "[batch, head, query, key]; run the reference on the same tokens.")
@@ -201,17 +255,37 @@ def _check_pattern(src: torch.Tensor, target: torch.Tensor, where: str) -> None:
         raise ShapeError(f"{where}: pattern on {src.device} but the model runs on {target.device}; move it with .to().")
     if not src.is_floating_point():
         raise ShapeError(f"{where}: pattern has dtype {src.dtype}; pass a floating-point attention pattern.")
-    if not torch.isfinite(src).all():
-        raise ShapeError(f"{where}: pattern contains NaN or inf; check the reference model's forward pass.")
-    row_sums = src.float().sum(-1)
-    if (row_sums - 1).abs().max() > 1e-3:
-        raise ShapeError(f"{where}: pattern rows must sum to 1 (post-softmax); found sums in "
-                         f"[{row_sums.min():.3f}, {row_sums.max():.3f}]. Pass hook_pattern, not hook_attn_scores.")
+    with torch.no_grad():
+        p = src.detach().float()  # [b, h, q, k]
+        rows = torch.ones(p.shape[:-1], dtype=torch.bool, device=p.device) if sel is None else sel  # [b, h, q]
+        used = p[rows]  # [n_rows, k]
+        if not torch.isfinite(used).all():
+            raise ShapeError(f"{where}: pattern contains NaN or inf; check the reference model's forward pass.")
+        tol = _pattern_tolerance(src.dtype)
+        if used.numel() and float(used.min()) < -tol:
+            raise ShapeError(f"{where}: pattern has negative weights (min {float(used.min()):.3g}); attention "
+                             "weights are >= 0. Pass a post-softmax pattern (hook_pattern), e.g. "
+                             "scores.softmax(-1), not a difference of patterns.")
+        row_sums = used.sum(-1)
+        if row_sums.numel() and float((row_sums - 1).abs().max()) > tol:
+            raise ShapeError(f"{where}: pattern rows must sum to 1 (post-softmax); found sums in "
+                             f"[{float(row_sums.min()):.3f}, {float(row_sums.max()):.3f}]. Pass hook_pattern, not "
+                             "hook_attn_scores.")
+        if causal:
+            q, k = p.shape[-2], p.shape[-1]
+            future = ~causal_bool_mask(q, k, p.device)  # [q, k]
+            leak = (p.abs() > tol) & future & rows[..., None]  # [b, h, q, k]
+            if bool(leak.any()):
+                b, h, i, j = (int(x) for x in leak.nonzero()[0])
+                raise ShapeError(f"{where}: pattern puts weight {float(p[b, h, i, j]):.3g} on a future key "
+                                 f"(prompt {b}, head {h}, query {i} -> key {j}); in a causal model a query attends "
+                                 "only to keys at or before it. Build the pattern with a causal mask, or pass "
+                                 "causal=False to patch_pattern if the leak is intended.")
 
 
 def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: int | Sequence[int] | None = None,
                   heads: int | Sequence[int] | None = None, positions: Positions = None,
-                  detach: bool = True) -> Intervention:
+                  detach: bool = True, causal: bool = True) -> Intervention:
     """Replace the post-softmax attention pattern (``hook_pattern``) of chosen layers/heads/query positions.
 
     Args:
@@ -223,13 +297,17 @@ def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: in
         positions: query positions (default all; an int, a list, or a ``[batch]`` tensor of one position
             per prompt).
         detach: patch in ``source.detach()`` so no gradient flows into the source (stop-gradient).
+        causal: refuse a pattern with weight on future keys (the default). Every patched row must also be
+            non-negative and sum to 1 (within ``max(1e-3, 2·eps)`` of its dtype: 1.6e-2 in bf16).
 
     Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> import factlens
+        >>> model = factlens.tiny("gpt2")
         >>> tokens = model.to_tokens("The capital of France is")
         >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
         >>> edit = patch_pattern(model, cache)       # every layer, every head
+        >>> with factlens.intervene(model, edit, on_no_effect="ignore"):   # its own patterns: no effect
+        ...     _ = model(tokens)
     """
     layer_ids = resolve_layers(model, layers)
     head_ids = resolve_heads(model, heads)
@@ -250,28 +328,80 @@ def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: in
             elif name in source:
                 new = source[name]
             else:
-                raise ShapeError(f"patch_pattern: the source has no pattern for layer {layer} ({name!r}).")
-            _check_pattern(new, pattern, name)
+                raise ShapeError(f"patch_pattern: the source has no pattern for layer {layer} ({name!r}); pass a "
+                                 "pattern for every patched layer (e.g. a cache from run_with_cache with names_filter="
+                                 "lambda n: n.endswith('hook_pattern')) or restrict layers= to those it has.")
+            if not isinstance(new, torch.Tensor):
+                raise ShapeError(f"{name}: the source gave {type(new).__name__}, not a [batch, head, q, k] tensor.")
+            sel = None if head_ids is None and positions is None else \
+                selection_mask(pattern.shape, head_ids, positions, pattern.device)  # [b, h, q]
+            _check_pattern(new, pattern, name, causal=causal, sel=sel)
             new = new.detach() if detach else new
             new = new.to(pattern.dtype)
-            if head_ids is None and positions is None:
+            if sel is None:
                 return new
-            sel = selection_mask(pattern.shape, head_ids, positions, pattern.device)  # [b, h, q]
             return torch.where(sel[..., None], new, pattern)
 
-        iv.add(name, fn)
+        iv.add(name, fn, copy_input=False)
     return iv
 
 
-def edit_scores(model: TransformerBridge, fn: Callable[[torch.Tensor, int], torch.Tensor], *,
+def _check_scores(new: torch.Tensor, old_shape: torch.Size, was_closed: torch.Tensor, was_nan: torch.Tensor,
+                  where: str) -> None:
+    """Refuse an edited score tensor whose softmax would be NaN or meaningless: NaN, or a row with no key left."""
+    if new.shape != old_shape:
+        raise ShapeError(f"{where}: the score edit returned shape {tuple(new.shape)} for scores of shape "
+                         f"{tuple(old_shape)} [batch, head, query, key]; return a tensor of the same shape.")
+    with torch.no_grad():
+        if bool((torch.isnan(new) & ~was_nan).any()):
+            raise ShapeError(f"{where}: the score edit wrote NaN into the attention scores; mask keys with "
+                             "torch.finfo(scores.dtype).min (or -inf), never NaN.")
+        floor = torch.finfo(new.dtype).min
+        closed = ~(new > floor).any(-1) & ~was_closed  # [b, h, q]: rows the edit closed completely
+        if bool(closed.any()):
+            b, h, q = (int(x) for x in closed.nonzero()[0])
+            raise ShapeError(f"{where}: the score edit masks every key of {int(closed.sum())} query row(s) (first: "
+                             f"prompt {b}, head {h}, query {q}), so their softmax is NaN or uniform over masked keys. "
+                             "Leave at least one key open per row (attend_to_self keeps the query's own key).")
+
+
+def edit_scores(model: TransformerBridge, fn: Callable[[torch.Tensor, int], torch.Tensor | None], *,
                 layers: int | Sequence[int] | None = None, description: str = "edit_scores") -> Intervention:
     """Edit the pre-softmax, post-mask attention scores (``hook_attn_scores``) with ``fn(scores, layer)``.
 
-    On GPT-2 and on factlens-prepared OPT bridges the hook is genuinely pre-softmax.
+    On GPT-2 and on factlens-prepared OPT bridges the hook is genuinely pre-softmax. ``fn`` may edit the
+    scores in place (returning them or ``None``). An edit that writes NaN, or that masks every key of a
+    query row (its softmax would be NaN), raises :class:`~factlens.errors.ShapeError` in the forward pass.
+
+    Example:
+        >>> import factlens
+        >>> model = factlens.tiny("gpt2")
+        >>> def no_bos(scores, layer):           # [b, h, q, k]: no query attends to the BOS token
+        ...     scores[:, :, 1:, 0] = torch.finfo(scores.dtype).min
+        >>> with factlens.intervene(model, edit_scores(model, no_bos, layers=0)) as run:
+        ...     _ = model(model.to_tokens("The capital of France is"))
+        >>> run.records["blocks.0.attn.hook_attn_scores"].n_masked
+        20
     """
+    return _edit_scores(model, fn, layers=layers, description=description, copy_input=True)
+
+
+def _edit_scores(model: TransformerBridge, fn, *, layers, description: str, copy_input: bool) -> Intervention:
     iv = Intervention(description)
     for layer in resolve_layers(model, layers):
-        iv.add(act_name("attn_scores", layer), lambda s, hook, layer=layer: fn(s, layer))
+        name = act_name("attn_scores", layer)
+
+        def hook_fn(scores: torch.Tensor, hook, layer=layer, name=name) -> torch.Tensor:
+            shape = scores.shape
+            with torch.no_grad():
+                was_closed = ~(scores > torch.finfo(scores.dtype).min).any(-1)  # [b, h, q]
+                was_nan = torch.isnan(scores)
+            out = fn(scores, layer)
+            out = scores if out is None else out
+            _check_scores(out, shape, was_closed, was_nan, name)
+            return out
+
+        iv.add(name, hook_fn, copy_input=copy_input)
     return iv
 
 
@@ -306,8 +436,8 @@ def attend_to_self(model: TransformerBridge, *, layers: int | Sequence[int] | No
         open_keys = scores > floor  # keys the causal mask has not already closed (-inf or dtype-min)
         return scores.masked_fill(sel[..., None] & not_self & open_keys, floor)
 
-    return edit_scores(model, fn, layers=layer_ids,
-                       description=f"attend_to_self(layers={layer_ids}, heads={head_ids or 'all'})")
+    return _edit_scores(model, fn, layers=layer_ids, copy_input=False,
+                        description=f"attend_to_self(layers={layer_ids}, heads={head_ids or 'all'})")
 
 
 def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_model"], *, hook_name: str | None = None,
@@ -330,7 +460,11 @@ def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_mode
         >>> edit = add_vector(model, -intercept, layer=-1, component="mlp_out", positions=dataset.end)
     """
     if hook_name is None:
-        hook_name = act_name(component, resolve_layers(model, layer)[0])
+        hook_name = act_name(component, check_index(layer, model.cfg.n_layers, "layer", "layers"))
+    if not isinstance(vector, torch.Tensor) or not vector.is_floating_point() or vector.ndim not in (1, 2):
+        raise ShapeError(f"add_vector: vector must be a floating-point [d_model] or [batch, d_model] tensor, got "
+                         f"{type(vector).__name__} {tuple(getattr(vector, 'shape', ()))}; e.g. "
+                         "torch.tensor(values, dtype=torch.float32)")
     if not torch.isfinite(vector).all():
         raise ShapeError("add_vector: the vector contains NaN or inf.")
     if vector.shape[-1] != model.cfg.d_model:
@@ -348,19 +482,84 @@ def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_mode
             out[rows, pos] = out[rows, pos] + v
         else:
             if v.shape[0] != t.shape[0]:
-                raise ShapeError(f"add_vector: per-prompt vector has batch {v.shape[0]}, the input {t.shape[0]}.")
+                raise ShapeError(f"add_vector: per-prompt vector has {v.shape[0]} rows but the batch has {t.shape[0]} "
+                                 "prompts; pass one row per prompt ([batch, d_model]) or one [d_model] vector for all.")
             out[rows, pos] = out[rows, pos] + v[rows]
         return out
 
-    iv.add(hook_name, fn)
+    iv.add(hook_name, fn, copy_input=False)
     return iv
 
 
-def hook(name: str, fn: Callable[[torch.Tensor, object], torch.Tensor | None], description: str | None = None) -> Intervention:
-    """Wrap any TL hook function so :func:`intervene` checks it fired (and changed its tensor)."""
+def hook(name: str, fn: HookFn, description: str | None = None) -> Intervention:
+    """Wrap any TL hook function so :func:`intervene` checks it fired (and changed its tensor).
+
+    ``fn(tensor, hook)`` may return a new tensor or edit ``tensor`` in place (returning it or ``None``).
+
+    Example:
+        >>> import factlens
+        >>> model = factlens.tiny("gpt2")
+        >>> def zero_head_0(z, hook):            # z: [batch, pos, head, d_head]
+        ...     z[:, :, 0] = 0.0
+        >>> with factlens.intervene(model, hook("blocks.0.attn.hook_z", zero_head_0)) as run:
+        ...     _ = model(model.to_tokens("The capital of France is"))
+        >>> run.records["blocks.0.attn.hook_z"].changed
+        True
+    """
     iv = Intervention(description or f"hook({name})")
     iv.add(name, fn)
     return iv
+
+
+def hooks_from_tl(model: TransformerBridge, fwd_hooks) -> Intervention:
+    """One :class:`Intervention` from TransformerLens-style ``[(name, fn), ...]`` (or one ``(name, fn)`` pair).
+
+    A name may also be a filter ``name -> bool`` (as in ``run_with_hooks``); it hooks every hook point whose
+    name matches (each point once, under its first matching name).
+    """
+    pairs = [fwd_hooks] if _is_hook_pair(fwd_hooks) else list(fwd_hooks)
+    iv = Intervention("hooks " + ", ".join(n if isinstance(n, str) else getattr(n, "__name__", "filter")
+                                           for n, _ in (p if _is_hook_pair(p) else (p, None) for p in pairs)))
+    for pair in pairs:
+        if not _is_hook_pair(pair):
+            raise ConfigError(f"{pair!r} is not a (hook name, hook function) pair; pass TransformerLens-style "
+                              "hooks as [(name, fn), ...] or build interventions with factlens.hook(name, fn)")
+        name, fn = pair
+        if isinstance(name, str):
+            iv.add(name, fn)
+            continue
+        seen: set[int] = set()
+        matched = 0
+        for hook_name, point in model.hook_dict.items():
+            if name(hook_name) and id(point) not in seen:
+                seen.add(id(point))
+                iv.add(hook_name, fn)
+                matched += 1
+        if not matched:
+            raise HookDidNotFireError(f"the hook filter {getattr(name, '__name__', name)!r} matches no hook point of "
+                                      "this model; check it against list(model.hook_dict)")
+    return iv
+
+
+def _is_hook_pair(obj) -> bool:
+    return (isinstance(obj, tuple) and len(obj) == 2 and (isinstance(obj[0], str) or callable(obj[0]))
+            and callable(obj[1]))
+
+
+def as_interventions(model: TransformerBridge, items: Sequence) -> list[Intervention]:
+    """Interventions from what :func:`intervene` accepts: :class:`Intervention` objects and TL hook lists."""
+    out = []
+    for item in items:
+        if isinstance(item, Intervention):
+            out.append(item)
+        elif _is_hook_pair(item) or (isinstance(item, list | tuple) and item
+                                     and all(_is_hook_pair(p) for p in item)):
+            out.append(hooks_from_tl(model, item))
+        else:
+            raise ConfigError(f"intervene got {type(item).__name__} {item!r:.80}; pass factlens interventions "
+                              "(factlens.hook, patch_pattern, attend_to_self, add_vector...) or TransformerLens-style "
+                              "[(hook_name, fn), ...] lists")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -371,10 +570,16 @@ class InterventionRun:
     interventions: list[Intervention]
 
     @property
-    def records(self) -> dict[str, HookRecord]:
-        out: dict[str, HookRecord] = {}
+    def records(self) -> HookRecords:
+        """Hook name → :class:`HookRecord` over every intervention (a name hooked twice gets ``name #2``)."""
+        out = HookRecords()
         for iv in self.interventions:
-            out.update(iv.records)
+            for key, record in iv.records.items():
+                k, n = key, 1
+                while k in out:
+                    n += 1
+                    k = f"{record.name} #{n}"
+                out[k] = record
         return out
 
 
@@ -391,23 +596,35 @@ def _check_names(model, interventions: Sequence[Intervention]) -> None:
 
 
 @contextlib.contextmanager
-def intervene(model: TransformerBridge, *interventions: Intervention, on_no_effect: OnNoEffect = "raise") -> Iterator[InterventionRun]:
-    """Install interventions for the duration of the block, then prove they took effect.
+def intervene(model: TransformerBridge, *interventions: Intervention | Sequence[tuple[str, HookFn]],
+              on_no_effect: OnNoEffect = "raise") -> Iterator[InterventionRun]:
+    """Install interventions for the duration of the block, then prove that each of their hooks took effect.
+
+    Args:
+        model: A TransformerLens bridge (prepared by factlens on first use).
+        *interventions: factlens interventions, or TransformerLens-style hook lists ``[(name, fn), ...]``.
+        on_no_effect: What to do, hook by hook, when a hook fired but changed nothing: ``"raise"``
+            (:class:`~factlens.errors.InterventionNoEffectError` naming every such hook), ``"warn"`` or
+            ``"ignore"``.
 
     Raises at the end of the block (see the module docstring). Works in eval and train mode; hook
     outputs stay in the autograd graph.
 
     Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> import factlens
+        >>> model = factlens.tiny("gpt2")
         >>> tokens = model.to_tokens("The capital of France is")
-        >>> with intervene(model, attend_to_self(model)) as run:
+        >>> with intervene(model, [("blocks.0.hook_mlp_out", lambda t, hook: 2 * t)]) as run:
         ...     logits = model(tokens)
+        >>> run.records.to_dataframe()[["hook", "calls", "changed"]].values.tolist()
+        [['blocks.0.hook_mlp_out', 1, True]]
     """
     from factlens.models import prepare
 
+    check_on_no_effect(on_no_effect)
     if not getattr(model, "factlens_family", None):
         prepare(model)
+    interventions = tuple(as_interventions(model, interventions))
     _check_names(model, interventions)
     for iv in interventions:
         iv.reset()
@@ -431,8 +648,19 @@ def intervene(model: TransformerBridge, *interventions: Intervention, on_no_effe
         iv.verify(on_no_effect)
 
 
-def run_with_interventions(model: TransformerBridge, tokens, *interventions: Intervention, on_no_effect: OnNoEffect = "raise",
+def run_with_interventions(model: TransformerBridge, tokens, *interventions: Intervention | Sequence[tuple[str, HookFn]],
+                           on_no_effect: OnNoEffect = "raise", fwd_hooks: Sequence[tuple[str, HookFn]] = (),
                            **forward_kwargs):
-    """``model(tokens, **forward_kwargs)`` under :func:`intervene`; returns the model's output."""
-    with intervene(model, *interventions, on_no_effect=on_no_effect):
+    """``model(tokens, **forward_kwargs)`` under :func:`intervene`; returns the model's output.
+
+    ``fwd_hooks=[(name, fn), ...]`` is accepted as in TransformerLens's ``run_with_hooks``.
+
+    Example:
+        >>> import factlens
+        >>> model = factlens.tiny("gpt2")
+        >>> logits = run_with_interventions(model, model.to_tokens("Hi"),
+        ...                                 fwd_hooks=[("blocks.1.hook_resid_post", lambda t, hook: t * 0.5)])
+    """
+    extra = [list(fwd_hooks)] if fwd_hooks else []
+    with intervene(model, *interventions, *extra, on_no_effect=on_no_effect):
         return model(tokens, **forward_kwargs)

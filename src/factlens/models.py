@@ -42,6 +42,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
 
 from factlens.attention import install_bridge_hooks, use_factlens_attention
 from factlens.errors import ConfigError, UnknownModelError
+from factlens.generation import install_kv_cache_fix
+from factlens.inputs import check_device, check_heads, install_input_checks, resolve_dtype
 from factlens.tokenizers import gpt2_tokenizer, opt_style_tokenizer
 
 if TYPE_CHECKING:
@@ -104,6 +106,8 @@ def prepare(bridge: TransformerBridge):
             "Use factlens.load('gpt2'|'gpt2-medium'|'gpt2-large'|'opt-1.3b')."
         )
     install_bridge_hooks(bridge)
+    install_kv_cache_fix(bridge)
+    install_input_checks(bridge)
     bridge.factlens_family = hf_type
     return bridge
 
@@ -166,9 +170,10 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     from transformer_lens.model_bridge import TransformerBridge
 
     spec = resolve(name)
+    device, dtype = check_device(device), resolve_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bridge = TransformerBridge.boot_transformers(
-        spec.hf_id, device=device, dtype=dtype or torch.float32, revision=revision, **boot_kwargs
+        spec.hf_id, device=device, dtype=dtype, revision=revision, **boot_kwargs
     )
     prepare(bridge)
     if compat:
@@ -235,7 +240,9 @@ def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, fu
         >>> type(hf).__name__, hf.config._attn_implementation
         ('GPT2LMHeadModel', 'factlens')
     """
+    dtype = resolve_dtype(dtype)
     config = hf_config(arch, full_size=full_size, **overrides)
+    check_heads(config)
     if config.model_type == "opt" and not config.do_layer_norm_before:
         raise ConfigError("post-norm OPT (opt-350m style) is not supported; keep do_layer_norm_before=True.")
     gen = torch.random.fork_rng(devices=[])
@@ -277,6 +284,7 @@ def bridge_from_hf(hf_model: PreTrainedModel, tokenizer=None, *, device=None, co
         device: where the bridge lives (default: the model's device).
         compat: enable TL compatibility mode on the copy.
     """
+    device = check_device(device)
     family = hf_model.config.model_type
     if family not in FAMILIES:
         raise UnknownModelError(f"bridge_from_hf supports GPT-2 and OPT models, got {family!r}.")
@@ -300,6 +308,7 @@ def tiny(arch: str = "gpt2", *, seed: int = 0, compat: bool = False, device=None
     """
     if arch not in FAMILIES:
         raise UnknownModelError(f"tiny() builds 'gpt2' or 'opt' twins, got {arch!r}.")
+    device = check_device(device)
     hf = build_hf(arch, seed=seed, **overrides).eval()
     return bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
 
@@ -311,6 +320,7 @@ def full_size(name: str, *, seed: int = 0, compat: bool = False, device=None, dt
     about 5.3 GB.
     """
     spec = resolve(name)
+    device, dtype = check_device(device), resolve_dtype(dtype)
     hf = build_hf(spec.name, seed=seed, dtype=dtype, full_size=True).eval()
     return bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
 

@@ -332,6 +332,7 @@ class CacheEstimate:
     batch: int
     seq_len: int
     per_sequence: int = field(default=0)
+    flattened: tuple[str, ...] = ()  # hooks fired as [batch·pos, ...] (OPT's ln2): pos_slice needs a reshape
 
     @property
     def total(self) -> int:
@@ -385,8 +386,43 @@ def cache_nbytes(cache) -> int:
     return sum(_tensor_bytes(cache).values())
 
 
+def _raw_bytes(cache) -> dict[str, tuple[int, int]]:
+    """``name -> (bytes, ndim)`` of every tensor in a cache, shared storage counted for every name."""
+    return {name: (v.numel() * v.element_size(), v.ndim) for name, v in cache.items() if isinstance(v, torch.Tensor)}
+
+
+def pos_slice_indices(pos_slice, seq_len: int) -> list[int] | None:
+    """The positions TransformerLens keeps for ``pos_slice`` on ``seq_len`` tokens (``None``: no slicing).
+
+    Accepts what ``run_with_cache(pos_slice=...)`` does: an int, a ``slice``, a list / array / tensor of
+    positions, or a ``transformer_lens.utilities.Slice``.
+
+    Example:
+        >>> pos_slice_indices(-1, 6), pos_slice_indices(slice(0, 4, 2), 6)
+        ([-1], [0, 2])
+    """
+    if pos_slice is None:
+        return None
+    from transformer_lens.utilities.slice import Slice
+
+    range_hint = f"use 0..{seq_len - 1} or -{seq_len}..-1"
+    try:
+        sl = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        idx = [int(i) for i in sl.indices(seq_len).reshape(-1).tolist()]
+    except IndexError:
+        raise ConfigError(f"pos_slice={pos_slice!r} selects positions outside a sequence of {seq_len} tokens; "
+                          f"{range_hint}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"pos_slice={pos_slice!r} is not a position selection ({err}); pass an int such as -1, "
+                          "a slice such as slice(-3, None) or a list of positions") from None
+    bad = [i for i in idx if not -seq_len <= i < seq_len]
+    if bad:
+        raise ConfigError(f"pos_slice selects position(s) {bad} of a sequence of {seq_len} tokens; {range_hint}")
+    return idx
+
+
 def estimate_cache(model: TransformerBridge, batch: int, seq_len: int, names_filter: NamesFilter = None, *,
-                   device: str | torch.device | None = None) -> CacheEstimate:
+                   device: str | torch.device | None = None, pos_slice=None) -> CacheEstimate:
     """Predict the bytes ``model.run_with_cache`` holds for ``batch`` × ``seq_len`` tokens.
 
     Runs the model on 1, 2 and 3 tokens (batch 1), measures every cached tensor (shared storage counted
@@ -398,10 +434,23 @@ def estimate_cache(model: TransformerBridge, batch: int, seq_len: int, names_fil
         seq_len: Tokens per sequence.
         names_filter: As for ``run_with_cache``.
         device: Where the cache will be stored (``run_with_cache(device=...)``); affects nothing but dtype.
+        pos_slice: As for :func:`run_with_cache`: each hook keeps only the selected positions (query positions
+            of patterns and scores), as a copy per hook name (TL's aliases then no longer share storage).
+
+    Example:
+        >>> import factlens
+        >>> model = factlens.tiny("gpt2")
+        >>> full = estimate_cache(model, 4, 64)
+        >>> last = estimate_cache(model, 4, 64, pos_slice=-1)
+        >>> last.total < full.total / 30
+        True
     """
     if batch < 1 or seq_len < 1:
         raise ConfigError(f"batch={batch}, seq_len={seq_len}; both must be >= 1")
+    kept = pos_slice_indices(pos_slice, seq_len)
     sizes: list[dict[str, int]] = []
+    raw: list[dict[str, tuple[int, int]]] = []
+    lead: list[dict[str, int]] = []  # each hook's leading size at batch 1
     was_training = model.training
     model.eval()
     try:
@@ -411,23 +460,31 @@ def estimate_cache(model: TransformerBridge, batch: int, seq_len: int, names_fil
                 warnings.simplefilter("ignore")  # TL's notes on gated-off hooks: the real call prints them
                 _, cache = model.run_with_cache(tokens, names_filter=names_filter)
             sizes.append(_tensor_bytes(cache))
+            raw.append(_raw_bytes(cache))
+            lead.append({k: v.shape[0] for k, v in cache.items() if isinstance(v, torch.Tensor) and v.ndim})
             del cache
     finally:
         model.train(was_training)
     per_hook, per_seq = {}, 0
     for name in sizes[0]:
-        n1, n2, n3 = (s.get(name, 0) for s in sizes)
+        if kept is None:
+            n1, n2, n3 = (s.get(name, 0) for s in sizes)
+            scale = 1.0
+        else:  # every name holds its own copy of the kept positions
+            n1, n2, n3 = (r.get(name, (0, 0))[0] for r in raw)
+            scale = len(kept) / seq_len if raw[0][name][1] >= 2 else 1.0
         c = (n3 - 2 * n2 + n1) / 2  # T² coefficient (attention patterns and scores)
         b = n2 - n1 - 3 * c
         a = n1 - b - c
-        one = max(0.0, a + b * seq_len + c * seq_len**2)
+        one = max(0.0, a + b * seq_len + c * seq_len**2) * scale
         per_hook[name] = round(batch * one)
         per_seq += round(one)
-    return CacheEstimate(per_hook=per_hook, batch=batch, seq_len=seq_len, per_sequence=per_seq)
+    flat = tuple(name for name in sizes[0] if [d.get(name) for d in lead] == [1, 2, 3])
+    return CacheEstimate(per_hook=per_hook, batch=batch, seq_len=seq_len, per_sequence=per_seq, flattened=flat)
 
 
 def run_with_cache(model: TransformerBridge, tokens, *, names_filter: NamesFilter = None, budget: int | str | None = None,
-                   **kwargs):
+                   pos_slice=None, **kwargs):
     """``model.run_with_cache`` that refuses, with the fix, a cache that will not fit in memory.
 
     Args:
@@ -435,14 +492,17 @@ def run_with_cache(model: TransformerBridge, tokens, *, names_filter: NamesFilte
         tokens: ``[batch, pos]`` token ids, or text (tokenized with ``model.to_tokens``).
         names_filter: As for ``run_with_cache``; the first fix to suggest when the cache is too big.
         budget: Bytes (or ``'8GiB'``) to allow; default :func:`budget_bytes` on the cache's device.
+        pos_slice: Keep only these positions of every hook (an int, a slice, a list; query positions of
+            patterns); the prediction counts only what is kept. A slice is passed to TL as the list of its
+            positions, so the cache holds copies of the kept positions rather than views of the whole tensors.
         **kwargs: Passed on (``device=`` offloads the cache, e.g. to the CPU).
 
     Raises:
         ResourceError: The predicted cache exceeds the budget.
 
     Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> import factlens
+        >>> model = factlens.tiny("gpt2")
         >>> logits, cache = run_with_cache(model, model.to_tokens("Hello there"),
         ...                                names_filter=lambda n: n.endswith("hook_z"))
         >>> sorted(cache.keys())[:1]
@@ -451,7 +511,8 @@ def run_with_cache(model: TransformerBridge, tokens, *, names_filter: NamesFilte
     if isinstance(tokens, str | list):
         tokens = model.to_tokens(tokens)
     batch, seq_len = tokens.shape[0], tokens.shape[-1]
-    est = estimate_cache(model, batch, seq_len, names_filter)
+    kept = pos_slice_indices(pos_slice, seq_len)
+    est = estimate_cache(model, batch, seq_len, names_filter, pos_slice=kept)
     cache_device = kwargs.get("device") or model.cfg.device
     allowed, source = _allowance(cache_device, budget, 0.9)
     if est.total > allowed:
@@ -465,12 +526,40 @@ def run_with_cache(model: TransformerBridge, tokens, *, names_filter: NamesFilte
                      f"shorten the sequences (one of {seq_len} tokens needs {format_bytes(est.per_sequence)})")
         if torch.device(cache_device).type == "cuda":
             fixes.append("offload the cache to the CPU with device='cpu'")
-        fixes.append("or keep only what you need with pos_slice= (e.g. the last position)")
-        _refuse(est.total, allowed, source, f"caching {len(est.per_hook)} hooks for {batch} × {seq_len} tokens",
-                fixes)
-    return model.run_with_cache(tokens, names_filter=names_filter, **kwargs)
+        if kept is None:
+            fixes.append("or keep only what you need with pos_slice= (e.g. pos_slice=-1, the last position)")
+        what = f"caching {len(est.per_hook)} hooks for {batch} × {seq_len} tokens"
+        what += f" at {len(kept)} position(s)" if kept is not None else ""
+        _refuse(est.total, allowed, source, what, fixes)
+    if kept is None:
+        return model.run_with_cache(tokens, names_filter=names_filter, **kwargs)
+    return _run_sliced(model, tokens, names_filter, kept, est.flattened, kwargs)
+
+
+def _run_sliced(model, tokens, names_filter: NamesFilter, kept: list[int], flattened: tuple[str, ...], kwargs):
+    """``run_with_cache(pos_slice=kept)``, with hooks fired as ``[batch·pos, ...]`` (OPT's ``ln2``) unflattened
+    before slicing (TL would slice their feature axis); they are cached as ``[batch, len(kept), ...]``."""
+    if not flattened:
+        return model.run_with_cache(tokens, names_filter=names_filter, pos_slice=kept, **kwargs)
+    match = model._normalize_names_filter(names_filter) if hasattr(model, "_normalize_names_filter") else \
+        (lambda n: True)
+    batch, seq_len = tokens.shape[0], tokens.shape[-1]
+    own = [name for name in flattened if match(name)]
+    store: dict[str, torch.Tensor] = {}
+    device = kwargs.get("device")
+
+    def save(t: torch.Tensor, hook, name: str) -> None:
+        store[name] = t.detach().reshape(batch, seq_len, *t.shape[1:])[:, kept].to(device).clone()
+
+    fwd = [(name, lambda t, hook, name=name: save(t, hook, name)) for name in own]
+    with model.hooks(fwd_hooks=fwd):
+        out, cache = model.run_with_cache(tokens, names_filter=lambda n: match(n) and n not in own,
+                                          pos_slice=kept, **kwargs)
+    target = getattr(cache, "cache_dict", cache)
+    target.update(store)
+    return out, cache
 
 
 __all__ = ["CacheEstimate", "MemoryUsage", "available_bytes", "budget_bytes", "cache_nbytes", "check_fits",
-           "estimate_cache", "format_bytes", "memory_usage", "parse_bytes", "run_with_cache", "saved_tensor_bytes",
+           "estimate_cache", "format_bytes", "memory_usage", "parse_bytes", "pos_slice_indices", "run_with_cache", "saved_tensor_bytes",
            "set_memory_budget", "track"]

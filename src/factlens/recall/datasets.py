@@ -29,7 +29,7 @@ from jaxtyping import Int
 
 from factlens.errors import ConfigError, EmptyDatasetError, TokenizationError
 from factlens.models import family_of
-from factlens.recall.relations import CAPITALS, PromptSpec, Relation
+from factlens.recall.relations import CAPITALS, PromptSpec, Relation, contains_subject, nfc, subject_pattern
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -46,6 +46,14 @@ def _ids(tokenizer: Any, text: str, strip: bool = False) -> list[int]:
 
 def _find(seq: list[int], sub: list[int], start: int = 0) -> list[int]:
     return [i for i in range(start, len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub] if sub else []
+
+
+def _char_span(tokenizer: Any, ids: list[int], start: int, width: int, at: int) -> bool:
+    """Whether tokens ``start..start+width`` decode to the text that begins at character ``at`` (the slot)."""
+    before = len(tokenizer.decode(ids[:start]))
+    span = tokenizer.decode(ids[start:start + width])
+    lead = len(span) - len(span.lstrip())
+    return before + lead == at
 
 
 def _first_id(tokenizer: Any, word: str, what: str, rel: Relation, multi_ok: bool) -> int:
@@ -76,8 +84,12 @@ def _positions(tokenizer: Any, rel: Relation, spec: PromptSpec, first_piece: boo
     at = len(shots_text) + rel.templates[spec.template_idx].index("{subject}")
     cands = [_ids(tokenizer, " " + spec.subject), _ids(tokenizer, " " + spec.subject, strip=True),
              _ids(tokenizer, spec.subject)]
-    hits = [(h[0], len(c)) for c in (cands if at and text[at - 1].isspace() else cands[::-1])
-            if (h := _find(plain, c, q))]
+    hits = [(h, len(c)) for c in (cands if at and text[at - 1].isspace() else cands[::-1])
+            for h in _find(plain, c, q)]
+    # the span that starts at the template's {subject} slot, not the first match: " Niger" is also the first
+    # token of " Nigeria" earlier in the prompt
+    at_slot = [(h, w) for h, w in hits if _char_span(tokenizer, plain, h, w, at)]
+    hits = at_slot or hits
     if not hits:
         raise TokenizationError(f"subject {spec.subject!r} is not found as tokens in the query of {text!r}; "
                                 "put a space or punctuation before and after '{subject}' in the template")
@@ -220,7 +232,8 @@ class RelationDataset:
         rng, out = np.random.default_rng(seed), []
         for spec in self.specs:
             shots_text = self.relation.render(spec)[0]
-            cands = [s for s in self.relation.subjects if s != spec.subject and s not in shots_text]
+            cands = [s for s in self.relation.subjects
+                     if s != spec.subject and not contains_subject(shots_text, s)]
             if not cands:
                 raise ConfigError(f"no subject is left to swap into the prompt about {spec.subject!r} "
                                   f"with demos {spec.shot_subjects}; use fewer shots or add pairs")
@@ -257,7 +270,8 @@ def _draw_shots(rel: Relation, subject: str, query: str, k: int, rng: np.random.
     chosen: list[str] = []
     text, pool = query, rel.subjects
     def ok(s: str) -> bool:
-        return s != subject and s not in chosen and s not in text and subject not in rel.demo(s)
+        return (s != subject and s not in chosen and not contains_subject(text, s)
+                and not contains_subject(rel.demo(s), subject))
 
     for _ in range(k):
         pick = next((s for s in (pool[int(i)] for i in rng.integers(len(pool), size=16)) if ok(s)), None)
@@ -392,10 +406,13 @@ def make_prompt_dataset(
     templates: dict[str, int] = {}
     raw = []
     for prompt, subject, answer in items:
-        if "{subject}" not in prompt and not (subject and subject in prompt):
-            raise TokenizationError(f"prompt {prompt!r} does not contain its subject {subject!r}; include it "
-                                    "or write '{subject}' where it goes")
-        template = prompt if "{subject}" in prompt else prompt.replace(subject, "{subject}")
+        prompt, subject, answer = nfc(prompt), nfc(subject), nfc(answer)
+        if "{subject}" not in prompt and not contains_subject(prompt, subject):
+            inside = " (it occurs only inside a longer word)" if subject and subject in prompt else ""
+            raise TokenizationError(f"prompt {prompt!r} does not contain its subject {subject!r} as a whole "
+                                    f"word{inside}; include it or write '{{subject}}' where it goes")
+        # whole words only: the subject "Niger" in "Unlike Nigeria, the capital of Niger is" is one slot
+        template = prompt if "{subject}" in prompt else subject_pattern(subject).sub("{subject}", prompt)
         if pairs.setdefault(subject, answer) != answer:
             raise ConfigError(f"subject {subject!r} has two answers ({pairs[subject]!r}, {answer!r}); make "
                               "one dataset per relation")

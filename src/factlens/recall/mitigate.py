@@ -44,7 +44,8 @@ import torch
 from jaxtyping import Float, Int
 
 from factlens.errors import ConfigError, ShapeError
-from factlens.hooks import Positions, add_vector, attend_to_self, intervene, resolve_layers
+from factlens.hooks import Positions, add_vector, attend_to_self, intervene
+from factlens.indices import check_index
 from factlens.models import SUPPORTED, family_of
 from factlens.recall.datasets import RelationDataset, dataset_for
 from factlens.recall.decompose import fit_decomposition, fit_per_group
@@ -226,6 +227,7 @@ def interventions_for(model: TransformerBridge, *, attention: bool = True, inter
                       layer: int = -1, dataset: RelationDataset | None = None, rows: Int[torch.Tensor, " n"] | None = None):
     """The factlens interventions of mitigations (a) and/or (b) at ``positions`` (``rows``: prompt indices
     into ``dataset`` for per-prompt intercepts)."""
+    layer = check_index(layer, model.cfg.n_layers, "layer", "layers")
     ivs = []
     if attention:
         ivs.append(attend_to_self(model, layers=layer, positions=positions, heads=heads))
@@ -237,7 +239,7 @@ def interventions_for(model: TransformerBridge, *, attention: bool = True, inter
             vec = _rows_vector(intercept, dataset, rows)
         else:
             vec = intercept
-        ivs.append(add_vector(model, vec.detach(), coeff=-coeff, layer=resolve_layers(model, layer)[0],
+        ivs.append(add_vector(model, vec.detach(), coeff=-coeff, layer=layer,
                               component="mlp_out", positions=positions))
     return ivs
 

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float, Int
 
 from factlens.errors import ConfigError
-from factlens.hooks import resolve_layers
+from factlens.indices import check_index
 from factlens.recall.datasets import RelationDataset
 from factlens.recall.decompose import (
     Decomposition,
@@ -66,6 +66,14 @@ class MLPActivations:
                               [self.subjects[int(j)] for j in i.tolist()])
 
 
+def _regressor_pair(model, pair) -> tuple[int, int]:
+    """One ``(layer, head)`` regressor, both indices validated (negative counts from the end, no wrap)."""
+    if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+        raise ConfigError(f"regressor {pair!r} is not a (layer, head) pair; pass e.g. regressors=[(11, 0), (10, 7)]")
+    return (check_index(pair[0], model.cfg.n_layers, "regressor layer", "layers"),
+            check_index(pair[1], model.cfg.n_heads, "regressor head", "heads per layer"))
+
+
 def _regressor_list(model, layer: int, regressors: Regressors) -> list[tuple[int, int]]:
     H = model.cfg.n_heads
     if isinstance(regressors, str):
@@ -73,11 +81,15 @@ def _regressor_list(model, layer: int, regressors: Regressors) -> list[tuple[int
             raise ConfigError(f"regressors={regressors!r}; use 'heads' (this layer's heads) or a list of "
                               "(layer, head) pairs")
         return [(layer, h) for h in range(H)]
-    pairs = [(int(a) % model.cfg.n_layers, int(b)) for a, b in regressors]
+    pairs = [_regressor_pair(model, pair) for pair in regressors]
     if not pairs:
         raise ConfigError("regressors=[] has no heads; pass 'heads' or at least one (layer, head) pair")
+    if len(set(pairs)) != len(pairs):
+        dup = sorted({f"L{a}H{b}" for a, b in pairs if pairs.count((a, b)) > 1})
+        raise ConfigError(f"regressors name {dup} more than once (negative indices count from the end); pass "
+                          "each (layer, head) once: a repeated regressor makes the regression rank-deficient")
     for a, b in pairs:
-        if a > layer or not 0 <= b < H:
+        if a > layer:
             raise ConfigError(f"regressor head L{a}H{b} is not an attention head at or below MLP layer {layer} "
                               f"(0 <= head < {H}); heads after the MLP cannot explain its output")
     return pairs
@@ -87,7 +99,7 @@ def capture_mlp_activations(model: TransformerBridge, dataset: RelationDataset, 
                             *, max_batch: int = 64, progress: bool = False, interventions=None) -> MLPActivations:
     """Cache ``hook_mlp_out``, the regressor heads' ``hook_z`` and ``ln_final.hook_scale``, at ``end`` only."""
     require_eval(model, "the MLP decomposition")
-    layer = resolve_layers(model, layer)[0]
+    layer = check_index(layer, model.cfg.n_layers, "layer", "layers")
     pairs = _regressor_list(model, layer, regressors)
     layers = sorted({a for a, _ in pairs})
     names = [f"blocks.{layer}.hook_mlp_out", "ln_final.hook_scale"] + [f"blocks.{a}.attn.hook_z" for a in layers]

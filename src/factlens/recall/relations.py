@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -61,6 +63,34 @@ def with_lead_in(lead_in: str, body: str) -> str:
     if lead.endswith((",", ":", ";")) or lead.split()[-1].lower() == "that":
         return f"{lead} {body}"
     return f"{lead}, {body}"
+
+
+def nfc(text: str) -> str:
+    """``text`` in Unicode NFC: "Curaçao" typed with a combining cedilla equals the precomposed one.
+
+    Every string a relation or a prompt dataset holds is normalised this way, so subjects are found in
+    prompts however they were typed.
+
+    Example:
+        >>> nfc("Cura\u0063\u0327ao") == "Cura\u00e7ao"
+        True
+    """
+    return unicodedata.normalize("NFC", str(text))
+
+
+def subject_pattern(subject: str) -> re.Pattern:
+    """A regex matching ``subject`` as a whole word (or run of words): never inside a longer word.
+
+    Example:
+        >>> [m.start() for m in subject_pattern("Niger").finditer("Unlike Nigeria, Niger is")]
+        [16]
+    """
+    return re.compile(r"(?<!\w)" + re.escape(nfc(subject)) + r"(?!\w)")
+
+
+def contains_subject(text: str, subject: str) -> bool:
+    """Whether ``subject`` occurs in ``text`` as a whole word (both NFC-normalised)."""
+    return bool(subject) and subject_pattern(subject).search(nfc(text)) is not None
 
 
 def _check_template(template: str, where: str) -> None:
@@ -111,10 +141,12 @@ class Relation:
     variants: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
-        pairs = tuple((str(s), str(a)) for s, a in self.pairs)
-        for key, value in (("pairs", pairs), ("templates", tuple(self.templates)),
-                           ("lead_ins", tuple(self.lead_ins)),
-                           ("variants", tuple((k, tuple(v)) for k, v in self.variants))):
+        pairs = tuple((nfc(s), nfc(a)) for s, a in self.pairs)
+        for key, value in (("pairs", pairs), ("templates", tuple(map(nfc, self.templates))),
+                           ("lead_ins", tuple(map(nfc, self.lead_ins))),
+                           ("variants", tuple((k, tuple(map(nfc, v))) for k, v in self.variants)),
+                           ("shot_template", None if self.shot_template is None else nfc(self.shot_template)),
+                           ("relation_word", None if self.relation_word is None else nfc(self.relation_word))):
             object.__setattr__(self, key, value)
         if not pairs or not self.templates or any(not v for _, v in self.variants):
             raise EmptyDatasetError(f"relation {self.name!r} has no pairs or no templates (or an empty "
@@ -147,7 +179,8 @@ class Relation:
         return dict(self.pairs)
 
     def answer_of(self, subject: str) -> str:
-        """The answer paired with ``subject`` (ConfigError if unknown)."""
+        """The answer paired with ``subject`` (ConfigError if unknown); compared after NFC normalisation."""
+        subject = nfc(subject)
         if subject not in self._answers:
             raise ConfigError(f"{subject!r} is not a subject of relation {self.name!r}; pick one of "
                               f"{list(self.subjects)}")

@@ -1,0 +1,68 @@
+"""KV-cache generation on factlens-prepared GPT-2 bridges: the cache reaches TransformerLens's attention.
+
+transformers 5.2x passes the KV cache to attention modules as ``cache=``; TransformerLens 4.3's
+``AttentionBridge._update_kv_cache`` (used by GPT-2's ``JointQKVAttentionBridge``, which recomputes attention
+itself) reads only ``past_key_values``/``layer_past``. On a stock GPT-2 bridge every cached decoding step
+therefore attends to the new token alone, and ``model.generate(...)`` silently returns wrong tokens (OPT is
+unaffected: HF's own ``OPTAttention`` updates the cache). :func:`install_kv_cache_fix` wraps each attention
+bridge's ``_update_kv_cache`` so that a ``cache=`` keyword is read as ``past_key_values``;
+:func:`factlens.prepare` calls it, so every bridge factlens builds or loads generates the same tokens with and
+without the cache.
+
+Example:
+    >>> import factlens
+    >>> model = factlens.tiny("gpt2")
+    >>> tokens = model.to_tokens("The capital of France is")
+    >>> cached = model.generate(tokens, max_new_tokens=4, do_sample=False, use_past_kv_cache=True, verbose=False)
+    >>> plain = model.generate(tokens, max_new_tokens=4, do_sample=False, use_past_kv_cache=False, verbose=False)
+    >>> bool((cached == plain).all())
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_FLAG = "_factlens_kv_cache_fix"
+
+
+def _wrap(attn) -> None:
+    original = attn._update_kv_cache  # the bound method of the class
+
+    def update_kv_cache(k, v, **kwargs: Any):
+        if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None \
+                and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return original(k, v, **kwargs)
+
+    object.__setattr__(attn, "_update_kv_cache", update_kv_cache)
+    object.__setattr__(attn, _FLAG, True)
+
+
+def install_kv_cache_fix(bridge) -> int:
+    """Make every attention bridge of ``bridge`` read transformers' ``cache=`` keyword. Idempotent.
+
+    Returns:
+        The number of attention layers wrapped (0 for OPT, whose attention never calls ``_update_kv_cache``
+        with the cache, and on a second call).
+    """
+    n = 0
+    for block in bridge.blocks:
+        attn = block.attn
+        if hasattr(type(attn), "_update_kv_cache") and not getattr(attn, _FLAG, False) \
+                and _reconstructs_attention(attn):
+            _wrap(attn)
+            n += 1
+    return n
+
+
+def _reconstructs_attention(attn) -> bool:
+    """True for attention bridges that compute attention themselves (and so own the KV-cache update)."""
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
+        JointQKVAttentionBridge,
+    )
+
+    return isinstance(attn, JointQKVAttentionBridge)
+
+
+__all__ = ["install_kv_cache_fix"]
