@@ -20,6 +20,7 @@ import pandas as pd
 
 from factlens.bios.data.pools import Pools, no_knowledge_baseline
 from factlens.bios.metrics import plateau_end as _plateau_end
+from factlens.display import ResultDisplay
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -42,7 +43,7 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
 
 
 @dataclass
-class TrainingHistory:
+class TrainingHistory(ResultDisplay):
     """Evaluation and training-loss records of a run, with the no-knowledge baseline.
 
     Attributes:

@@ -28,6 +28,7 @@ from jaxtyping import Float
 from factlens.bios.data.batches import BiographyBatch, eval_batches
 from factlens.bios.runs import checkpoint_path, load_hf, run_population
 from factlens.checkpoints import list_checkpoints
+from factlens.display import ResultDisplay
 from factlens.patching.references import Reference
 from factlens.resources import track
 
@@ -61,7 +62,7 @@ def circuit_attention(patterns: dict[int, Float[torch.Tensor, "batch head q k"]]
 
 
 @dataclass
-class AttentionToNameResult:
+class AttentionToNameResult(ResultDisplay):
     """Circuit attention per checkpoint and layer.
 
     Attributes:

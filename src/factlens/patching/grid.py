@@ -28,11 +28,12 @@ import pandas as pd
 
 from factlens.bios.history import TrainingHistory
 from factlens.bios.trainer import PatchConfig, TrainConfig, train
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 
 
 @dataclass
-class GridResult:
+class GridResult(ResultDisplay):
     """Final metrics of every grid cell (``start_patching`` ≤ ``reference_step`` cells only)."""
 
     table: pd.DataFrame  # columns: reference_step, start_patching, attr_loss, attr_acc, plateau_end, run_dir
