@@ -31,14 +31,12 @@ OUT = Path(os.environ.get("FACTLENS_OUT", "out/examples")) / "curricula_and_hall
 OUT.mkdir(parents=True, exist_ok=True)
 
 # %%
-import math
 import shutil
 
 import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from factlens.bios import TrainConfig, make_sampler, train
+from factlens.plot import compare_runs
 
 base = TrainConfig.preset("tiny", steps=30, checkpoint_every=10) if TINY else TrainConfig.preset("demo")
 n, steps, bs = base.n_people, base.steps, base.batch_size
@@ -89,27 +87,7 @@ final.round(3)
 # no-knowledge baseline (the loss of a model that knows the pools but not the people).
 
 # %%
-colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-curves = make_subplots(rows=1, cols=2, subplot_titles=("Attribute loss (nats, log scale)", "Attribute accuracy"))
-for (name, h), colour in zip(histories.items(), colours):
-    ev = h.evals
-    curves.add_trace(go.Scatter(x=ev["step"], y=ev["attr_loss"], mode="lines+markers", name=name,
-                                line=dict(color=colour), legendgroup=name,
-                                hovertemplate=f"{name}<br>step %{{x}}<br>loss %{{y:.4f}} nats<extra></extra>"), 1, 1)
-    curves.add_trace(go.Scatter(x=ev["step"], y=ev["attr_acc"], mode="lines+markers", name=name,
-                                line=dict(color=colour), legendgroup=name, showlegend=False,
-                                hovertemplate=f"{name}<br>step %{{x}}<br>accuracy %{{y:.3f}}<extra></extra>"), 1, 2)
-baseline = next(iter(histories.values())).baseline
-# the baseline as a legend entry (an hline annotation is misplaced on plotly log axes)
-curves.add_trace(go.Scatter(x=[0, steps], y=[baseline] * 2, mode="lines", name=f"no knowledge ({baseline:.2f} nats)",
-                            line=dict(color="grey", dash="dash"), hoverinfo="skip"), 1, 1)
-losses = [v for h in histories.values() for v in h.evals["attr_loss"]] + [baseline]
-curves.update_yaxes(type="log", title_text="nats", row=1, col=1,
-                    range=[math.log10(max(min(losses), 1e-4)) - 0.15, math.log10(max(losses)) + 0.15])
-curves.update_yaxes(range=[0, 1.02], title_text="fraction of values", row=1, col=2)
-curves.update_xaxes(title_text="training step")
-curves.update_layout(title="Knowledge acquisition under four data distributions", template="plotly_white",
-                     height=450, width=1050)
+curves = compare_runs(histories, title="Knowledge acquisition under four data distributions")
 main_fig = show(curves, "learning_curves")
 
 # %% [markdown]
@@ -122,16 +100,8 @@ main_fig = show(curves, "learning_curves")
 halluc = pd.DataFrame({name: {"unseen_attr_loss": h.final["unseen_attr_loss"],
                               "unseen_top_prob": h.final["unseen_top_prob"],
                               "unseen_entropy": h.final["unseen_entropy"]} for name, h in histories.items()}).T
-hfig = make_subplots(rows=1, cols=3, subplot_titles=("Loss on unseen people (nats)", "Top-token probability",
-                                                     "Prediction entropy (nats)"))
-for (name, h), colour in zip(histories.items(), colours):
-    for col, metric in enumerate(["unseen_attr_loss", "unseen_top_prob", "unseen_entropy"], start=1):
-        hfig.add_trace(go.Scatter(x=h.evals["step"], y=h.evals[metric], mode="lines+markers", name=name,
-                                  line=dict(color=colour), legendgroup=name, showlegend=col == 1,
-                                  hovertemplate=f"{name}<br>step %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>"),
-                       1, col)
-hfig.update_xaxes(title_text="training step")
-hfig.update_layout(title="Hallucination metrics on unseen people", template="plotly_white", height=420, width=1200)
+hfig = compare_runs(histories, metrics=("unseen_attr_loss", "unseen_top_prob", "unseen_entropy"),
+                    title="Hallucination metrics on unseen people")
 show(hfig, "hallucinations")
 halluc.round(3)
 

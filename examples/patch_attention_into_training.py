@@ -30,10 +30,7 @@ OUT = Path(os.environ.get("FACTLENS_OUT", "out/examples")) / "patch_attention_in
 OUT.mkdir(parents=True, exist_ok=True)
 
 # %%
-import math
 import shutil
-
-import plotly.graph_objects as go
 
 from factlens.bios import PatchConfig, TrainConfig, train
 from factlens.bios.history import TrainingHistory
@@ -85,21 +82,8 @@ print(f"patched from step {ref_step}: final attribute loss {patched.final['attr_
 # or disappears: the model only has to learn the MLP-side associations.
 
 # %%
-curves = go.Figure()
-for name, hist, colour in [("reference", reference, "#1f77b4"), (f"patched from step {ref_step}", patched, "#d62728")]:
-    curves.add_trace(go.Scatter(x=hist.evals["step"], y=hist.evals["attr_loss"], mode="lines+markers", name=name,
-                                line=dict(color=colour),
-                                hovertemplate=f"{name}<br>step %{{x}}<br>loss %{{y:.4f}} nats<extra></extra>"))
-# the baseline as a legend entry (an hline annotation is misplaced on plotly log axes)
-steps = reference.evals["step"]
-curves.add_trace(go.Scatter(x=[steps.min(), steps.max()], y=[reference.baseline] * 2, mode="lines",
-                            name=f"no-knowledge baseline ({reference.baseline:.2f} nats)",
-                            line=dict(color="grey", dash="dash"), hoverinfo="skip"))
-losses = [*reference.evals["attr_loss"], *patched.evals["attr_loss"], reference.baseline]
-curves.update_yaxes(type="log", range=[math.log10(max(min(losses), 1e-4)) - 0.15, math.log10(max(losses)) + 0.15])
-curves.update_layout(title="Attention patching removes the plateau", template="plotly_white",
-                     xaxis_title="training step", yaxis_title="attribute loss (nats, log scale)",
-                     height=450, width=900)
+curves = reference.compare(patched, labels=["reference", f"patched from step {ref_step}"],
+                           title="Attention patching removes the plateau")
 main_fig = show(curves, "learning_curves")
 
 # %% [markdown]

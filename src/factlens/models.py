@@ -4,12 +4,13 @@ Supported: GPT-2 small / medium / large and OPT-1.3B (HF ids accepted too). Ever
 has been through :func:`prepare`, which makes TL's own ``hook_pattern`` / ``hook_attn_scores`` hooks take
 effect on OPT as on GPT-2 (see :mod:`factlens.attention`).
 
-**Compatibility mode** (TL's ``fold_ln`` + weight centring) is on by default in :func:`load`, because the
-Lv et al. analyses (logit lens, direct logit attribution, MLP-output decomposition) read weights and
-intermediate activations in HookedTransformer numerics. It changes no logits. It edits weights in place,
-must be applied once only, and changes what the parameters mean, so **training never uses it**: the
-biography trainer trains plain HF models (:func:`build_hf`) and wraps copies with :func:`bridge_from_hf`
-(``compat=False`` by default) for analysis. :func:`tiny` and :func:`full_size` default to ``compat=False``.
+**Compatibility mode** (TL's ``fold_ln`` + weight centring). The rule (:mod:`factlens.loading`): every Lv et al.
+analysis needs it and refuses a model without it, naming the fix; :func:`load`, :func:`tiny` and
+:func:`full_size` all turn it on by default, so a twin and the real model give results in the same numerics.
+It changes no logits. It edits weights in place, must be applied once only, and changes what the parameters
+mean, so **training never uses it**: the biography trainer trains plain HF models (:func:`build_hf`) and wraps
+copies with :func:`bridge_from_hf` (``compat=False`` by default). Weights on disk (a ``save_pretrained``
+folder, the HF cache) are opened by :mod:`factlens.loading`, always with their own tokenizer.
 
 TransformerLens traps handled here (TransformerLens 4.3's behaviour, checked by ``tests/test_models.py``):
 
@@ -33,8 +34,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -149,36 +152,52 @@ class _quiet_transformers:
         self.logger.setLevel(self.level)
 
 
-def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
-         compat: bool = True, revision: str | None = None, **boot_kwargs):
-    """Load a supported pretrained model from the hub (or the local HF cache) as a prepared bridge.
+def load(name: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+         compat: bool = True, revision: str | None = None, tokenizer=None, **boot_kwargs):
+    """Load pretrained GPT-2 / OPT weights as a prepared bridge: from a folder, the HF cache or the hub.
 
     Args:
-        name: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``opt-1.3b`` or their HF ids.
+        name: a local ``save_pretrained`` folder, an HF cache folder (``models--org--name`` or its
+            ``snapshots/<hash>``), ``gpt2``/``gpt2-medium``/``gpt2-large``/``opt-1.3b``, or any HF id of a GPT-2
+            or OPT checkpoint (read from the HF cache when there, else downloaded). See :mod:`factlens.loading`.
         device: torch device; default CUDA when available.
         dtype: weight dtype (default float32).
-        compat: enable TL compatibility mode (fold LN, centre weights). Needed for the Lv analyses;
-            do not train a model loaded this way.
-        revision: an HF revision (branch/tag/commit).
+        compat: enable TL compatibility mode (fold LN, centre weights), which every Lv analysis requires
+            (:func:`factlens.loading.require_compat`); do not train a model loaded this way.
+        revision: an HF revision (branch/tag/commit), or the snapshot of an HF cache folder.
+        tokenizer: override the checkpoint's own tokenizer (default: the one saved with the weights).
         **boot_kwargs: passed on to ``TransformerBridge.boot_transformers``.
+
+    Raises:
+        UnknownModelError: not a GPT-2/OPT checkpoint (the message lists the supported models).
+        CheckpointError: no weights found (e.g. offline with an empty cache); the message names the ways out.
 
     Example:
         >>> import factlens
-        >>> model = factlens.load("gpt2")  # needs the hub       # doctest: +SKIP
-        >>> model.to_str_tokens("The capital of France is")     # doctest: +SKIP
+        >>> model = factlens.load("gpt2")  # needs the hub or a filled HF cache    # doctest: +SKIP
+        >>> model = factlens.load("/path/to/save_pretrained_folder")             # doctest: +SKIP
     """
-    from transformer_lens.model_bridge import TransformerBridge
+    from factlens.loading import open_weights
 
-    spec = resolve(name)
     device, dtype = check_device(device), resolve_dtype(dtype)
+    text = os.fspath(name)
+    source = text
+    if not Path(text).expanduser().exists():
+        try:
+            source = resolve(text).hf_id
+        except UnknownModelError:
+            if "/" not in text:  # not a path, not an HF id: a misspelt short name
+                raise UnknownModelError(
+                    f"factlens does not know model {text!r} and there is no folder of that name. Supported: "
+                    f"{', '.join(SUPPORTED)} (or their HF ids), any HF id or local save_pretrained folder of a "
+                    "GPT-2 or OPT checkpoint, or a random-weight twin: factlens.tiny('gpt2'|'opt'), "
+                    "factlens.full_size(name).") from None
+    weights = open_weights(source, revision=revision, dtype=dtype, tokenizer=tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bridge = TransformerBridge.boot_transformers(
-        spec.hf_id, device=device, dtype=dtype, revision=revision, **boot_kwargs
-    )
-    prepare(bridge)
-    if compat:
-        bridge.enable_compatibility_mode()
-    return bridge.eval()
+    bridge = boot(source, weights.hf_model.to(device), weights.tokenizer, device, compat, **boot_kwargs)
+    bridge.factlens_random_weights = False
+    bridge.factlens_name = text
+    return bridge
 
 
 def hf_config(arch: str, *, full_size: bool = False, **overrides):
@@ -251,6 +270,7 @@ def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, fu
         cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
         model = cls(config).to(dtype)
     use_factlens_attention(model)
+    model._factlens_built = True  # random init by factlens: factlens's BPE is its tokenizer (bridge_from_hf)
     return model
 
 
@@ -265,6 +285,7 @@ def from_config(config) -> PreTrainedModel:
     cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
     model = cls(config)
     use_factlens_attention(model)
+    model._factlens_built = True
     return model
 
 
@@ -279,23 +300,44 @@ def bridge_from_hf(hf_model: PreTrainedModel, tokenizer=None, *, device=None, co
     Args:
         hf_model: the model. Booting rewrites a model in place, so it is deep-copied unless
             ``copy_model=False``.
-        tokenizer: its tokenizer (saved to a directory; see :mod:`factlens.tokenizers`). Default: the
-            offline GPT-2 / OPT-style BPE.
+        tokenizer: its tokenizer. Default: the tokenizer saved with the model (its ``name_or_path`` folder
+            or HF id, from disk only); factlens's offline GPT-2 / OPT-style BPE only for factlens's own
+            random-weight models (:func:`build_hf`). Anything else must pass its tokenizer: a real OPT
+            checkpoint's ids differ from GPT-2's.
         device: where the bridge lives (default: the model's device).
-        compat: enable TL compatibility mode on the copy.
+        compat: enable TL compatibility mode on the copy (the Lv analyses require it).
     """
     device = check_device(device)
     family = hf_model.config.model_type
     if family not in FAMILIES:
         raise UnknownModelError(f"bridge_from_hf supports GPT-2 and OPT models, got {family!r}.")
+    if tokenizer is None:
+        tokenizer = _own_tokenizer(hf_model, family)
     model = copy.deepcopy(hf_model) if copy_model else hf_model
     device = device or next(model.parameters()).device
-    tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(family)
     name = "openai-community/gpt2" if family == "gpt2" else "facebook/opt-125m"
     return boot(name, model, tokenizer, device, compat)
 
 
-def tiny(arch: str = "gpt2", *, seed: int = 0, compat: bool = False, device=None, **overrides):
+def _own_tokenizer(hf_model: PreTrainedModel, family: str):
+    """The tokenizer that belongs to ``hf_model``: factlens's BPE for factlens's random models, else its own."""
+    if getattr(hf_model, "_factlens_built", False):
+        return _tokenizer_for(family)
+    source = getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "name_or_path", "")
+    if source:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            pass
+    raise ConfigError(
+        f"bridge_from_hf cannot tell this {family} model's tokenizer (name_or_path={source!r} has none on disk). "
+        "Pass it: bridge_from_hf(model, AutoTokenizer.from_pretrained(<where the model came from>)); factlens's "
+        "GPT-2 BPE is substituted only for factlens's own random-weight models (factlens.build_hf).")
+
+
+def tiny(arch: str = "gpt2", *, seed: int = 0, compat: bool = True, device=None, **overrides):
     """A small random-init bridge of the real GPT-2 or OPT architecture, offline, with the real BPE.
 
     Defaults: 2 layers, 4 heads, d_model 64, d_mlp 256, context 128, the GPT-2 vocabulary (so real
@@ -310,10 +352,13 @@ def tiny(arch: str = "gpt2", *, seed: int = 0, compat: bool = False, device=None
         raise UnknownModelError(f"tiny() builds 'gpt2' or 'opt' twins, got {arch!r}.")
     device = check_device(device)
     hf = build_hf(arch, seed=seed, **overrides).eval()
-    return bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
+    bridge = bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
+    bridge.factlens_random_weights = True  # reports say so, and never draw the paper's numbers beside it
+    bridge.factlens_name = f"tiny-{arch}"
+    return bridge
 
 
-def full_size(name: str, *, seed: int = 0, compat: bool = False, device=None, dtype=torch.float32):
+def full_size(name: str, *, seed: int = 0, compat: bool = True, device=None, dtype=torch.float32):
     """A random-weight bridge with the full-size config of a supported model (offline).
 
     For shape tests and benchmarks: ``full_size("gpt2-large").cfg.n_layers == 36``. OPT-1.3B in fp32 needs
@@ -322,7 +367,10 @@ def full_size(name: str, *, seed: int = 0, compat: bool = False, device=None, dt
     spec = resolve(name)
     device, dtype = check_device(device), resolve_dtype(dtype)
     hf = build_hf(spec.name, seed=seed, dtype=dtype, full_size=True).eval()
-    return bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
+    bridge = bridge_from_hf(hf, device=device, compat=compat, copy_model=False)
+    bridge.factlens_random_weights = True
+    bridge.factlens_name = f"random-{spec.name}"
+    return bridge
 
 
 def family_of(model: TransformerBridge | PreTrainedModel) -> str:

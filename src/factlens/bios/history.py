@@ -21,6 +21,7 @@ import pandas as pd
 from factlens.bios.data.pools import Pools, no_knowledge_baseline
 from factlens.bios.metrics import plateau_end as _plateau_end
 from factlens.checkpoints import atomic_write_text, storage_errors
+from factlens.display import ResultDisplay
 from factlens.errors import CheckpointError, EmptyDatasetError, RunNotFoundError
 
 METRICS = "metrics.jsonl"
@@ -88,7 +89,7 @@ def _run_pools(run_dir: Path) -> Pools:
 
 
 @dataclass
-class TrainingHistory:
+class TrainingHistory(ResultDisplay):
     """Evaluation and training-loss records of a run, with the no-knowledge baseline.
 
     Attributes:
@@ -187,3 +188,36 @@ class TrainingHistory:
         fig.update_layout(title=title or f"Knowledge acquisition ({self.run_dir.name if self.run_dir else 'run'})",
                           template="plotly_white", height=420, width=1000)
         return fig
+
+
+    def compare(self, *others, labels: list[str] | None = None, metrics: tuple[str, ...] = ("attr_loss", "attr_acc"),
+                title: str | None = None):
+        """This run (the reference, drawn thick and black) against other runs, on one figure.
+
+        The no-knowledge baseline is the dashed grey line, each run's plateau end a dotted line in its colour
+        (and in its legend entry). See :func:`factlens.plot.compare_runs`.
+
+        Args:
+            *others: Histories, run folders, or ``{label: history or folder}`` mappings (e.g. a whole grid).
+            labels: Legend names, this run's first (default: the run folders' names).
+            metrics: Columns of ``evals``, one panel each.
+
+        Example:
+            >>> reference = TrainingHistory.load("runs/ref")                                 # doctest: +SKIP
+            >>> reference.compare("runs/patched", {"grid 500": "runs/grid/ref500"}).show()   # doctest: +SKIP
+        """
+        from factlens.plot import compare_runs
+
+        items: list[tuple[str | None, object]] = [(None, self)]
+        for other in others:
+            items += [(str(k), v) for k, v in other.items()] if isinstance(other, dict) else [(None, other)]
+        runs: dict[str, TrainingHistory] = {}
+        for i, (name, run) in enumerate(items):
+            history = run if isinstance(run, TrainingHistory) else TrainingHistory.load(run)
+            if labels is not None and i < len(labels):
+                name = labels[i]
+            name = name or (history.run_dir.name if history.run_dir else ("reference" if i == 0 else f"run {i}"))
+            while name in runs:
+                name = f"{name} ({i})"
+            runs[name] = history
+        return compare_runs(runs, metrics=metrics, reference=next(iter(runs)), title=title or "Runs compared")

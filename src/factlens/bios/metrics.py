@@ -35,6 +35,7 @@ from jaxtyping import Float, Int
 
 from factlens.bios.data.batches import BiographyBatch
 from factlens.bios.data.pools import ATTRIBUTES, N_ATTR
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
 
 
@@ -105,7 +106,7 @@ def attribute_accuracy(
 
 
 @dataclass
-class AttributeMetrics:
+class AttributeMetrics(ResultDisplay):
     """Per-attribute knowledge and confidence metrics of one or more batches.
 
     Attributes:

@@ -127,8 +127,11 @@ def load_hf(run_dir: str | Path, step: int | None = None, device: str | torch.de
 
 
 def load_bridge(run_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
-                compat: bool = False):
-    """A prepared TransformerLens bridge of a run's checkpoint, with the task tokenizer."""
+                compat: bool = True):
+    """A prepared TransformerLens bridge of a run's checkpoint, with the task tokenizer.
+
+    Compatibility mode is on by default, as the Lv analyses of :mod:`factlens.testbeds` require; it changes no
+    logits."""
     _, vocab = run_population(run_dir)
     return bridge_from_hf(load_hf(run_dir, step, device), vocab.hf_tokenizer(), compat=compat, copy_model=False)
 

@@ -20,10 +20,18 @@ from factlens.cli import capitals as capitals_cli
 from factlens.errors import FactlensError
 
 
+class HelpParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``--help`` shows every option's default; its subparsers inherit it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``factlens`` parser: ``demo``, ``bios ...`` (:mod:`factlens.cli.bios`), ``capitals ...``
     (:mod:`factlens.cli.capitals`)."""
-    parser = argparse.ArgumentParser(prog="factlens", description="Mechanistic interpretability of factual recall.")
+    parser = HelpParser(prog="factlens", description="Mechanistic interpretability of factual recall.")
     sub = parser.add_subparsers(dest="command", required=True)
     bios_cli.add_commands(sub)
     capitals_cli.add_commands(sub)

@@ -1,12 +1,15 @@
 """``factlens capitals analyze|mitigate``: the Lv et al. analysis and mitigation table from the command line.
 
-Model names: the supported hub models (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``opt-1.3b``; ``all`` = the
-four), or offline random-weight twins for trying the pipeline without weights: ``tiny-gpt2``, ``tiny-opt`` and
-``random-<name>`` (the full-size config, random weights).
+``--model`` takes what :func:`factlens.load` takes: a supported name (``gpt2``, ``gpt2-medium``, ``gpt2-large``,
+``opt-1.3b``; ``all`` = the four) or any HF id of a GPT-2/OPT checkpoint (from the HF cache, else the hub), a local
+``save_pretrained`` folder, or an HF cache folder (``models--org--name`` or its ``snapshots/<hash>``). Offline
+random-weight twins try the pipeline without weights: ``tiny-gpt2``, ``tiny-opt`` and ``random-<name>`` (the
+full-size config, random weights). Every model runs in compatibility mode, as the Lv analyses require.
 
 Example:
     $ factlens capitals mitigate --model gpt2 --shots 0 1 2 --out out/mitigate
     $ factlens capitals analyze --model all --shots 0 --out out/analysis
+    $ factlens capitals analyze --model ~/checkpoints/my-gpt2 --out out/mine
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ from factlens.models import SUPPORTED
 
 
 def build_model(name: str, device: str | None = None):
-    """A bridge for a CLI model name (compatibility mode on, as the Lv analyses need)."""
-    if name.startswith("tiny-"):
-        return factlens.tiny(name.removeprefix("tiny-"), compat=True, device=device)
-    if name.startswith("random-"):
-        return factlens.full_size(name.removeprefix("random-"), compat=True, device=device)
-    return factlens.load(name, device=device)
+    """A bridge for a CLI model name, folder or HF id (compatibility mode on, as the Lv analyses need)."""
+    if not Path(name).expanduser().exists():
+        if name.startswith("tiny-"):
+            return factlens.tiny(name.removeprefix("tiny-"), compat=True, device=device)
+        if name.startswith("random-"):
+            return factlens.full_size(name.removeprefix("random-"), compat=True, device=device)
+    return factlens.load(name, device=device, compat=True)
+
+
+def _label(name: str) -> str:
+    """A folder name for a model: its last path component for folders and HF ids."""
+    return Path(name.rstrip("/")).name or name
 
 
 def model_names(requested: list[str]) -> list[str]:
@@ -41,13 +50,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for name in model_names(args.model):
         model = build_model(name, args.device)
-        target = out / name if len(args.model) > 1 or args.model == ["all"] else out
+        target = out / _label(name) if len(args.model) > 1 or args.model == ["all"] else out
         if args.capitals_command == "analyze":
             for shots in args.shots:
                 folder = target / f"{shots}shot" if len(args.shots) > 1 else target
                 report = analyze(model, shots=shots, out_dir=folder)
-                print(f"{name}, {shots}-shot: {folder / 'index.html'}")
-                print(report.summary())
+                print(f"{name}, {shots}-shot: report {folder / 'report.html'}")
+                print(report.to_markdown())
         else:
             table = mitigation_table(model, shots=args.shots)
             target.mkdir(parents=True, exist_ok=True)
@@ -66,9 +75,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     for name, help_text in (("analyze", "whole analysis → HTML report"), ("mitigate", "mitigation table")):
         p = capitals.add_parser(name, help=help_text)
         p.add_argument("--model", nargs="+", default=["gpt2"],
-                       help="gpt2 | gpt2-medium | gpt2-large | opt-1.3b | all; tiny-gpt2 / tiny-opt / "
-                            "random-<name> for offline random-weight twins")
-        p.add_argument("--shots", type=int, nargs="+", default=[0])
-        p.add_argument("--out", required=True)
-        p.add_argument("--device")
+                       help="gpt2 | gpt2-medium | gpt2-large | opt-1.3b | all | any HF id of a GPT-2/OPT checkpoint | "
+                            "a save_pretrained folder | an HF cache folder; tiny-gpt2 / tiny-opt / random-<name> "
+                            "for offline random-weight twins")
+        p.add_argument("--shots", type=int, nargs="+", default=[0], help="few-shot settings (demonstrations)")
+        p.add_argument("--out", required=True, help="output folder (one subfolder per model when several)")
+        p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
         p.set_defaults(func=run)

@@ -31,6 +31,7 @@ from jaxtyping import Float
 from factlens.bios.data.batches import BiographyBatch, eval_batches
 from factlens.bios.runs import checkpoint_path, load_hf, run_population
 from factlens.checkpoints import list_checkpoints, load_checkpoint
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.patching.references import Reference
 from factlens.resources import track
@@ -65,7 +66,7 @@ def circuit_attention(patterns: dict[int, Float[torch.Tensor, "batch head q k"]]
 
 
 @dataclass
-class AttentionToNameResult:
+class AttentionToNameResult(ResultDisplay):
     """Circuit attention per checkpoint and layer.
 
     Attributes:

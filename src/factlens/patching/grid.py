@@ -33,11 +33,12 @@ from factlens.bios.history import TrainingHistory
 from factlens.bios.rundir import RunDirectory
 from factlens.bios.trainer import train
 from factlens.checkpoints import list_checkpoints
+from factlens.display import ResultDisplay
 from factlens.errors import CheckpointError, ConfigError
 
 
 @dataclass
-class GridResult:
+class GridResult(ResultDisplay):
     """Final metrics of every grid cell (``start_patching`` ≤ ``reference_step`` cells only)."""
 
     table: pd.DataFrame  # columns: reference_step, start_patching, attr_loss, attr_acc, plateau_end, run_dir

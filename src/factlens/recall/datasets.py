@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, EmptyDatasetError, TokenizationError
 from factlens.models import family_of
 from factlens.recall.relations import CAPITALS, PromptSpec, Relation, contains_subject, nfc, subject_pattern
@@ -140,7 +141,7 @@ def _build(rel: Relation, tokenizer: Any, specs: Sequence[PromptSpec], *, shots:
 
 # ---------------------------------------------------------------------------------------------- the dataset
 @dataclass
-class RelationDataset:
+class RelationDataset(ResultDisplay):
     """Tokenized relation prompts with named positions (see :func:`make_dataset`).
 
     ``tokens`` ``[batch, pos]`` are right-padded and include the tokenizer's own BOS (``n_special_prefix``
@@ -356,20 +357,21 @@ def make_dataset(
 def dataset_for(model: TransformerBridge, relation: Relation = CAPITALS, shots: int = 0, **kwargs) -> RelationDataset:
     """``make_dataset`` with the tokenizer convention of Lv et al. for this model's family.
 
-    GPT-2: the raw BPE with **no** BOS (the bridge's own tokenizer prepends ``<|endoftext|>``; the official
-    code does not). OPT: the model's tokenizer, which prepends ``</s>`` as the official code expects.
+    Always the model's own tokenizer (a checkpoint on disk brings its own ids). GPT-2: with **no** BOS (the
+    bridge's tokenizer prepends ``<|endoftext|>``; the official code does not). OPT: as it is, prepending
+    ``</s>`` as the official code expects.
 
     Example:
         >>> import factlens
         >>> dataset_for(factlens.tiny("gpt2")).tokens[0, 0].item()       # "It", no BOS
         1026
     """
+    tokenizer = model.tokenizer
     if family_of(model) == "gpt2":
-        from factlens.tokenizers import gpt2_tokenizer
+        import copy
 
-        tokenizer = gpt2_tokenizer()
-    else:
-        tokenizer = model.tokenizer
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_bos_token = False
     return make_dataset(relation, tokenizer, shots=shots, **kwargs)
 
 

@@ -28,6 +28,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
 
 COND_LIMIT = 1e12  # G with a larger condition number is treated as singular
@@ -63,7 +64,7 @@ def _check(target: torch.Tensor, regressors: torch.Tensor) -> None:
 
 
 @dataclass
-class Decomposition:
+class Decomposition(ResultDisplay):
     """A fitted ``target ≈ Σ_j beta_j · regressor_j + intercept``.
 
     Attributes:
@@ -204,7 +205,7 @@ def fit_decomposition(
 
 
 @dataclass
-class GroupedDecomposition:
+class GroupedDecomposition(ResultDisplay):
     """One :class:`Decomposition` per group label (e.g. per country: the "all same" fits of notes §5.3).
 
     Example:
@@ -323,7 +324,7 @@ def _logits(vector: torch.Tensor, W_U: torch.Tensor, ln_scale: float | Float[tor
 
 
 @dataclass
-class VocabProjection:
+class VocabProjection(ResultDisplay):
     """A vector read through the unembedding: top-k tokens and the rank of chosen answer tokens (0 = top).
 
     Example:

@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
 from factlens.recall.metrics import answer_prob, answer_rank, run_at_end
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LogitLensResult:
+class LogitLensResult(ResultDisplay):
     """P and rank of the answer at ``end`` after every layer, read through ``ln_final`` + unembedding.
 
     Attributes:
@@ -87,10 +88,12 @@ class LogitLensResult:
                                  fill="toself", line={"width": 0}, opacity=0.2, hoverinfo="skip", name="± 1 sd"))
         fig.add_trace(go.Scatter(
             x=x, y=mean.tolist(), mode="lines+markers", name="mean P(answer)",
-            hovertext=[f"after layer {i}: P = {float(mean[i]):.4f}, mean rank = {float(self.mean_rank[i]):.1f}"
+            hovertext=[f"after layer {i}: P = {float(mean[i]):.4g}, mean rank = {float(self.mean_rank[i]):.4g}"
                        for i in x], hoverinfo="text"))
         fig.update_layout(title=title or "Logit lens: P(answer) at end after each layer",
-                          xaxis_title="layer (resid_post)", yaxis_title="P(first answer token)")
+                          xaxis_title="layer l (residual stream after block l, 0-based)",
+                          yaxis_title="P(first answer token) (probability)")
+        fig.update_xaxes(dtick=1)
         return fig
 
 

@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 
 from factlens.errors import ConfigError, HookDidNotFireError, ModeError, ShapeError
 from factlens.hooks import Intervention, OnNoEffect, intervene
+from factlens.loading import require_compat
 from factlens.recall.datasets import RelationDataset
 from factlens.resources import track
 
@@ -44,7 +45,8 @@ InterventionFactory = Callable[[Int[torch.Tensor, " b"], Int[torch.Tensor, " b"]
 
 # ---------------------------------------------------------------------------------------------- model helpers
 def require_eval(model: TransformerBridge, operation: str = "this analysis") -> None:
-    """Raise :class:`~factlens.errors.ModeError` when any submodule of ``model`` is in training mode."""
+    """Raise :class:`~factlens.errors.ModeError` when any submodule of ``model`` is in training mode, or when the
+    model is not in compatibility mode (every Lv analysis calls this: :func:`factlens.loading.require_compat`)."""
     roots = [model, getattr(model, "original_model", None)]
     for root in roots:
         if isinstance(root, torch.nn.Module):
@@ -52,6 +54,7 @@ def require_eval(model: TransformerBridge, operation: str = "this analysis") -> 
                 if module.training:
                     raise ModeError(f"{operation} needs the model in eval mode, but {name or '<root>'!r} is in "
                                     "training mode (dropout would make runs disagree); call model.eval() first.")
+    require_compat(model, operation)
 
 
 

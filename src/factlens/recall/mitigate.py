@@ -43,9 +43,11 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Positions, add_vector, attend_to_self, intervene
 from factlens.indices import check_index
+from factlens.loading import is_twin
 from factlens.models import SUPPORTED, family_of
 from factlens.recall.datasets import RelationDataset, dataset_for
 from factlens.recall.decompose import fit_decomposition, fit_per_group
@@ -73,7 +75,7 @@ PAPER_REFERENCE: dict[tuple[str, int, str], float] = {("gpt2", 0, "baseline"): 0
 
 # --------------------------------------------------------------------------------------------------- detection
 @dataclass
-class FinalLayerEffect:
+class FinalLayerEffect(ResultDisplay):
     """What the last layer does to the answer at ``end``.
 
     Attributes:
@@ -110,8 +112,8 @@ class FinalLayerEffect:
         df = self.to_dataframe()
         s = self.summary()
         fig = go.Figure(go.Bar(x=df["component"], y=df["mean_dla"], error_y={"array": df["std_dla"].tolist()},
-                               hovertemplate="%{x}: %{y:.4f} logits<extra></extra>"))
-        fig.update_layout(title=title or (f"Final layer: P(answer) {s['prob_before']:.4f} → {s['prob_after']:.4f}; "
+                               hovertemplate="%{x}: %{y:.4g} logits<extra></extra>"))
+        fig.update_layout(title=title or (f"Final layer: P(answer) {s['prob_before']:.3g} → {s['prob_after']:.3g}; "
                                           "direct effect on the answer logit"),
                           xaxis_title="last-layer component", yaxis_title="direct logit attribution (logits)")
         return fig
@@ -325,6 +327,8 @@ def template_folds(dataset: RelationDataset, folds: int, seed: int = 0) -> list[
 
 
 def _paper_model(model) -> str | None:
+    if is_twin(model):  # random weights: the paper's numbers are not comparable; never draw them beside a twin
+        return None
     family, L, d = family_of(model), model.cfg.n_layers, model.cfg.d_model
     for name, spec in SUPPORTED.items():
         if (spec.family, spec.n_layers, spec.d_model) == (family, L, d):
@@ -341,7 +345,7 @@ def _peak_memory(device, rss_before: int) -> dict[str, Any]:
 
 
 @dataclass
-class MitigationTable:
+class MitigationTable(ResultDisplay):
     """Mean P(first answer token), accuracy and mean rank per (shots, method), evaluated out of fold.
 
     Attributes:
@@ -392,14 +396,14 @@ class MitigationTable:
         for method, label in METHODS.items():
             sub = self.rows[self.rows["method"] == method]
             fig.add_trace(go.Bar(name=label, x=[f"{s}-shot" for s in sub["shots"]], y=sub["mean_prob"],
-                                 hovertext=[f"{label}: P = {p:.4f}, acc = {a:.3f}, mean rank = {r:.1f}" for p, a, r in
+                                 hovertext=[f"{label}: P = {p:.4g}, acc = {a:.3g}, mean rank = {r:.4g}" for p, a, r in
                                             zip(sub["mean_prob"], sub["accuracy"], sub["mean_rank"])],
                                  hoverinfo="text"))
         paper = self.rows.dropna(subset=["paper_prob"])
         if len(paper):
             fig.add_trace(go.Scatter(name="Lv et al. (paper)", mode="markers", marker={"symbol": "x", "size": 12},
                                      x=[f"{s}-shot" for s in paper["shots"]], y=paper["paper_prob"],
-                                     hovertext=[f"paper {m}: {p:.4f}" for m, p in zip(paper["method"], paper["paper_prob"])],
+                                     hovertext=[f"paper {m}: {p:.4g}" for m, p in zip(paper["method"], paper["paper_prob"])],
                                      hoverinfo="text"))
         fig.update_layout(barmode="group", title=title or "Final-layer mitigations (out-of-fold)",
                           xaxis_title="prompt setting", yaxis_title="mean P(first answer token)")

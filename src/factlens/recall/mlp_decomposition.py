@@ -29,6 +29,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.indices import check_index
 from factlens.recall.datasets import RelationDataset
@@ -49,7 +50,7 @@ Regressors = str | Sequence[tuple[int, int]]
 
 
 @dataclass
-class MLPActivations:
+class MLPActivations(ResultDisplay):
     """What the decomposition needs, at ``end``: target ``[n, d]``, regressors ``[n, k, d]``, LN scale ``[n]``."""
 
     layer: int
@@ -113,7 +114,7 @@ def capture_mlp_activations(model: TransformerBridge, dataset: RelationDataset, 
 
 
 @dataclass
-class MLPDecompositionResult:
+class MLPDecompositionResult(ResultDisplay):
     """β per head, R², the intercept and what it promotes in the vocabulary.
 
     Attributes:

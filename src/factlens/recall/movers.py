@@ -26,6 +26,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
 from factlens.recall.metrics import head_outputs, require_eval, run_at_end
@@ -42,7 +43,7 @@ def pearson(x: Float[torch.Tensor, "n ..."], y: Float[torch.Tensor, "n ..."]) ->
 
 
 @dataclass
-class MoverResult:
+class MoverResult(ResultDisplay):
     """Per-prompt attention to the subject and subject-direction projection of every head's output at ``end``.
 
     Attributes:

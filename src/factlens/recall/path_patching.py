@@ -61,6 +61,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Intervention, hook, intervene
 from factlens.models import family_of
@@ -76,7 +77,7 @@ MetricSpec = str | Metric
 
 
 @dataclass
-class PathPatchingResult:
+class PathPatchingResult(ResultDisplay):
     """Sender → ``blocks.{L-1}.hook_resid_post`` at ``end``: % change of the metric per head and per MLP.
 
     Attributes:

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import html
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset, dataset_for
 from factlens.recall.logit_lens import LogitLensResult, logit_lens
@@ -36,13 +36,14 @@ from factlens.recall.mlp_decomposition import (
 from factlens.recall.movers import MoverResult, mover_scores
 from factlens.recall.path_patching import PathPatchingResult, path_patch
 from factlens.recall.relations import CAPITALS, Relation
+from factlens.recall.report_html import model_info, render_html
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass
-class CapitalsReport:
+class CapitalsReport(ResultDisplay):
     """Everything :func:`analyze` computed (each part has ``to_dataframe()`` and ``plot()``).
 
     Attributes:
@@ -66,6 +67,7 @@ class CapitalsReport:
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    model_info: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers."""
@@ -93,7 +95,8 @@ class CapitalsReport:
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """Write CSV/markdown tables and HTML figures into ``out_dir`` plus an ``index.html`` linking them."""
+        """Write CSV/markdown tables into ``out_dir`` and ``report.html``: one self-contained page with every
+        figure inline and an explanation under each (:func:`factlens.recall.report_html.render_html`)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         files: list[tuple[str, Path]] = []
@@ -102,45 +105,26 @@ class CapitalsReport:
             df.to_csv(out / name, index=False)
             files.append((label, out / name))
 
-        def figure(name: str, fig, label: str) -> None:
-            fig.write_html(out / name, include_plotlyjs="directory")
-            files.append((label, out / name))
-
         table("prompts.csv", self.dataset.to_dataframe(), "prompts (CSV)")
         table("logit_lens.csv", self.lens.to_dataframe(), "logit lens (CSV)")
-        figure("logit_lens.html", self.lens.plot(), "logit lens")
         table("path_patching.csv", self.path_patching.to_dataframe(), "path patching (CSV)")
-        figure("path_patching.html", self.path_patching.plot(), "path patching heat-map")
         table("movers.csv", self.movers.to_dataframe(), "mover statistics (CSV)")
         table("mover_candidates.csv", self.mover_candidates, "top path-patching heads as movers (CSV)")
-        figure("movers.html", self.movers.plot(), "mover r heat-map")
-        for row in self.mover_candidates.itertuples():
-            figure(f"mover_L{row.layer}H{row.head}.html", self.movers.plot(int(row.layer), int(row.head)),
-                   f"mover scatter L{row.layer}H{row.head}")
         for key, res in self.decompositions.items():
             stem = key.replace("/", "_").lower()
             table(f"{stem}_beta.csv", res.to_dataframe(), f"{key}: β (CSV)")
             table(f"{stem}_intercept.csv", res.intercept_table(), f"{key}: intercept top tokens (CSV)")
             table(f"{stem}_answer_ranks.csv", res.answer_ranks, f"{key}: gold-answer ranks (CSV)")
-            figure(f"{stem}.html", res.plot(), f"{key}: β")
         table("final_layer.csv", self.final_layer.to_dataframe(), "final-layer direct effects (CSV)")
         table("final_layer_tokens.csv", self.final_layer.promoted, "tokens the last layer promotes (CSV)")
-        figure("final_layer.html", self.final_layer.plot(), "final-layer direct effects")
         self.mitigation.to_csv(out / "mitigation.csv")
         files.append(("mitigation table (CSV)", out / "mitigation.csv"))
         (out / "mitigation.md").write_text(self.mitigation.to_markdown() + "\n")
         files.append(("mitigation table (markdown)", out / "mitigation.md"))
-        figure("mitigation.html", self.mitigation.plot(), "mitigation bars")
         (out / "summary.md").write_text(self.to_markdown() + "\n")
         files.append(("summary (markdown)", out / "summary.md"))
-        items = "\n".join(f'<li><a href="{p.name}">{html.escape(label)}</a></li>' for label, p in files)
-        rows = "\n".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
-                         for k, v in self.summary().items())
-        (out / "index.html").write_text(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>factlens capitals report</title></head><body>"
-            f"<h1>factlens: capitals analysis</h1><table border='1'>{rows}</table><h2>Files</h2><ul>{items}</ul>"
-            "</body></html>\n")
-        self.files = [p for _, p in files] + [out / "index.html"]
+        render_html(self, out / "report.html", files=[p.name for _, p in files])
+        self.files = [p for _, p in files] + [out / "report.html"]
         return self.files
 
 
@@ -198,7 +182,7 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
                      + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     report = CapitalsReport(dataset=ds, lens=lens, path_patching=pp, movers=movers, mover_candidates=cand,
                             top_mover=top_mover, decompositions=decomps, final_layer=final, mitigation=table,
-                            timings=timings, notes=notes)
+                            timings=timings, notes=notes, model_info=model_info(model))
     if out_dir is not None:
         report.save(out_dir)
     return report
