@@ -124,6 +124,23 @@ def test_fully_patched_opt_layers_freeze_q_and_k_until_removed():
         assert patcher.frozen == [] and all(p.requires_grad for p in gpt2.parameters())
 
 
+@pytest.mark.slow
+def test_compiled_patched_training_matches_eager(gpt2_run, tmp_path):
+    # torch.compile of the model and of the reference (the recorder's forward), patching from step 2 on
+    losses = {}
+    for compiled in (False, True):
+        patch = PatchConfig(reference=str(gpt2_run), reference_step=10, start_patching=2)
+        trainer = Trainer(tiny_config(steps=10, compile=compiled, patch=patch), tmp_path / str(compiled),
+                          progress=False, device="cpu")
+        trainer.raw_model.train()
+        losses[compiled] = []
+        for step in range(4):
+            trainer._sync_patching(step)
+            losses[compiled].append(float(trainer.train_step(step)))
+        assert trainer.patcher.captured == trainer.patcher.consumed == {0: 2, 1: 2}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- the trainee as reference
 def test_the_trained_model_is_refused_as_its_own_reference():
     model = _tiny_hf("gpt2", 0)

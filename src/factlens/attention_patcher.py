@@ -123,7 +123,8 @@ class PatternRecorder:
         try:
             for layer in self.layers:
                 set_layer_edit(mods[layer], self._edits[layer])
-            (forward or self.model)(input_ids.to(next(unwrap(self.model).parameters()).device))
+            run = self.model if forward is None else forward  # (a compiled module has no truth value)
+            run(input_ids.to(next(unwrap(self.model).parameters()).device))
         finally:
             for layer in self.layers:
                 set_layer_edit(mods[layer], None)
