@@ -69,6 +69,20 @@ def test_every_weight_moves_after_one_step(tmp_path):
     assert all(delta[:, i * d:(i + 1) * d].sum() > 0 for i in range(3))
 
 
+def test_trainer_receives_the_task(tmp_path):
+    """The data side is one BiosTask built from the config alone; a trainer given it uses exactly it."""
+    from factlens.bios.task import BiosTask
+
+    config = tiny_config()
+    task = BiosTask.build(config)
+    trainer = Trainer(config, tmp_path, progress=False, task=task)
+    assert trainer.stream is task.stream and trainer.population is task.population
+    assert list(task.eval_sets) == ["", "unseen_"] and sum(len(b) for b in task.eval_sets[""]) == 16
+    fresh = BiosTask.build(config).stream.batch(3)
+    assert torch.equal(trainer.stream.batch(3).tokens, fresh.tokens)  # a pure function of the config
+    assert not any(tmp_path.iterdir()), "building a trainer wrote into its run directory"
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(factlens.ConfigError, match="n_positions"):
         Trainer(tiny_config(model=dict(n_positions=16)), tmp_path)

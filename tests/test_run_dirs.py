@@ -218,11 +218,15 @@ def test_files_get_the_umask_permissions(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
-def test_readers_refuse_a_config_json_that_disagrees_with_the_manifest(tmp_path):
+def test_readers_refuse_a_config_json_that_disagrees_with_the_manifest(tmp_path, capsys):
     from factlens.cli import main
 
     out = tmp_path / "run"
-    run(cfg(), out)
+    history = run(cfg(), out)
+    assert main(["bios", "eval", "--run", str(out), "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["step"] == 6
+    assert evaluated["attr_loss"] == pytest.approx(history.final["attr_loss"], rel=1e-6)  # what the run logged
     edited = {**json.loads((out / "config.json").read_text()), "n_people": 8}
     (out / "config.json").write_text(json.dumps(edited))
     with pytest.raises(CheckpointError, match=r"disagrees.*\['n_people'\].*Restore it or delete it"):

@@ -78,9 +78,9 @@ class RunDirectory:
             return
         try:
             from_json = read_config_json(path)
-            stored = stored_configs(path)
         except CheckpointError:
             raise self._foreign(entries) from None
+        stored = stored_configs(path)  # a corrupt manifest raises, naming the checkpoint to delete
         if from_json is None and not stored:
             raise self._foreign(entries)
         ours = self.config.to_dict()

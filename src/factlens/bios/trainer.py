@@ -130,7 +130,8 @@ class Trainer:
         self.config, self.out = config, Path(out_dir)
         self.device, self.rank, self.world, self.own_dist = _setup_device(device)
         if config.batch_size % self.world:
-            raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {self.world} ranks.")
+            raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {self.world} ranks; pass a "
+                              f"multiple of {self.world}.")
         self.progress = progress and self.rank == 0
         self.task = task or BiosTask.build(config, population)
         self.raw_model = self._build_model()
@@ -375,6 +376,14 @@ class Trainer:
             dist.destroy_process_group()
         return TrainingHistory.load(self.out) if self.rank == 0 else None
 
+    def _log_train(self, window: list[torch.Tensor], tokens_per_s: float) -> str:
+        """Append the training record of the last ``log_every`` steps; returns the memory line for the bar."""
+        mem = memory_usage(self.device)
+        append_jsonl(self.out / "metrics.jsonl", {
+            "kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
+            "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s, **mem.to_dict()})
+        return mem.short()
+
     def _loop(self) -> None:
         """The step loop: evaluate + checkpoint on schedule, one optimiser step, log, save a resume point."""
         cfg, metrics = self.config, self.out / "metrics.jsonl"
@@ -402,12 +411,7 @@ class Trainer:
             if self.step % cfg.log_every == 0:
                 self.check_finite(self.step, window)
                 if self.rank == 0:
-                    mem = memory_usage(self.device)
-                    append_jsonl(metrics, {"kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
-                                           "lr": self.optimizer.param_groups[0]["lr"],
-                                           "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9),
-                                           **mem.to_dict()})
-                    postfix["mem"] = mem.short()
+                    postfix["mem"] = self._log_train(window, tokens_seen / max(time.perf_counter() - t0, 1e-9))
                     bar.set_postfix(postfix, refresh=False)
                 window.clear()
             if self.step % cfg.resume_every == 0 or self.step == cfg.steps:
