@@ -9,7 +9,8 @@ held-out templates (``"<bos> Mary Jane Smith was born in" → first token of the
 - **path patching** (:func:`~factlens.recall.path_patching.path_patch`, metric ``iw``): the top sender heads
   into the final residual, ranked by how much replacing them lowers the answer logit (``effect``, in logits);
 - **movers** (:func:`~factlens.recall.movers.mover_scores`): for the top path-patching head, the attention
-  from ``end`` to the whole name span and the mover score (Pearson r × mean attention to the name's first token);
+  from ``end`` to the whole name span and the mover score (Pearson r × mean attention to the name's first token),
+  and the largest attention to the name of any head (``name_attention_max``);
 - **last MLP** (:func:`~factlens.recall.mlp_decomposition.decompose_mlp`): R² of ``mlp ≈ Σ β·head + c`` and the
   intercept's **type purity** (:func:`type_purity`): the share of its top-k vocabulary tokens that are first
   tokens of the queried attribute's values (cities for birth place...);
@@ -58,7 +59,8 @@ from factlens.resources import track
 from factlens.testbeds.bios_recall import bios_relation_dataset
 
 #: Per (step, attribute) measurements, in :attr:`MechanismsResult.values` order.
-MEASURES = ("prob", "accuracy", "top_head_effect", "top_head_pct", "name_attention", "mover_score", "mover_r",
+MEASURES = ("prob", "accuracy", "top_head_effect", "top_head_pct", "name_attention", "name_attention_max",
+            "mover_score", "mover_r",
             "mlp_r2", "type_purity", "prob_before", "prob_after", "delta_prob", "delta_logit")
 #: Parts of the final layer's change of the answer logit, in :attr:`MechanismsResult.final_logit` order.
 FINAL_PARTS = ("heads", "attn_bias", "mlp", "ln_scale")
@@ -321,7 +323,8 @@ def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: in
     proj = torch.einsum("nhd,nd->nh", out, W_U_subj).cpu()  # [n, H]
     mv = MoverResult(attention=att[:, None], projection=proj[:, None], r=pearson(att, proj)[None], position="N",
                      prompts=list(ds.prompts), subjects=ds.subjects)
-    name_att = float(span_attention(run, ds, L)[tl, th])
+    span = span_attention(run, ds, L)  # [L, H]
+    name_att, name_max = float(span[tl, th]), float(span.max())
     # the last MLP's decomposition and its intercept's type purity
     W_eff, _ = unembed_params(model)
     z_last = run[f"blocks.{last}.attn.hook_z"]  # [n, H, dh]
@@ -333,7 +336,7 @@ def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: in
     purity = type_purity(dec.intercept, W_eff, value_ids, k=k)
     # the final layer
     s = split_from_run(model, ds, run).summary()
-    values = [prob, acc, float(effect[tl, th]), float(pp.values[tl, th]), name_att, float(mv.score[0, th]),
+    values = [prob, acc, float(effect[tl, th]), float(pp.values[tl, th]), name_att, name_max, float(mv.score[0, th]),
               float(mv.r[0, th]), dec.r2, purity, s["prob_before"], s["prob_after"], s["delta_prob"], s["delta_logit"]]
     finals = [s["logit:heads"], s["logit:attn_bias"], s[f"logit:MLP{last}"], s["logit:ln_scale"]]
     return values, finals, heads
@@ -417,7 +420,7 @@ def plot_mechanisms(res: MechanismsResult, title: str | None = None):
 
     rows = [("Attribute loss (nats)", None), ("Recall: P(first value token) — solid, accuracy — dotted", None),
             ("Path patching: top head's effect on the answer logit (logits)", None),
-            ("Top head's attention to the name — solid; mover score — dotted", None),
+            ("Attention to the name: top head — solid, best head — dash; top head's mover score — dotted", None),
             ("Last MLP: R² — solid; intercept type purity — dotted", None),
             ("Final layer: ΔP(answer) across the last layer", None),
             ("Final layer: Δ answer logit by part (mean over attributes)", None)]
@@ -430,12 +433,14 @@ def plot_mechanisms(res: MechanismsResult, title: str | None = None):
     fig.add_trace(go.Scatter(x=[min(res.loss_steps + x), max(res.loss_steps + x)], y=[res.baseline] * 2, mode="lines",
                              name=f"no-knowledge baseline ({res.baseline:.3f} nats)",
                              line={"color": "grey", "dash": "dash"}), 1, 1)
-    pairs = [(2, "prob", "accuracy"), (3, "top_head_effect", None), (4, "name_attention", "mover_score"),
-             (5, "mlp_r2", "type_purity"), (6, "delta_prob", None)]
+    fig.add_hline(y=res.baseline, line={"color": "grey", "dash": "dash"}, row=1, col=1)  # visible at one checkpoint
+    pairs = [(2, "prob", "accuracy", None), (3, "top_head_effect", None, None),
+             (4, "name_attention", "mover_score", "name_attention_max"), (5, "mlp_r2", "type_purity", None),
+             (6, "delta_prob", None, None)]
     for j, attr in enumerate(res.attributes):
         colour = _COLOURS[j % len(_COLOURS)]
-        for row, solid, dotted in pairs:
-            for name, dash in ((solid, "solid"), (dotted, "dot")):
+        for row, solid, dotted, dashed in pairs:
+            for name, dash in ((solid, "solid"), (dotted, "dot"), (dashed, "dash")):
                 if name is None:
                     continue
                 fig.add_trace(go.Scatter(
@@ -453,8 +458,8 @@ def plot_mechanisms(res: MechanismsResult, title: str | None = None):
               "3 knowledge": "rgba(44,160,44,0.10)"}
     for name, lo, hi in res.phases():
         fig.add_vrect(x0=lo, x1=hi, fillcolor=shades[name], line_width=0, layer="below", row="all", col=1)
-        fig.add_annotation(x=(lo + hi) / 2, y=1.0, yref="paper", yanchor="bottom", text=f"phase {name}",
-                           showarrow=False, font={"size": 11})
+        fig.add_annotation(x=(lo + hi) / 2, y=0.98, xref="x", yref="y domain", yanchor="top", text=f"phase {name}",
+                           showarrow=False, font={"size": 10})
     if res.plateau_end is not None:
         fig.add_vline(x=res.plateau_end, line={"color": "green", "dash": "dash"}, row="all", col=1)
     sup = res.suppression_from()
