@@ -371,6 +371,7 @@ def span_attention(run, dataset, n_layers: int) -> Float[torch.Tensor, "layer he
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; these are ordinary results
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
