@@ -159,6 +159,25 @@ def cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mechanisms(args: argparse.Namespace) -> int:
+    import torch
+
+    from factlens.testbeds.mechanisms import check_out, mechanisms, write_mechanisms
+
+    out = check_out(args.out if args.out else Path(args.run) / "mechanisms")  # refuse a bad --out before the work
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = mechanisms(args.run, attributes=args.attributes, steps=args.steps, n=args.prompts,
+                            device=args.device or "cpu", progress=not args.quiet)
+    finally:
+        torch.set_num_threads(threads)
+    written = write_mechanisms(result, out)
+    print(f"{result!r}\n{result.seconds:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
     p.add_argument("--preset", default=preset, help="paper | small | demo | tiny")
     p.add_argument("--people", type=int, help="population size N")
@@ -221,3 +240,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_attention)
+    p = bios.add_parser("mechanisms", help="Lv et al.'s recall mechanisms (movers, MLP intercept, final-layer "
+                        "suppression) at every checkpoint of a run, on the training-step axis")
+    p.add_argument("--run", required=True, help="run directory (config.json + checkpoints/)")
+    p.add_argument("--attributes", nargs="+", help="attributes to analyse (default: all six)")
+    p.add_argument("--steps", type=int, nargs="+", help="checkpoint steps (default: all)")
+    p.add_argument("--prompts", type=int, default=128, help="held-out-template prompts per attribute")
+    p.add_argument("--out", help="output folder (default: RUN/mechanisms)")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for the small "
+                   "biography models, by far on a shared machine; 0 = torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_mechanisms)
