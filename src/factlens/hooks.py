@@ -117,7 +117,15 @@ class HookRecord:
 
 
 class HookRecords(dict):
-    """Hook name → :class:`HookRecord`, with :meth:`to_dataframe` for a notebook."""
+    """Hook name → :class:`HookRecord`, with :meth:`to_dataframe` (and a table in a notebook)."""
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{r.name}: {r.calls} call(s), {'changed' if r.changed else 'unchanged'}"
+                         for r in self.values())
+        return f"HookRecords({rows})"
+
+    def _repr_html_(self) -> str:
+        return self.to_dataframe()._repr_html_()
 
     def to_dataframe(self):
         """One row per hook: ``hook``, ``calls``, ``changed``, ``n_changed``, ``n_masked``, ``max_abs_change``."""
