@@ -87,3 +87,15 @@ def test_generation_past_the_context_is_refused(tiny_models):
     tokens = model.to_tokens(PROMPTS[0])
     with pytest.raises(factlens.ShapeError, match="max_new_tokens"):
         model.generate(tokens, max_new_tokens=model.cfg.n_ctx, do_sample=False, verbose=False)
+
+
+def test_mitigation_vectors_of_another_dtype_apply_during_generation(varied):
+    """An intercept in float64 (e.g. fitted in double precision) is cast to the model's dtype at every step."""
+    model = varied["gpt2"]
+    tokens = model.to_tokens(PROMPTS[0])
+    c = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for vec in (c, c.double()):
+        with factlens.mitigate(model, intercept=vec, attention=False):
+            outs.append(generate(model, tokens, True))
+    assert torch.equal(outs[0], outs[1])

@@ -307,6 +307,7 @@ def test_records_to_dataframe_report_real_sizes(model, tokens):
     # the vector is added at the last position of both prompts: its largest entry is the largest change
     assert mlp.n_masked == 0 and abs(mlp.max_abs_change - float(vector.abs().max())) < 1e-4
     assert df["max_abs_change"].max() < 1e3
+    assert "1 call(s), changed" in repr(run.records) and "<table" in run.records._repr_html_()
 
 
 def test_each_hook_is_checked(model, tokens):
@@ -339,13 +340,14 @@ def test_nested_interventions_on_one_hook_compose(model, tokens):
 
 def test_a_hook_that_raises_leaves_the_model_clean(model, tokens):
     base = model(tokens)
+    installed = {n: len(hp._forward_hooks) for n, hp in model.hook_dict.items()}  # TL's own (OPT has some)
 
     def boom(t, hook):
         raise KeyError("user bug")
 
     with pytest.raises(KeyError, match="user bug"), intervene(model, hook("blocks.0.hook_mlp_out", boom)):
         model(tokens)
-    assert not any(hp._forward_hooks for hp in model.hook_dict.values())
+    assert {n: len(hp._forward_hooks) for n, hp in model.hook_dict.items()} == installed
     torch.testing.assert_close(model(tokens), base)
 
 

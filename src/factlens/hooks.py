@@ -89,6 +89,7 @@ class HookRecord:
     max_abs_change: float = 0.0
     n_changed: int = 0
     n_masked: int = 0
+    expect_change: bool = True  # False for hooks that set a value which may already be there (freezing)
 
     def note(self, before: torch.Tensor, after: torch.Tensor) -> None:
         """Record one call that turned ``before`` into ``after``."""
@@ -116,7 +117,15 @@ class HookRecord:
 
 
 class HookRecords(dict):
-    """Hook name → :class:`HookRecord`, with :meth:`to_dataframe` for a notebook."""
+    """Hook name → :class:`HookRecord`, with :meth:`to_dataframe` (and a table in a notebook)."""
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{r.name}: {r.calls} call(s), {'changed' if r.changed else 'unchanged'}"
+                         for r in self.values())
+        return f"HookRecords({rows})"
+
+    def _repr_html_(self) -> str:
+        return self.to_dataframe()._repr_html_()
 
     def to_dataframe(self):
         """One row per hook: ``hook``, ``calls``, ``changed``, ``n_changed``, ``n_masked``, ``max_abs_change``."""
@@ -141,18 +150,21 @@ class Intervention:
     identity: bool = False  # the identity by construction: no hooks, no checks
     records: dict[str, HookRecord] = field(default_factory=HookRecords)
 
-    def add(self, name: str, fn: HookFn, *, copy_input: bool = True) -> None:
+    def add(self, name: str, fn: HookFn, *, copy_input: bool = True, expect_change: bool = True) -> None:
         """Add a hook on TL hook ``name``; the call and the change are recorded.
 
         ``fn(tensor, hook)`` may return a new tensor, or edit ``tensor`` in place and return it or ``None``
         (the TransformerLens idiom). The change is measured against a copy taken before ``fn`` runs;
         ``copy_input=False`` skips the copy for functions known never to edit their input in place.
+        ``expect_change=False`` marks a hook that may legitimately leave its tensor as it was (one that freezes
+        an activation at a value it may already have): it must still fire, but is not named when it changes
+        nothing.
         """
         key, k = name, 1
         while key in self.records:  # a second hook on the same point (TL allows it): its own record
             k += 1
             key = f"{name} #{k}"
-        record = self.records.setdefault(key, HookRecord(name))
+        record = self.records.setdefault(key, HookRecord(name, expect_change=expect_change))
 
         def recorded(tensor: torch.Tensor, hook) -> torch.Tensor:
             before = tensor.detach().clone() if copy_input else tensor
@@ -184,10 +196,11 @@ class Intervention:
                 "no stop_at_layer/start_at_layer skips it, and that per-head results are enabled when hooking "
                 "hook_result."
             )
-        idle = [r.name for r in self.records.values() if not r.changed]
+        checked = [r for r in self.records.values() if r.expect_change]
+        idle = [r.name for r in checked if not r.changed]
         if on_no_effect == "ignore" or not idle:
             return
-        n = len(self.records)
+        n = len(checked)
         which = (f"its hook {idle[0]!r} fired but left its tensor unchanged" if n == 1 else
                  f"its hooks fired but left every tensor unchanged ({idle})" if len(idle) == n else
                  f"{len(idle)} of its {n} hooks fired but left their tensor unchanged: {idle}")

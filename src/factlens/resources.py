@@ -552,7 +552,9 @@ def _run_sliced(model, tokens, names_filter: NamesFilter, kept: list[int], flatt
         store[name] = t.detach().reshape(batch, seq_len, *t.shape[1:])[:, kept].to(device).clone()
 
     fwd = [(name, lambda t, hook, name=name: save(t, hook, name)) for name in own]
-    with model.hooks(fwd_hooks=fwd):
+    with model.hooks(fwd_hooks=fwd), warnings.catch_warnings():
+        if names_filter is None:  # the filter below is ours: TL's note on gated-off hooks is not for the user
+            warnings.filterwarnings("ignore", message="run_with_cache: skipped")
         out, cache = model.run_with_cache(tokens, names_filter=lambda n: match(n) and n not in own,
                                           pos_slice=kept, **kwargs)
     target = getattr(cache, "cache_dict", cache)

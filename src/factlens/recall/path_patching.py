@@ -397,13 +397,14 @@ def _pass_c_forward(model, end_tokens, p_idx, r_kind, r_layer, delta, clean, att
     L = attn_clean.shape[1]
     resid0 = clean["blocks.0.hook_resid_pre"]
     iv = Intervention("path patching (one-token rows)")
-    iv.add("blocks.0.hook_resid_pre", lambda t, hook: resid0[p_idx][:, None].to(t.dtype))
+    iv.add("blocks.0.hook_resid_pre", lambda t, hook: resid0[p_idx][:, None].to(t.dtype), copy_input=False)
     for layer in range(L):
         def set_attn(t, hook, layer=layer):
             out = attn_clean[p_idx, layer] + torch.where((r_layer == layer)[:, None], delta, 0.0)
             return out[:, None].to(t.dtype)
 
-        iv.add(f"blocks.{layer}.hook_attn_out", set_attn)
+        iv.add(f"blocks.{layer}.hook_attn_out", set_attn, copy_input=False,
+               expect_change=False)  # freezes: may be a no-op
         msel = (r_kind == 1) & (r_layer == layer)
         if freeze_mlps or bool(msel.any()):
             def set_mlp(t, hook, layer=layer, msel=msel):
@@ -411,7 +412,7 @@ def _pass_c_forward(model, end_tokens, p_idx, r_kind, r_layer, delta, clean, att
                 out[msel] = mlp_mean[layer].to(out.dtype)
                 return out[:, None].to(t.dtype)
 
-            iv.add(f"blocks.{layer}.hook_mlp_out", set_mlp)
+            iv.add(f"blocks.{layer}.hook_mlp_out", set_mlp, copy_input=False, expect_change=False)
     with intervene(model, iv):
         return model(end_tokens[p_idx][:, None])[:, 0]
 
@@ -464,10 +465,10 @@ def path_patch_reference(model: TransformerBridge, dataset: RelationDataset, cou
     for layer in range(L):
         for act in ("q", "k", "v"):
             name = f"blocks.{layer}.attn.hook_{act}"
-            freeze.add(name, frozen(name))
+            freeze.add(name, frozen(name), copy_input=False)
         if freeze_mlps:
             name = f"blocks.{layer}.hook_mlp_out"
-            freeze.add(name, frozen(name))
+            freeze.add(name, frozen(name), copy_input=False)
 
     values = []
     for kind, layer, head in track(_senders(L, H), device=device, desc="path patching (reference)",
