@@ -63,9 +63,16 @@ def test_bad_runs_and_arguments_are_refused_before_anything_is_written(tmp_path)
 
 # ------------------------------------------------------------------------------ the final-layer split
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
-@pytest.mark.parametrize("compat", [False, True])
-def test_final_layer_split_adds_up_to_the_total(arch, compat):
-    model = factlens.tiny(arch, compat=compat)
+def test_final_layer_split_refuses_a_model_outside_compat_mode(arch):
+    """One rule for every Lv analysis (factlens.loading.require_compat): compatibility mode, or a ModeError."""
+    model = factlens.tiny(arch, compat=False)
+    with pytest.raises(factlens.ModeError, match="compat=True"):
+        final_layer_split(model, dataset_for(model, n=4))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_final_layer_split_adds_up_to_the_total(arch):
+    model = factlens.tiny(arch, compat=True)
     ds = dataset_for(model, n=8)
     split = final_layer_split(model, ds, neurons=True)
     assert split.parts[-3:] == ["attn_bias", f"MLP{model.cfg.n_layers - 1}", "ln_scale"]

@@ -480,6 +480,21 @@ def estimate_cache(model: TransformerBridge, batch: int, seq_len: int, names_fil
         per_hook[name] = round(batch * one)
         per_seq += round(one)
     flat = tuple(name for name in sizes[0] if [d.get(name) for d in lead] == [1, 2, 3])
+    if kept is not None:  # which names hold a copy of their own once sliced (in compatibility mode TL's
+        # aliases still share one sliced tensor): one sliced probe, the same call as run_with_cache's
+        tokens = torch.zeros(1, 3, dtype=torch.long, device=model.cfg.device)
+        try:
+            model.eval()
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, probe = _run_sliced(model, tokens, names_filter, [2], flat, {})
+        finally:
+            model.train(was_training)
+        shared = {name for name, nbytes in _tensor_bytes(probe).items() if nbytes == 0}
+        del probe
+        for name in shared & set(per_hook):
+            per_seq -= round(per_hook[name] / batch)
+            per_hook[name] = 0
     return CacheEstimate(per_hook=per_hook, batch=batch, seq_len=seq_len, per_sequence=per_seq, flattened=flat)
 
 
