@@ -82,7 +82,9 @@ print(f"patched from step {ref_step}: final attribute loss {patched.final['attr_
 # %% [markdown]
 # ## 3. The two learning curves
 # Attribute loss on held-out templates against training step. With patched attention the plateau shrinks
-# or disappears: the model only has to learn the MLP-side associations.
+# or disappears: the model only has to learn the MLP-side associations. (In tiny mode the two curves are a
+# smoke run and show nothing; the figure in the docs, `docs/img/example_patch_attention_into_training.png`,
+# comes from `factlens bios reproduce --scale cpu`, see docs/reproduction.md.)
 
 # %%
 curves = go.Figure()
@@ -97,7 +99,10 @@ curves.add_trace(go.Scatter(x=[steps.min(), steps.max()], y=[reference.baseline]
                             line=dict(color="grey", dash="dash"), hoverinfo="skip"))
 losses = [*reference.evals["attr_loss"], *patched.evals["attr_loss"], reference.baseline]
 curves.update_yaxes(type="log", range=[math.log10(max(min(losses), 1e-4)) - 0.15, math.log10(max(losses)) + 0.15])
-curves.update_layout(title="Attention patching removes the plateau", template="plotly_white",
+# a tiny-mode run is a smoke test (a 2 x 32 model, 40 steps, no plateau): its title says so
+title = ("Smoke run (FACTLENS_TINY: tiny model, 40 steps, no plateau; not a result)" if TINY
+         else f"Attention patched from step {ref_step} of the reference run vs the reference itself (demo preset)")
+curves.update_layout(title=title, template="plotly_white",
                      xaxis_title="training step", yaxis_title="attribute loss (nats, log scale)",
                      height=450, width=900)
 main_fig = show(curves, "learning_curves")
