@@ -82,9 +82,11 @@ class Scale:
 # with one birth year), one schedule for every population.
 SCALES: dict[str, Scale] = {
     "tiny": Scale(preset="tiny", overrides=dict(steps=12, checkpoint_every=3, n_eval_sequences=16, n_unseen=0,
-                                               resume_every=6),
+                                               resume_every=6, pools=dict(first_names=20, last_names=20, cities=10,
+                                                                          universities=10, majors=10, companies=10,
+                                                                          years=2)),
                   populations=(16, 32, 64, 128), patch_people=32, reference_steps=(0, 3, 6, 9, 12), early_step=6,
-                  curriculum_people=64, alphas=(0.6, 0.8), freeze=True),
+                  curriculum_people=64, alphas=(0.6, 0.8)),
     "cpu": Scale(preset="demo", overrides=dict(steps=1000, checkpoint_every=25, n_eval_sequences=256, n_unseen=0),
                  populations=(125, 250, 500, 1000), patch_people=250, reference_steps=(0, 100, 200, 400, 1000),
                  early_step=200, curriculum_people=500, alphas=(0.6, 0.8)),
