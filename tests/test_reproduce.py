@@ -21,7 +21,9 @@ def test_reproduce_tiny_runs_every_stage_and_resumes(tmp_path):
     sc = SCALES["tiny"]
     result = reproduce("tiny", tmp_path, progress=False, write_png=False)
     # every stage trained its cells: 4 populations, 5 references (+ frozen variants), 2 alphas
-    n_patch = sum(len({0, r}) if sc.freeze else 1 for r in sc.reference_steps) - 1  # frozen at the last step = control
+    steps = sc.config(sc.patch_people).steps
+    n_patch = sum(len({0, r} if sc.freeze else {0}) for r in sc.reference_steps)
+    n_patch -= int(sc.freeze and steps in sc.reference_steps)  # frozen at the last step is the control itself
     assert len(result.trained) == len(sc.populations) + n_patch + len(sc.alphas)
     assert result.scaling["n_people"].tolist() == list(sc.populations)
     assert sorted(result.patching["reference_step"].unique()) == sorted(sc.reference_steps)

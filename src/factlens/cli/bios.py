@@ -37,9 +37,6 @@ def _write_curves(history, out: Path) -> None:
         fig.write_image(out / "curves.png")
 
 
-MACHINE_NOTE = "seed 0"
-
-
 def _write_curves_fig(fig, out: Path) -> None:
     fig.write_html(out / "curves.html")
     with contextlib.suppress(Exception):  # kaleido/Chrome not installed: the HTML is the figure
@@ -104,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_train(args)
     history = TrainingHistory.load(args.out)
     p = three_phases(history)
-    fig = history.plot(f"factlens demo: drop, plateau (±3% of the baseline), emergence ({MACHINE_NOTE})")
+    fig = history.plot("factlens demo: 1 drop to the baseline, 2 plateau (within ±3% of it), 3 knowledge emergence")
     if p["drop_end"] is not None:
         for x0, x1, name, colour in [(0, p["drop_end"], "1 drop", "#9ecae1"),
                                      (p["drop_end"], p["plateau_end"], "2 plateau", "#fdd0a2"),
@@ -113,8 +110,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 fig.add_vrect(x0=x0, x1=x1, fillcolor=colour, opacity=0.35, line_width=0, row=1, col=col,
                               annotation_text=name if col == 1 else None, annotation_position="top left")
     _write_curves_fig(fig, Path(args.out))
-    print(f"phases: drop to the baseline by step {p['drop_end']}, within ±3% of it until step {p['plateau_end']} "
-          f"({p['plateau_steps']} steps), final accuracy {p['final_acc']:.3f}; {time.perf_counter() - t0:.0f} s")
+    if p["drop_end"] is None:
+        print(f"phases: the loss never came within ±3% of the baseline; final accuracy {p['final_acc']:.3f}")
+    else:
+        print(f"phases: drop to the baseline by step {p['drop_end']}, within ±3% of it until step {p['plateau_end']} "
+              f"({p['plateau_steps']} steps), final accuracy {p['final_acc']:.3f}; {time.perf_counter() - t0:.0f} s")
+    if getattr(args, "check", False):
+        ok = p["drop_end"] is not None and p["plateau_steps"] >= p["drop_end"] and p["final_acc"] >= 0.8
+        print("demo check: " + ("the three phases are there" if ok else
+                                "FAILED: need a plateau at least as long as the drop and final accuracy >= 0.8"))
+        return code or (0 if ok else 1)
     return code
 
 
@@ -207,6 +212,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="train the CPU demo run: initial drop, plateau, knowledge emergence")
     _train_args(demo)
     demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--check", action="store_true",
+                      help="exit 1 unless the plateau (±3%% band) lasts as long as the drop and accuracy ends >= 0.8")
     demo.set_defaults(func=cmd_demo)
 
     bios = sub.add_parser("bios", help="synthetic biographies (Zucchet et al. 2025)").add_subparsers(
