@@ -37,7 +37,7 @@ def test_demo_preset_is_the_documented_recipe():
 
 @pytest.mark.slow
 def test_three_phases_demo_preset(tmp_path):
-    """The README's main job: the full demo preset (about 3 minutes on 2 idle CPU cores)."""
+    """The README's main job: the full demo preset (estimated 4-5 minutes on 2 idle CPU cores)."""
     history = train(TrainConfig.preset("demo"), tmp_path, progress=False)
     p = three_phases(history, band=0.03)
     assert history.evals["attr_loss"].iloc[0] > 2 * history.baseline       # starts far above the baseline
