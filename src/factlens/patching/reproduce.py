@@ -389,14 +389,17 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
         curriculum=result.curriculum.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="not reached"),
         png_note="{png_note}", missing=result.missing)
     if write_png:
-        try:
-            for name, fig in figs.items():
-                path = out / f"{name}.png"
+        failed = []
+        for name, fig in figs.items():
+            path = out / f"{name}.png"
+            try:
                 fig.write_image(path, scale=1.5)
                 result.pngs.append(path)
-            result.png_note = f"PNGs: {', '.join(p.name for p in result.pngs)}."
-        except Exception as exc:  # kaleido or Chrome missing: the HTML is the report
-            result.png_note = f"PNG export skipped ({type(exc).__name__}: {str(exc)[:120]}); the HTML is complete."
+            except Exception as exc:  # kaleido or Chrome missing (or a kaleido hiccup): the HTML is the report
+                failed.append(f"{name} ({type(exc).__name__}: {str(exc)[:80]})")
+        result.png_note = (f"PNGs: {', '.join(p.name for p in result.pngs) or 'none'}."
+                           + (f" PNG export failed for {'; '.join(failed)}; the HTML is complete (PNGs need kaleido "
+                              "and a Chrome)." if failed else ""))
     else:
         result.png_note = "PNG export not requested."
     _atomic_write(result.report, html.replace("{png_note}", result.png_note))
