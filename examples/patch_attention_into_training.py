@@ -79,11 +79,15 @@ print(f"patched from step {ref_step}: final attribute loss {patched.final['attr_
 # %% [markdown]
 # ## 3. The two learning curves
 # Attribute loss on held-out templates against training step. With patched attention the plateau shrinks
-# or disappears: the model only has to learn the MLP-side associations.
+# or disappears: the model only has to learn the MLP-side associations. (In tiny mode the two curves are a
+# smoke run and show nothing; the figure in the docs, `docs/img/example_patch_attention_into_training.png`,
+# comes from `factlens bios reproduce --scale cpu`, see docs/reproduction.md.)
 
 # %%
-curves = reference.compare(patched, labels=["reference", f"patched from step {ref_step}"],
-                           title="Attention patching removes the plateau")
+# a tiny-mode run is a smoke test (a 2 x 32 model, 40 steps, no plateau): its title says so
+title = ("Smoke run (FACTLENS_TINY: tiny model, 40 steps, no plateau; not a result)" if TINY
+         else f"Attention patched from step {ref_step} of the reference run vs the reference itself (demo preset)")
+curves = reference.compare(patched, labels=["reference", f"patched from step {ref_step}"], title=title)
 main_fig = show(curves, "learning_curves")
 
 # %% [markdown]

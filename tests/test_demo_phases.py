@@ -1,37 +1,48 @@
-"""The demo preset shows Zucchet et al.'s three phases: drop to the baseline, plateau, knowledge emergence."""
+"""The demo preset shows Zucchet et al.'s three phases: drop to the baseline, a plateau, knowledge emergence.
+
+The full demo (`factlens demo`) is the README's main job; the slow test below runs exactly its preset and
+asserts the issue's criteria: the loss reaches the no-knowledge baseline, stays within ±3% of it for at least
+as many steps as the drop took, then knowledge emerges to an attribute accuracy of at least 0.8.
+"""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from factlens.bios.trainer import TrainConfig, train
+from factlens.cli.bios import three_phases
 
 
-def phases(history) -> dict:
-    ev, base = history.evals, history.baseline
-    band = ev[(ev["attr_loss"] < 1.15 * base) & (ev["attr_loss"] > 0.85 * base)]
-    return {"start": ev["attr_loss"].iloc[0], "band_steps": band["step"].tolist(),
-            "band_acc": band["attr_acc"].max() if len(band) else None,
-            "final_loss": ev["attr_loss"].iloc[-1], "final_acc": ev["attr_acc"].iloc[-1], "base": base}
+class _History:
+    def __init__(self, losses, accs, base, every=50):
+        self.evals = pd.DataFrame({"step": [every * i for i in range(len(losses))], "attr_loss": losses,
+                                   "attr_acc": accs})
+        self.baseline = base
 
 
-def test_three_phases_quick(tmp_path):
-    """A half-length demo (200 people, 500 steps; about a minute on 2 CPU cores)."""
-    config = TrainConfig.preset("demo", n_people=200, steps=500, n_eval_sequences=128, n_unseen=0,
-                                checkpoint_every=25, resume_every=10**6)
-    p = phases(train(config, tmp_path, progress=False))
-    assert p["start"] > 2 * p["base"]                           # 1. starts far above the no-knowledge loss ...
-    assert p["band_steps"], "the loss never reached the no-knowledge baseline band"
-    assert p["band_acc"] < 0.1                                  # 2. ... reaches it knowing (almost) nothing ...
-    assert p["final_loss"] < 0.5 * p["base"] and p["final_acc"] > 0.4   # 3. ... then knowledge emerges
+def test_three_phases_reads_drop_plateau_and_emergence():
+    h = _History([14, 8, 5.0, 4.95, 4.9, 4.85, 4.0, 1.0], [0, 0, 0, 0, 0.01, 0.02, 0.2, 0.9], 4.9)
+    assert three_phases(h) == {"drop_end": 100, "plateau_end": 250, "plateau_steps": 150, "final_acc": 0.9,
+                               "band": 0.03}
+    never = three_phases(_History([14, 8, 6], [0, 0, 0], 4.9))
+    assert never["drop_end"] is None and never["plateau_steps"] == 0
+
+
+def test_demo_preset_is_the_documented_recipe():
+    cfg = TrainConfig.preset("demo")
+    assert (cfg.model["n_layer"], cfg.model["n_head"], cfg.model["n_embd"]) == (2, 4, 128)
+    assert cfg.pools["years"] == 1  # one birth year: a name-blind model cannot learn dates from a small population
 
 
 @pytest.mark.slow
 def test_three_phases_demo_preset(tmp_path):
-    """The README's main job: the full demo preset (about 2 minutes on 2 CPU cores)."""
+    """The README's main job: the full demo preset (estimated 4-5 minutes on 2 idle CPU cores)."""
     history = train(TrainConfig.preset("demo"), tmp_path, progress=False)
-    p = phases(history)
-    assert p["start"] > 2 * p["base"]
-    assert len(p["band_steps"]) >= 2 and p["band_acc"] < 0.1    # a plateau: several checkpoints at the baseline
-    assert p["final_loss"] < 0.2 * p["base"] and p["final_acc"] > 0.85
-    assert history.evals["unseen_top_prob"].iloc[-1] > history.evals["unseen_top_prob"].iloc[4]  # hallucination
+    p = three_phases(history, band=0.03)
+    assert history.evals["attr_loss"].iloc[0] > 2 * history.baseline       # starts far above the baseline
+    assert p["drop_end"] is not None, "the loss never came within 3% of the no-knowledge baseline"
+    assert p["plateau_steps"] >= p["drop_end"], p                           # the plateau is as long as the drop
+    acc_on_plateau = history.evals.set_index("step").loc[p["plateau_end"], "attr_acc"]
+    assert acc_on_plateau < 0.1                                             # ... and knows (almost) nothing
+    assert p["final_acc"] >= 0.8, p                                         # then knowledge emerges

@@ -5,6 +5,7 @@ Example:
     $ factlens bios train --preset paper --people 64000 --steps 16000 --out runs/paper
     $ factlens bios patch --reference runs/paper --reference-step 8000 --start 0 --out runs/patched
     $ factlens bios grid --preset small --reference-steps 0 500 1000 4000 --starts 0 --out runs/grid
+    $ factlens bios reproduce --scale cpu --out runs/reproduce   # the paper's headline experiments + report
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def _write_curves(history, out: Path) -> None:
         fig.write_image(out / "curves.png")
 
 
+def _write_curves_fig(fig, out: Path) -> None:
+    fig.write_html(out / "curves.html")
+    with contextlib.suppress(Exception):  # kaleido/Chrome not installed: the HTML is the figure
+        fig.write_image(out / "curves.png")
+
+
 def _summarise(history) -> str:
     ev = history.evals
     end = history.plateau_end()
@@ -92,9 +99,64 @@ def cmd_train(args: argparse.Namespace, config=None) -> int:
     return 0
 
 
+def three_phases(history, band: float = 0.03) -> dict:
+    """The demo's three phases from a run's evaluations (Zucchet et al.'s drop, plateau, emergence).
+
+    ``drop_end``: first checkpoint within ``±band`` of the no-knowledge baseline; ``plateau_end``: last
+    checkpoint of the unbroken stretch inside the band that follows; ``final_acc``: the last accuracy. The
+    demo's claim is ``plateau_end - drop_end >= drop_end`` (the plateau lasts at least as long as the drop) and
+    ``final_acc >= 0.8``.
+
+    Example:
+        >>> import pandas as pd
+        >>> from types import SimpleNamespace
+        >>> ev = pd.DataFrame({"step": [0, 100, 200, 300, 400], "attr_loss": [14, 5.0, 4.9, 4.85, 1.0],
+        ...                    "attr_acc": [0, 0, 0.01, 0.02, 0.9]})
+        >>> three_phases(SimpleNamespace(evals=ev, baseline=4.9))
+        {'drop_end': 100, 'plateau_end': 300, 'plateau_steps': 200, 'final_acc': 0.9, 'band': 0.03}
+    """
+    ev, base = history.evals, history.baseline
+    steps, loss = ev["step"].tolist(), ev["attr_loss"].tolist()
+    inside = [abs(v / base - 1) <= band for v in loss]
+    if True not in inside:
+        return {"drop_end": None, "plateau_end": None, "plateau_steps": 0, "final_acc": float(ev["attr_acc"].iloc[-1]),
+                "band": band}
+    i = inside.index(True)
+    j = i
+    while j + 1 < len(inside) and inside[j + 1]:
+        j += 1
+    return {"drop_end": int(steps[i]), "plateau_end": int(steps[j]), "plateau_steps": int(steps[j] - steps[i]),
+            "final_acc": float(ev["attr_acc"].iloc[-1]), "band": band}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from factlens.bios.history import TrainingHistory
+
     args.preset = "demo"
-    return cmd_train(args)
+    t0 = time.perf_counter()
+    code = cmd_train(args)
+    history = TrainingHistory.load(args.out)
+    p = three_phases(history)
+    fig = history.plot("factlens demo: 1 drop to the baseline, 2 plateau (within ±3% of it), 3 knowledge emergence")
+    if p["drop_end"] is not None:
+        for x0, x1, name, colour in [(0, p["drop_end"], "1 drop", "#9ecae1"),
+                                     (p["drop_end"], p["plateau_end"], "2 plateau", "#fdd0a2"),
+                                     (p["plateau_end"], int(history.evals["step"].max()), "3 emergence", "#c7e9c0")]:
+            for col in (1, 2):
+                fig.add_vrect(x0=x0, x1=x1, fillcolor=colour, opacity=0.35, line_width=0, row=1, col=col,
+                              annotation_text=name if col == 1 else None, annotation_position="top left")
+    _write_curves_fig(fig, Path(args.out))
+    if p["drop_end"] is None:
+        print(f"phases: the loss never came within ±3% of the baseline; final accuracy {p['final_acc']:.3f}")
+    else:
+        print(f"phases: drop to the baseline by step {p['drop_end']}, within ±3% of it until step {p['plateau_end']} "
+              f"({p['plateau_steps']} steps), final accuracy {p['final_acc']:.3f}; {time.perf_counter() - t0:.0f} s")
+    if getattr(args, "check", False):
+        ok = p["drop_end"] is not None and p["plateau_steps"] >= p["drop_end"] and p["final_acc"] >= 0.8
+        print("demo check: " + ("the three phases are there" if ok else
+                                "FAILED: need a plateau at least as long as the drop and final accuracy >= 0.8"))
+        return code or (0 if ok else 1)
+    return code
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
@@ -178,6 +240,20 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from factlens.patching.reproduce import reproduce
+
+    result = reproduce(args.scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
+                       progress=not args.quiet, write_png=not args.no_png,
+                       train_missing=not args.report_only)
+    print(result.to_dataframe().to_string(index=False))
+    print(result.patching_table().round(3).to_string())
+    print(result.curriculum.to_string(index=False))
+    missing = f"; not finished: {result.missing}" if result.missing else ""
+    print(f"trained {len(result.trained)} cells in {result.wall_s:.0f} s{missing}; report {result.report}; {result.png_note}")
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
     p.add_argument("--preset", default=preset, help="paper | small | demo | tiny")
     p.add_argument("--people", type=int, help="population size N")
@@ -197,6 +273,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="train the CPU demo run: initial drop, plateau, knowledge emergence")
     _train_args(demo)
     demo.add_argument("--out", default="out/demo", help="run folder")
+    demo.add_argument("--check", action="store_true",
+                      help="exit 1 unless the plateau (±3%% band) lasts as long as the drop and accuracy ends >= 0.8")
     demo.set_defaults(func=cmd_demo)
 
     bios = sub.add_parser("bios", help="synthetic biographies (Zucchet et al. 2025)").add_subparsers(
@@ -226,6 +304,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="also run the freeze cells (start == reference step: attention frozen at that step)")
     p.add_argument("--out", required=True, help="grid folder (one run folder per cell)")
     p.set_defaults(func=cmd_grid)
+    p = bios.add_parser("reproduce", help="plateau vs N, attention patching, curriculum: runs + HTML report (resumable)")
+    p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu",
+                   help="tiny: seconds (smoke); cpu: about 45 min on 2 cores; gpu: the paper preset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--plateau-ratio", type=float, default=0.98, help="plateau end: first loss < ratio x baseline")
+    p.add_argument("--no-png", action="store_true", help="HTML only (PNGs need kaleido and a Chrome)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
     p = bios.add_parser("eval", help="evaluate a checkpoint of a run")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--step", type=int, help="checkpoint step; unset: the last")
