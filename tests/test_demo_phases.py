@@ -32,12 +32,14 @@ def test_three_phases_reads_drop_plateau_and_emergence():
 def test_demo_preset_is_the_documented_recipe():
     cfg = TrainConfig.preset("demo")
     assert (cfg.model["n_layer"], cfg.model["n_head"], cfg.model["n_embd"]) == (2, 4, 128)
-    assert cfg.pools["years"] == 1  # one birth year: a name-blind model cannot learn dates from a small population
+    assert (cfg.n_people, cfg.steps, cfg.batch_size) == (400, 1_000, 32)  # README: about 2 minutes on 2 cores
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 16 is open: the 2-minute demo preset's plateau is shorter than its "
+                                       "drop (docs/reproduction.md); strict, so a recipe that passes turns this red")
 def test_three_phases_demo_preset(tmp_path):
-    """The README's main job: the full demo preset (estimated 4-5 minutes on 2 idle CPU cores)."""
+    """The README's main job: the full demo preset (about 2 minutes on 2 idle CPU cores)."""
     history = train(TrainConfig.preset("demo"), tmp_path, progress=False)
     p = three_phases(history, band=0.03)
     assert history.evals["attr_loss"].iloc[0] > 2 * history.baseline       # starts far above the baseline
