@@ -41,6 +41,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedModel
 
 from factlens.attention import install_bridge_hooks, use_factlens_attention
+from factlens.compat import enable_compatibility_mode
 from factlens.errors import ConfigError, UnknownModelError
 from factlens.tokenizers import gpt2_tokenizer, opt_style_tokenizer
 
@@ -129,7 +130,7 @@ def boot(name: str, hf_model: PreTrainedModel | None = None, tokenizer=None, dev
                                                      **boot_kwargs)
     prepare(bridge)
     if compat:
-        bridge.enable_compatibility_mode()
+        enable_compatibility_mode(bridge)  # TL's, processed part by part (factlens.compat)
     return bridge.eval()
 
 
@@ -172,7 +173,7 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     )
     prepare(bridge)
     if compat:
-        bridge.enable_compatibility_mode()
+        enable_compatibility_mode(bridge)  # TL's, processed part by part (factlens.compat)
     return bridge.eval()
 
 
