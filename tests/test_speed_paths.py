@@ -130,3 +130,39 @@ def test_backward_hook_on_pattern_takes_explicit_path(opt, tokens):
         opt.zero_grad(set_to_none=True)
     assert counts == {"sdpa": opt.cfg.n_layers - 1, "explicit": 1}
     assert grads and grads[0] == (3, opt.cfg.n_heads, 7, 7)
+
+
+# ------------------------------------------------------------------------------------ the shared analysis pass
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_analyze_shared_pass_equals_separate_passes(arch):
+    from factlens.recall.report import analyze
+
+    model = factlens.tiny(arch, compat=True)
+    kw = dict(n=60, folds=3, progress=False)
+    new = analyze(model, share=True, **kw)
+    old = analyze(model, share=False, **kw)
+
+    def close(a, b):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), atol=1e-5, rtol=1e-4, equal_nan=True)
+
+    close(new.lens.prob, old.lens.prob)
+    close(new.lens.rank, old.lens.rank)
+    close(new.path_patching.values, old.path_patching.values)
+    close(new.path_patching.mlp, old.path_patching.mlp)
+    close(new.movers.r, old.movers.r)
+    close(new.movers.attention, old.movers.attention)
+    assert new.top_mover == old.top_mover
+    assert new.decompositions.keys() == old.decompositions.keys()
+    for key in new.decompositions:
+        close(new.decompositions[key].beta, old.decompositions[key].beta)
+        close(new.decompositions[key].intercept, old.decompositions[key].intercept)
+    close(new.final_layer.dla, old.final_layer.dla)
+    close(new.final_layer.prob_before, old.final_layer.prob_before)
+    a, b = new.mitigation.per_prompt, old.mitigation.per_prompt
+    assert list(a[["method", "prompt_idx", "fold"]].itertuples(index=False)) == \
+        list(b[["method", "prompt_idx", "fold"]].itertuples(index=False))
+    close(a["prob"].to_numpy().copy(), b["prob"].to_numpy().copy())
+    assert (a["rank"] == b["rank"]).mean() > 0.95  # ranks may swap on exact-tie rounding only
+    close(new.mitigation.rows["mean_prob"].to_numpy().copy(), old.mitigation.rows["mean_prob"].to_numpy().copy())
+    for key in new.mitigation.intercepts:
+        close(new.mitigation.intercepts[key], old.mitigation.intercepts[key])

@@ -65,7 +65,8 @@ from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Intervention, hook, intervene
 from factlens.models import family_of
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.metrics import Metric, end_logits, metric, require_eval, run_at_end
+from factlens.recall.logit_lens import covers
+from factlens.recall.metrics import EndRun, Metric, end_logits, metric, require_eval, run_at_end
 from factlens.resources import run_with_cache as guarded_run_with_cache
 from factlens.resources import track
 
@@ -270,7 +271,7 @@ class _Scorer:
 
 def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactual: RelationDataset | None = None, *,
                metric: MetricSpec = "iw", freeze_mlps: bool = False, max_batch: int = 1024, seed: int = 0,
-               engine: str = "auto", progress: bool = True) -> PathPatchingResult:
+               engine: str = "auto", progress: bool = True, run: EndRun | None = None) -> PathPatchingResult:
     """Batched path patching of every head and MLP → the final residual at ``end`` (% change of ``metric``).
 
     Args:
@@ -286,6 +287,9 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
             forward pass of the whole model with factlens hooks; ``"auto"`` uses ``"mlp"`` when it
             reproduces the clean MLP outputs, else ``"forward"``.
         progress: tqdm progress bar.
+        run: A shared clean :class:`~factlens.recall.metrics.EndRun` of ``dataset`` to use as pass B when it
+            holds the hooks pass B needs (``blocks.0.hook_resid_pre`` and every layer's ``hook_z``,
+            ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_mid``) and the logits.
 
     Returns:
         :class:`PathPatchingResult`.
@@ -317,7 +321,8 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
              + [f"blocks.{layer}.hook_attn_out" for layer in range(L)]
              + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
              + [f"blocks.{layer}.hook_resid_mid" for layer in range(L)])
-    clean = run_at_end(model, dataset, names, max_batch=fwd_batch, progress=progress, desc="pass B (clean)")
+    clean = run if covers(run, names, logits=True) else run_at_end(model, dataset, names, max_batch=fwd_batch,
+                                                                    progress=progress, desc="pass B (clean)")
     metric_fn, metric_name = _metric_fn(metric, dataset)
     clean_metric = metric_fn(clean.logits)
     z_clean = clean.stack("blocks.{}.attn.hook_z", L)  # [n, L, H, dh]
