@@ -174,7 +174,9 @@ def test_property_interventions_change_output_only_when_they_should(tiny_models,
             out = model(tokens)
         delta = (out - base).abs().amax(-1)  # [b, p]
         assert delta[:, position:].max() > 0
-        assert delta[:, :position].max() == 0  # causal: earlier positions never change
+        # causal: earlier positions never change (to float rounding: an unedited OPT layer runs SDPA, an edited
+        # one the explicit softmax)
+        assert delta[:, :position].max() <= 1e-5
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -202,7 +204,10 @@ def test_property_identity_edits_change_nothing_and_say_so(tiny_models, data):
     edit = {**by_accident, **by_construction}[name]()
     with intervene(model, edit, on_no_effect="ignore") as run:
         out = model(tokens)
-    assert torch.equal(out, base), name
+    if factlens.models.family_of(model) == "opt" and name in by_accident:  # an unedited OPT layer runs SDPA, a
+        torch.testing.assert_close(out, base, rtol=0, atol=1e-5)          # hooked one the explicit softmax
+    else:
+        assert torch.equal(out, base), name
     if name in by_accident:
         assert run.records and all(rec.calls > 0 and not rec.changed for rec in run.records.values()), name
         with pytest.raises(factlens.InterventionNoEffectError), intervene(model, edit):

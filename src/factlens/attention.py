@@ -16,7 +16,10 @@ jobs:
    HF forwards to the attention function. :func:`install_bridge_hooks` sets that flag and wires
    ``hook_attn_scores`` in as ``scores_fn``, so on OPT both TL hooks take effect exactly as on GPT-2, and
    ``hook_attn_scores`` is genuinely pre-softmax. (GPT-2's ``JointQKVAttentionBridge`` already recomputes
-   attention in Python, so it needs none of this.)
+   attention in Python, so it needs none of this.) A layer whose two hook points have no hook attached
+   takes the SDPA path; attaching one (``run_with_hooks``, ``run_with_cache`` over ``hook_pattern``, a
+   factlens intervention) switches only that layer to the explicit path. :data:`PATH_COUNTS` counts the
+   paths taken.
 
 The mask function registered with the attention function is transformers' ``sdpa_mask``: a boolean mask
 (``True`` = may attend) or ``None`` for a plain causal batch, which lets SDPA take its ``is_causal`` fast
@@ -34,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -49,6 +53,9 @@ if TYPE_CHECKING:
 
 ATTN_IMPL = "factlens"
 _EDIT_ATTR = "_factlens_edit"
+#: Calls of :func:`factlens_attention` per path (``"sdpa"``, ``"explicit"``, ``"replace"``), process-wide: tests
+#: and benchmarks read it to show which path a forward pass took (not counted inside ``torch.compile``).
+PATH_COUNTS: Counter[str] = Counter()
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -138,13 +145,15 @@ def factlens_attention(
     """The function registered as ``"factlens"`` in transformers' attention registry.
 
     ``pattern_fn`` arrives from TransformerLens's ``AttentionBridge`` (its ``hook_pattern``) on bridged OPT;
-    a :class:`LayerEdit` on the module comes from factlens's own plain-HF edits. With neither, this is
-    transformers' SDPA attention. Returns ``None`` as the weights so the bridge never re-fires
+    a :class:`LayerEdit` on the module comes from factlens's own plain-HF edits. With neither (or with TL
+    hook points that have no hook attached), this is transformers' SDPA attention. Returns ``None`` as the weights so the bridge never re-fires
     ``hook_pattern``/``hook_attn_scores`` post hoc.
     """
     edit = getattr(module, _EDIT_ATTR, None)
-    scores_fn = getattr(module, "_factlens_scores_hook", None)
+    pattern_fn = _live(pattern_fn)
+    scores_fn = _live(getattr(module, "_factlens_scores_hook", None))
     if edit is not None and edit.replace is not None and pattern_fn is None and scores_fn is None:
+        _count("replace")
         pattern = edit.replace().to(value.dtype)  # [b, h, q, k]
         pattern = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
         return torch.matmul(pattern, value).transpose(1, 2).contiguous(), None
@@ -152,11 +161,41 @@ def factlens_attention(
         scores_fn = _compose(scores_fn, edit.scores_fn)
         pattern_fn = _compose(pattern_fn, edit.pattern_fn)
     if pattern_fn is None and scores_fn is None:
+        _count("sdpa")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    _count("explicit")
     out, _ = explicit_attention(module, query, key, value, attention_mask, scaling, dropout, scores_fn, pattern_fn)
     return out, None
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` would run any forward/backward hook (its own or a global one)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+                or nn_module._global_backward_pre_hooks)
+
+
+def _live(fn: TensorFn | None) -> TensorFn | None:
+    """``fn``, or None when it is a hook point (an identity module) with no hook attached.
+
+    TL's ``AttentionBridge`` passes its ``hook_pattern`` HookPoint on every call, and factlens wires
+    ``hook_attn_scores`` in the same way; with nothing attached both are the identity, so the layer can take
+    the SDPA path. A hook (``run_with_hooks``, ``run_with_cache``, ``model.hooks``, a backward hook) makes
+    the layer compute its pattern explicitly so the hook sees, and may edit, the real tensor.
+    """
+    if isinstance(fn, torch.nn.Module) and not _has_hooks(fn):
+        return None
+    return fn
+
+
+def _count(path: str) -> None:
+    if not torch.compiler.is_compiling():  # a Python counter inside a compiled graph would force recompiles
+        PATH_COUNTS[path] += 1
 
 
 def _compose(first: TensorFn | None, second: TensorFn | None) -> TensorFn | None:

@@ -44,6 +44,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedModel
 
 from factlens.attention import install_bridge_hooks, use_factlens_attention
+from factlens.compat import enable_compatibility_mode
 from factlens.errors import ConfigError, UnknownModelError
 from factlens.generation import install_kv_cache_fix
 from factlens.inputs import check_device, check_heads, install_input_checks, resolve_dtype
@@ -136,7 +137,7 @@ def boot(name: str, hf_model: PreTrainedModel | None = None, tokenizer=None, dev
                                                      **boot_kwargs)
     prepare(bridge)
     if compat:
-        bridge.enable_compatibility_mode()
+        enable_compatibility_mode(bridge)  # TL's, processed part by part (factlens.compat)
     return bridge.eval()
 
 

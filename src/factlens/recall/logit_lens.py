@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from jaxtyping import Float, Int
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.metrics import answer_prob, answer_rank, run_at_end
+from factlens.recall.metrics import EndRun, answer_prob, answer_rank, run_at_end
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -97,8 +98,17 @@ class LogitLensResult(ResultDisplay):
         return fig
 
 
+def covers(run: EndRun | None, names: Iterable[str], logits: bool = False) -> bool:
+    """Whether a shared :class:`~factlens.recall.metrics.EndRun` holds ``names`` (and logits if asked).
+
+    The analyses take ``run=`` so that :func:`factlens.recall.report.analyze` serves them all from one cached
+    pass; each runs its own pass when the shared one lacks something.
+    """
+    return run is not None and set(names) <= run.acts.keys() and (not logits or run.logits is not None)
+
+
 def logit_lens(model: TransformerBridge, dataset: RelationDataset, include_final: bool = True, *, max_batch: int = 64,
-               progress: bool = False) -> LogitLensResult:
+               progress: bool = False, run: EndRun | None = None) -> LogitLensResult:
     """P(answer) and rank at ``end`` after every layer: ``softmax(unembed(ln_final(resid_post_L)))``.
 
     Each layer's residual gets its own final-LayerNorm scale (the standard logit lens). Only ``end`` is
@@ -114,8 +124,9 @@ def logit_lens(model: TransformerBridge, dataset: RelationDataset, include_final
     """
     L = model.cfg.n_layers
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(L)]
-    run = run_at_end(model, dataset, names, logits=include_final, max_batch=max_batch, progress=progress,
-                     desc="logit lens")
+    if not covers(run, names, include_final):
+        run = run_at_end(model, dataset, names, logits=include_final, max_batch=max_batch, progress=progress,
+                         desc="logit lens")
     resid = run.stack("blocks.{}.hook_resid_post", L)  # [n, L, d]
     probs, ranks = [], []
     with torch.no_grad():

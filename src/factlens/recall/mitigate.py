@@ -51,7 +51,9 @@ from factlens.loading import is_twin
 from factlens.models import SUPPORTED, family_of
 from factlens.recall.datasets import RelationDataset, dataset_for
 from factlens.recall.decompose import fit_decomposition, fit_per_group
+from factlens.recall.logit_lens import covers
 from factlens.recall.metrics import (
+    EndRun,
     answer_prob,
     answer_rank,
     center,
@@ -120,7 +122,7 @@ class FinalLayerEffect(ResultDisplay):
 
 
 def final_layer_effect(model: TransformerBridge, dataset: RelationDataset, *, k: int = 10, max_batch: int = 64,
-                       progress: bool = False) -> FinalLayerEffect:
+                       progress: bool = False, run: EndRun | None = None) -> FinalLayerEffect:
     """Answer P/rank before and after the last layer, per-component direct effects and promoted tokens.
 
     Example:
@@ -136,7 +138,8 @@ def final_layer_effect(model: TransformerBridge, dataset: RelationDataset, *, k:
     last = L - 1
     names = [f"blocks.{last}.hook_resid_pre", f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_attn_out",
              f"blocks.{last}.hook_mlp_out", "ln_final.hook_scale"]
-    run = run_at_end(model, dataset, names, max_batch=max_batch, progress=progress, desc="final layer")
+    if not covers(run, names, logits=True):
+        run = run_at_end(model, dataset, names, max_batch=max_batch, progress=progress, desc="final layer")
     with torch.no_grad():
         before = model.unembed(model.ln_final(run[names[0]][:, None]))[:, 0]  # [n, vocab]
         after = run.logits
@@ -298,11 +301,63 @@ def evaluate(model: TransformerBridge, dataset: RelationDataset, *, attention: b
 
     run = run_at_end(model, dataset, (), interventions=factory, max_batch=max_batch, progress=progress,
                      desc="evaluate")
-    rank = answer_rank(run.logits, dataset).cpu()
+    return _frame(dataset, run.logits)
+
+
+def _frame(dataset: RelationDataset, logits: torch.Tensor) -> pd.DataFrame:
+    """:func:`evaluate`'s per-prompt table from logits at ``end`` ``[n, vocab]``."""
+    rank = answer_rank(logits, dataset).cpu()
     return pd.DataFrame({"prompt": dataset.prompts, "subject": dataset.subjects,
                          "template_idx": dataset.template_ids.tolist(),
-                         "prob": answer_prob(run.logits, dataset).cpu().tolist(), "rank": rank.tolist(),
+                         "prob": answer_prob(logits, dataset).cpu().tolist(), "rank": rank.tolist(),
                          "correct": (rank == 0).tolist()})
+
+
+def _final_logits(model: TransformerBridge, resid: torch.Tensor) -> torch.Tensor:
+    """Logits at ``end`` from the last block's output there, ``[n, d] -> [n, vocab]``."""
+    with torch.no_grad():
+        return model.unembed(model.ln_final(resid[:, None]))[:, 0]
+
+
+def _shared_mitigations(model, ds, splits, *, heads, coeff, pooled, ridge, max_batch, clean):
+    """The four methods from two passes: clean (shared) and (a); (b) is applied to their cached final residual.
+
+    (b) subtracts ``coeff·c`` from the last MLP's output at ``end``, which reaches the logits only through
+    ``blocks.{L-1}.hook_resid_post`` at ``end``: ``logits = unembed(ln_final(resid_post − coeff·c))``. So every
+    fold's (b) and (a)+(b) reuse the two passes' residuals instead of running the model again.
+    """
+    last = model.cfg.n_layers - 1
+    resid_name = f"blocks.{last}.hook_resid_post"
+    names = [f"blocks.{last}.hook_mlp_out", "ln_final.hook_scale", f"blocks.{last}.attn.hook_z", resid_name]
+    if not covers(clean, names, logits=True) or len(clean.logits) != len(ds):
+        clean = run_at_end(model, ds, names, max_batch=max_batch, desc="mitigation (clean)")
+    acts = capture_mlp_activations(model, ds, -1, run=clean)
+
+    def attention(rows, ends):
+        return interventions_for(model, attention=True, heads=heads, positions=ends)
+
+    attended = run_at_end(model, ds, [resid_name], interventions=attention, max_batch=max_batch,
+                          desc="mitigation (a)")
+    results = {"baseline": _frame(ds, clean.logits), "a": _frame(ds, attended.logits)}
+    for m in ("baseline", "a"):
+        results[m]["fold"] = -1
+    intercepts, parts = {}, {"b": [], "a+b": []}
+    for f, (fit_idx, eval_idx) in enumerate(splits):
+        c = _fit_from_acts(acts.select(fit_idx), pooled, ridge)
+        check_intercept(c if isinstance(c, torch.Tensor) else torch.stack(list(c.values())), stacklevel=4)
+        intercepts[f] = c
+        rows = torch.as_tensor(eval_idx)
+        vec = _rows_vector(c, ds, rows).to(clean[resid_name].device)  # [d] or [n_eval, d]
+        eval_ds = ds.select(eval_idx)
+        for m, run in (("b", clean), ("a+b", attended)):
+            resid = run[resid_name][rows.to(run[resid_name].device)] - coeff * vec  # [n_eval, d]
+            df = _frame(eval_ds, _final_logits(model, resid))
+            df.index = eval_idx
+            df["fold"] = f
+            parts[m].append(df)
+    for m in ("b", "a+b"):
+        results[m] = pd.concat(parts[m]).sort_index()
+    return results, intercepts
 
 
 # ------------------------------------------------------------------------------------------------------ table
@@ -413,7 +468,8 @@ class MitigationTable(ResultDisplay):
 def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, shots: Sequence[int] = (0, 1, 2), folds: int = 5,
                      heads: int | Sequence[int] | None = None, coeff: float = 1.0, *, pooled: bool = True,
                      seed: int = 0, n: int | None = None, ridge: float = 0.0, max_batch: int = 64,
-                     progress: bool = True) -> MitigationTable:
+                     progress: bool = True, reuse: bool = True,
+                     runs: Mapping[int, EndRun] | None = None) -> MitigationTable:
     """Baseline, (a), (b) and (a)+(b) with c fitted and evaluated on disjoint prompts (k folds by template).
 
     Args:
@@ -424,6 +480,11 @@ def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, sh
         coeff: α in ``−α c``.
         pooled: One intercept over all subjects (True) or one per subject (an oracle: needs the subject).
         n: Prompts per setting (None: all).
+        reuse: Two forward passes per setting (clean and (a)), with (b) applied to their cached final residual
+            (the same numbers to float rounding); False evaluates every method and fold with its own hooked
+            forward pass (:func:`evaluate`).
+        runs: shots → a clean :class:`~factlens.recall.metrics.EndRun` of that setting's dataset to reuse
+            (what :func:`~factlens.recall.report.analyze` shares).
 
     Example:
         >>> import torch, factlens
@@ -440,11 +501,18 @@ def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, sh
     for s in track(list(shots), device=model.cfg.device, desc="mitigation table", disable=not progress):
         ds = dataset_for(model, relation, shots=s, seed=seed, n=n)
         splits = template_folds(ds, folds, seed)
-        acts = capture_mlp_activations(model, ds, -1, max_batch=max_batch)
-        results = {"baseline": evaluate(model, ds, max_batch=max_batch),
-                   "a": evaluate(model, ds, attention=True, heads=heads, max_batch=max_batch)}
-        for m in ("baseline", "a"):
-            results[m]["fold"] = -1
+        if reuse:
+            results, fold_intercepts = _shared_mitigations(
+                model, ds, splits, heads=heads, coeff=coeff, pooled=pooled, ridge=ridge, max_batch=max_batch,
+                clean=(runs or {}).get(s))
+            intercepts.update({(s, f): c for f, c in fold_intercepts.items()})
+            splits = []
+        else:
+            acts = capture_mlp_activations(model, ds, -1, max_batch=max_batch)
+            results = {"baseline": evaluate(model, ds, max_batch=max_batch),
+                       "a": evaluate(model, ds, attention=True, heads=heads, max_batch=max_batch)}
+            for m in ("baseline", "a"):
+                results[m]["fold"] = -1
         parts: dict[str, list[pd.DataFrame]] = {"b": [], "a+b": []}
         for f, (fit_idx, eval_idx) in enumerate(splits):
             c = _fit_from_acts(acts.select(fit_idx), pooled, ridge)
@@ -457,7 +525,8 @@ def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, sh
                 df["fold"] = f
                 parts[m].append(df)
         for m in ("b", "a+b"):
-            results[m] = pd.concat(parts[m]).sort_index()
+            if parts[m]:
+                results[m] = pd.concat(parts[m]).sort_index()
         for m, df in results.items():
             assert len(df) == len(ds) and sorted(df.index) == list(range(len(ds))), "every prompt evaluated once"
             per_prompt.append(df.assign(shots=s, method=m, prompt_idx=df.index))

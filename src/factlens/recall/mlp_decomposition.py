@@ -41,7 +41,8 @@ from factlens.recall.decompose import (
     fit_per_group,
     project_to_vocab,
 )
-from factlens.recall.metrics import center, head_outputs, require_eval, run_at_end, unembed_params
+from factlens.recall.logit_lens import covers
+from factlens.recall.metrics import EndRun, center, head_outputs, require_eval, run_at_end, unembed_params
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -97,15 +98,18 @@ def _regressor_list(model, layer: int, regressors: Regressors) -> list[tuple[int
 
 
 def capture_mlp_activations(model: TransformerBridge, dataset: RelationDataset, layer: int = -1, regressors: Regressors = "heads",
-                            *, max_batch: int = 64, progress: bool = False, interventions=None) -> MLPActivations:
-    """Cache ``hook_mlp_out``, the regressor heads' ``hook_z`` and ``ln_final.hook_scale``, at ``end`` only."""
+                            *, max_batch: int = 64, progress: bool = False, interventions=None,
+                            run: EndRun | None = None) -> MLPActivations:
+    """Cache ``hook_mlp_out``, the regressor heads' ``hook_z`` and ``ln_final.hook_scale``, at ``end`` only
+    (or read them from a shared ``run`` that holds them)."""
     require_eval(model, "the MLP decomposition")
     layer = check_index(layer, model.cfg.n_layers, "layer", "layers")
     pairs = _regressor_list(model, layer, regressors)
     layers = sorted({a for a, _ in pairs})
     names = [f"blocks.{layer}.hook_mlp_out", "ln_final.hook_scale"] + [f"blocks.{a}.attn.hook_z" for a in layers]
-    run = run_at_end(model, dataset, names, logits=False, max_batch=max_batch, progress=progress,
-                     interventions=interventions, desc=f"MLP{layer} decomposition")
+    if interventions is not None or not covers(run, names):
+        run = run_at_end(model, dataset, names, logits=False, max_batch=max_batch, progress=progress,
+                         interventions=interventions, desc=f"MLP{layer} decomposition")
     outputs = {a: head_outputs(model, a, run[f"blocks.{a}.attn.hook_z"]) for a in layers}  # a -> [n, H, d]
     heads = [outputs[a][:, b] for a, b in pairs]  # [n, d] each
     return MLPActivations(layer=layer, target=run[f"blocks.{layer}.hook_mlp_out"],

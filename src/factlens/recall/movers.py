@@ -29,7 +29,8 @@ from jaxtyping import Float
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.metrics import head_outputs, require_eval, run_at_end
+from factlens.recall.logit_lens import covers
+from factlens.recall.metrics import EndRun, head_outputs, require_eval, run_at_end
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -126,7 +127,7 @@ class MoverResult(ResultDisplay):
 
 
 def mover_scores(model: TransformerBridge, dataset: RelationDataset, *, position: str = "N", max_batch: int = 64,
-                 progress: bool = False) -> MoverResult:
+                 progress: bool = False, run: EndRun | None = None) -> MoverResult:
     """Attention from ``end`` to ``position`` vs. the subject-token projection of every head's output.
 
     Caches only ``hook_pattern`` rows for the query at ``end`` and ``hook_z`` at ``end``. Per-head outputs
@@ -145,7 +146,8 @@ def mover_scores(model: TransformerBridge, dataset: RelationDataset, *, position
     keys = dataset.position(position).to(model.cfg.device)  # [n]
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)] + [f"blocks.{layer}.attn.hook_z"
                                                                            for layer in range(L)]
-    run = run_at_end(model, dataset, names, logits=False, max_batch=max_batch, progress=progress, desc="movers")
+    if not covers(run, names):
+        run = run_at_end(model, dataset, names, logits=False, max_batch=max_batch, progress=progress, desc="movers")
     rows = torch.arange(len(dataset), device=keys.device)
     W_U_subj = model.W_U.detach()[:, dataset.subject_ids.to(keys.device)].T  # [n, d]
     attention, projection = [], []

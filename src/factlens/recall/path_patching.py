@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 
 from factlens.display import ResultDisplay
@@ -66,7 +67,8 @@ from factlens.errors import ConfigError, ShapeError
 from factlens.hooks import Intervention, hook, intervene
 from factlens.models import family_of
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.metrics import Metric, end_logits, metric, require_eval, run_at_end
+from factlens.recall.logit_lens import covers
+from factlens.recall.metrics import EndRun, Metric, end_logits, metric, require_eval, run_at_end
 from factlens.resources import run_with_cache as guarded_run_with_cache
 from factlens.resources import track
 
@@ -200,6 +202,40 @@ def _result(values: list[float], clean: float, L: int, H: int, **kw) -> PathPatc
 
 
 # -------------------------------------------------------------------------------------------------- batched
+def _fused_mlp_fns(model) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+    """``x ↦ mlp(ln2(x))`` per layer on the wrapped HF modules, with fused LayerNorm and activation kernels.
+
+    The same function as :func:`_mlp_fns` (TL's LayerNorm bridge and HF's ``NewGELUActivation`` are several
+    element-wise passes each; ``F.layer_norm`` and ``F.gelu(approximate="tanh")`` are one), equal to float
+    rounding, which :func:`path_patch` checks against the clean MLP outputs before using it.
+    """
+    from transformers.activations import GELUActivation, NewGELUActivation
+
+    fused = {NewGELUActivation: lambda x: F.gelu(x, approximate="tanh"), GELUActivation: F.gelu,
+             torch.nn.ReLU: F.relu}
+    family = family_of(model)
+    fns = []
+    for blk in model.blocks:
+        ln = getattr(blk.ln2, "original_component", None)
+        fc_in = getattr(getattr(blk.mlp, "in", None), "original_component", None)
+        fc_out = getattr(getattr(blk.mlp, "out", None), "original_component", None)
+        if family == "gpt2":
+            act = getattr(getattr(blk.mlp, "original_component", None), "act", None)
+        elif family == "opt":
+            act = getattr(blk.original_component, "activation_fn", None)
+        else:
+            return None
+        if not isinstance(ln, torch.nn.LayerNorm) or fc_in is None or fc_out is None or act is None:
+            return None
+        act_fn = fused.get(type(act)) or act
+
+        def fn(x, ln=ln, fc_in=fc_in, fc_out=fc_out, act_fn=act_fn):
+            return fc_out(act_fn(fc_in(F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps))))
+
+        fns.append(fn)
+    return fns
+
+
 def _mlp_fns(model) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
     """``x ↦ mlp(ln2(x))`` per layer through the bridge's own modules (None where not callable)."""
     family = family_of(model)
@@ -271,7 +307,7 @@ class _Scorer:
 
 def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactual: RelationDataset | None = None, *,
                metric: MetricSpec = "iw", freeze_mlps: bool = False, max_batch: int = 1024, seed: int = 0,
-               engine: str = "auto", progress: bool = True) -> PathPatchingResult:
+               engine: str = "auto", progress: bool = True, run: EndRun | None = None) -> PathPatchingResult:
     """Batched path patching of every head and MLP → the final residual at ``end`` (% change of ``metric``).
 
     Args:
@@ -287,6 +323,9 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
             forward pass of the whole model with factlens hooks; ``"auto"`` uses ``"mlp"`` when it
             reproduces the clean MLP outputs, else ``"forward"``.
         progress: tqdm progress bar.
+        run: A shared clean :class:`~factlens.recall.metrics.EndRun` of ``dataset`` to use as pass B when it
+            holds the hooks pass B needs (``blocks.0.hook_resid_pre`` and every layer's ``hook_z``,
+            ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_mid``) and the logits.
 
     Returns:
         :class:`PathPatchingResult`.
@@ -318,7 +357,8 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
              + [f"blocks.{layer}.hook_attn_out" for layer in range(L)]
              + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
              + [f"blocks.{layer}.hook_resid_mid" for layer in range(L)])
-    clean = run_at_end(model, dataset, names, max_batch=fwd_batch, progress=progress, desc="pass B (clean)")
+    clean = run if covers(run, names, logits=True) else run_at_end(model, dataset, names, max_batch=fwd_batch,
+                                                                    progress=progress, desc="pass B (clean)")
     metric_fn, metric_name = _metric_fn(metric, dataset)
     clean_metric = metric_fn(clean.logits)
     z_clean = clean.stack("blocks.{}.attn.hook_z", L)  # [n, L, H, dh]
@@ -327,18 +367,20 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     mid_clean = clean.stack("blocks.{}.hook_resid_mid", L)  # [n, L, d]
     W_O = torch.stack([model.blocks[layer].attn.W_O.detach() for layer in range(L)])  # [L, H, dh, d]
 
-    mlp_fns = _mlp_fns(model) if engine != "forward" else None
-    if mlp_fns is not None:
-        with torch.no_grad():
-            err = max(float((fn(mid_clean[:, j : j + 1])[:, 0] - mlp_clean[:, j]).abs().max()) for j, fn in
-                      enumerate(mlp_fns))
-        if err > 1e-4 * max(1.0, float(mlp_clean.abs().max())):
-            mlp_fns = None
-            if engine == "mlp":
-                raise ConfigError(f"engine='mlp' does not reproduce this model's MLP outputs (max error {err:.2e});"
-                                  " use engine='forward'")
-    elif engine == "mlp":
-        raise ConfigError("engine='mlp' is not available for this architecture; use engine='forward'")
+    mlp_fns, err = None, float("nan")
+    if engine != "forward":  # the fused fns first, then the bridge's own modules; each must reproduce pass B
+        for candidate in (_fused_mlp_fns(model), _mlp_fns(model)):
+            if candidate is None:
+                continue
+            with torch.no_grad():
+                err = max(float((fn(mid_clean[:, j : j + 1])[:, 0] - mlp_clean[:, j]).abs().max()) for j, fn in
+                          enumerate(candidate))
+            if err <= 1e-4 * max(1.0, float(mlp_clean.abs().max())):
+                mlp_fns = candidate
+                break
+        if mlp_fns is None and engine == "mlp":
+            raise ConfigError(f"engine='mlp' does not reproduce this model's MLP outputs (max error {err:.2e}) or "
+                              "is not available for this architecture; use engine='forward'")
     use_mlp = mlp_fns is not None
 
     senders = _senders(L, H)

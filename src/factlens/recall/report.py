@@ -26,7 +26,7 @@ from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset, dataset_for
 from factlens.recall.logit_lens import LogitLensResult, logit_lens
-from factlens.recall.metrics import require_eval
+from factlens.recall.metrics import require_eval, run_at_end
 from factlens.recall.mitigate import FinalLayerEffect, MitigationTable, final_layer_effect, mitigation_table
 from factlens.recall.mlp_decomposition import (
     MLPDecompositionResult,
@@ -128,9 +128,17 @@ class CapitalsReport(ResultDisplay):
         return self.files
 
 
+def shared_hooks(n_layers: int) -> list[str]:
+    """The hooks of :func:`analyze`'s shared clean pass: everything its steps read at ``end``."""
+    per_layer = ("attn.hook_z", "attn.hook_pattern", "hook_attn_out", "hook_mlp_out", "hook_resid_mid",
+                 "hook_resid_post")
+    return (["blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_pre", "ln_final.hook_scale"]
+            + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in per_layer])
+
+
 def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int = 0, out_dir: str | Path | None = None, *,
             n: int | None = None, folds: int = 5, top_k: int = 3, seed: int = 0, max_batch: int = 64,
-            patch_batch: int = 1024, progress: bool = True) -> CapitalsReport:
+            patch_batch: int = 1024, progress: bool = True, share: bool = True) -> CapitalsReport:
     """Run the full analysis on ``model`` (see the module docstring); write it to ``out_dir`` if given.
 
     Args:
@@ -138,6 +146,11 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
         folds: k of the mitigation table's template folds.
         top_k: Path-patching heads (most negative effect) checked as movers.
         max_batch: Prompts per forward pass; patch_batch: one-token rows per path-patching forward pass.
+        share: One cached clean pass (:func:`shared_hooks` at ``end``) serves the logit lens, path patching's
+            pass B, the mover check, the decompositions, the final-layer effect and the mitigation baseline,
+            and the mitigation folds reuse it (:func:`~factlens.recall.mitigate.mitigation_table`
+            ``reuse=True``): three forward passes of the prompts instead of twelve. False runs every step on its
+            own (the same numbers to float rounding; ``tests/test_speed_paths.py``).
 
     Example:
         >>> import factlens
@@ -155,10 +168,14 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
 
     L = model.cfg.n_layers
     ds = timed("dataset", dataset_for, model, relation, shots=shots, seed=seed, n=n)
-    lens = timed("logit lens", logit_lens, model, ds, max_batch=max_batch, progress=progress)
+    clean = None
+    if share:  # one clean pass at end serves every analysis below
+        clean = timed("shared clean pass", run_at_end, model, ds, shared_hooks(L), max_batch=max_batch,
+                      progress=progress, desc="shared clean pass")
+    lens = timed("logit lens", logit_lens, model, ds, max_batch=max_batch, progress=progress, run=clean)
     pp = timed("path patching", path_patch, model, ds, metric="iw", max_batch=patch_batch, seed=seed,
-               progress=progress)
-    movers = timed("movers", mover_scores, model, ds, max_batch=max_batch, progress=progress)
+               progress=progress, run=clean)
+    movers = timed("movers", mover_scores, model, ds, max_batch=max_batch, progress=progress, run=clean)
     cand = pp.top(top_k, by="neg", component="head")[["layer", "head", "name", "pct_change"]]
     stats = movers.to_dataframe().set_index(["layer", "head"])
     cand = cand.join(stats[["r", "mean_attention", "mean_projection", "score"]], on=["layer", "head"])
@@ -167,16 +184,17 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
     decomps: dict[str, MLPDecompositionResult] = {}
     t0 = time.perf_counter()
     for layer in dict.fromkeys([min(top_mover[0] + 1, L - 1), L - 1]):
-        acts = capture_mlp_activations(model, ds, layer, max_batch=max_batch, progress=progress)
+        acts = capture_mlp_activations(model, ds, layer, max_batch=max_batch, progress=progress, run=clean)
         decomps[f"MLP{layer}/pooled"] = decompose_from_activations(model, acts, ds)
         try:
             decomps[f"MLP{layer}/subject"] = decompose_from_activations(model, acts, ds, group_by="subject")
         except ConfigError as err:
             notes.append(f"per-subject decomposition of MLP{layer} skipped: {err}")
     timings["MLP decomposition"] = time.perf_counter() - t0
-    final = timed("final layer", final_layer_effect, model, ds, max_batch=max_batch)
+    final = timed("final layer", final_layer_effect, model, ds, max_batch=max_batch, run=clean)
     table = timed("mitigation table", mitigation_table, model, relation, shots=[shots], folds=folds, seed=seed,
-                  n=n, max_batch=max_batch, progress=progress)
+                  n=n, max_batch=max_batch, progress=progress, reuse=share,
+                  runs={shots: clean} if clean is not None else None)
     if torch.device(model.cfg.device).type == "cpu":
         notes.append(f"CPU, {torch.get_num_threads()} threads; timings in seconds: "
                      + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
@@ -188,4 +206,4 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
     return report
 
 
-__all__ = ["CapitalsReport", "analyze"]
+__all__ = ["CapitalsReport", "analyze", "shared_hooks"]
