@@ -98,7 +98,7 @@ def test_cli_capitals_analyze_and_mitigate_offline(tmp_path, capsys):
     assert main(["capitals", "mitigate", "--model", "tiny-opt", "--shots", "0", "--out", str(tmp_path / "m")]) == 0
     assert "(a) + (b)" in (tmp_path / "m" / "mitigation.md").read_text()
     assert main(["capitals", "analyze", "--model", "tiny-gpt2", "--shots", "0", "--out", str(tmp_path / "a")]) == 0
-    assert (tmp_path / "a" / "index.html").exists()
+    assert (tmp_path / "a" / "report.html").exists()
 
 
 def test_cli_reports_factlens_errors_without_a_traceback(tmp_path, capsys, monkeypatch):

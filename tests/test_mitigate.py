@@ -194,11 +194,11 @@ def test_final_layer_effect_decomposes_the_answer_logit(model):
 def test_analyze_writes_a_linked_report(tmp_path):
     model = factlens.tiny("gpt2", seed=3)
     report = analyze(model, out_dir=tmp_path, n=45, folds=3, progress=False)
-    index = (tmp_path / "index.html").read_text()
+    index = (tmp_path / "report.html").read_text()
     for f in report.files:
         assert f.exists()
-        if f.name != "index.html":
+        if f.name != "report.html":
             assert f'href="{f.name}"' in index
-    assert (tmp_path / "plotly.min.js").exists()
+    assert not (tmp_path / "plotly.min.js").exists()  # plotly.js is inlined in report.html
     assert "MLP1/pooled" in report.decompositions
     assert report.summary()["P baseline"] == pytest.approx(report.mitigation.cell(0, "baseline"))

@@ -36,7 +36,7 @@ from factlens.attention_patcher import PatternRecorder
 from factlens.bios.config import reference_checkpoint
 from factlens.bios.runs import run_config
 from factlens.checkpoints import load_checkpoint
-from factlens.errors import ArchitectureMismatchError, ConfigError
+from factlens.errors import ArchitectureMismatchError, ConfigError, ShapeError
 from factlens.hooks import intervene, patch_pattern
 from factlens.models import boot, unwrap
 
@@ -135,6 +135,12 @@ def patched_forward(model: TransformerBridge, tokens: Int[torch.Tensor, "batch p
                     layers: int | Sequence[int] | None = None, heads: int | Sequence[int] | None = None,
                     on_no_effect: str = "raise", **forward_kwargs):
     """Run a bridge with a reference's patterns in the chosen layers/heads (verified via ``intervene``)."""
+    vocab = model.cfg.d_vocab
+    if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        raise ShapeError(
+            f"token ids range over [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has {vocab} "
+            "ids: these tokens come from another tokenizer. Tokenize with the model's own, tokens = "
+            "model.to_tokens(text) (load_bridge attaches a biography run's task tokenizer).")
     reference.check_compatible(model)
     patterns = reference.patterns(tokens)
     patterns = {k: v.to(model.cfg.device) for k, v in patterns.items()}

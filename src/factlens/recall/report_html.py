@@ -8,7 +8,7 @@ TransformerLens and torch versions. A random-weight twin's page says so in a ban
 reference values (15.5% → 25.9%) are never drawn beside it. Numbers use significant digits.
 
 Example:
-    >>> import tempfile, factlens
+    >>> import factlens
     >>> from factlens.recall.report import analyze
     >>> report = analyze(factlens.tiny("gpt2"), folds=2, n=24, progress=False)
     >>> page = render_html(report)
@@ -200,6 +200,8 @@ def _summary_rows(report) -> list[tuple[str, str]]:
         label = key.replace("_", " ")
         if key.startswith(("P ", "prob", "delta_prob")):
             value = f"{fmt(100 * value)}%"
+        elif key.endswith("_pct"):
+            label, value = label.removesuffix(" pct") + " (% change)", f"{fmt(value)}%"
         out.append((label, fmt(value) if not isinstance(value, str) else value))
     return out
 
