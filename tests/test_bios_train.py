@@ -196,6 +196,7 @@ def test_history_plateau_end(tmp_path):
     assert history.plateau_end(ratio=0.5) is None
 
 
+@pytest.mark.slow  # > 20 s: run by .ci/run in its own step
 def test_finetune_on_new_people_with_replay(tmp_path):
     from factlens.bios.finetune import finetune_config
 

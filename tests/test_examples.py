@@ -23,6 +23,7 @@ def test_examples_exist():
                                           "curricula_and_hallucinations"}
 
 
+@pytest.mark.slow  # 40-100 s each: CI runs them in a step of their own (.ci/run), outside the 10-minute suite
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_notebook_executes(path, monkeypatch, tmp_path):
     monkeypatch.setenv("FACTLENS_TINY", "1")  # set before the client starts: the kernel inherits it

@@ -94,6 +94,7 @@ def test_grid_reuses_an_existing_reference_run_and_freezes_only_when_asked(tmp_p
     assert not any((tmp_path / g).exists() for g in ("other", "g2", "g3", "g4"))
 
 
+@pytest.mark.slow  # > 20 s: run by .ci/run in its own step
 def test_cli_capitals_analyze_and_mitigate_offline(tmp_path, capsys):
     assert main(["capitals", "mitigate", "--model", "tiny-opt", "--shots", "0", "--out", str(tmp_path / "m")]) == 0
     assert "(a) + (b)" in (tmp_path / "m" / "mitigation.md").read_text()

@@ -17,6 +17,7 @@ def _mtimes(root):
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("metrics.jsonl")}
 
 
+@pytest.mark.slow  # > 20 s: run by .ci/run in its own step
 def test_reproduce_tiny_runs_every_stage_and_resumes(tmp_path):
     sc = SCALES["tiny"]
     result = reproduce("tiny", tmp_path, progress=False, write_png=False)

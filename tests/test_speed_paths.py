@@ -15,7 +15,7 @@ from factlens.attention import PATH_COUNTS
 
 @pytest.fixture(scope="module")
 def opt():
-    return factlens.tiny("opt", num_hidden_layers=3)
+    return factlens.tiny("opt", num_hidden_layers=3, compat=False)  # raw weights: compared with plain HF
 
 
 @pytest.fixture(scope="module")

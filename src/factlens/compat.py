@@ -22,7 +22,7 @@ Bridges TL processes differently (offloaded ``device_map``, quantized or meta we
 Example:
     >>> import torch, factlens
     >>> from factlens.compat import enable_compatibility_mode
-    >>> model = factlens.tiny("gpt2")
+    >>> model = factlens.tiny("gpt2", compat=False)
     >>> enable_compatibility_mode(model)
     'parts'
     >>> bool(torch.all(model.blocks[0].ln1.weight == 1))       # LayerNorm weights folded into W_Q/W_K/W_V
