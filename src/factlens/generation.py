@@ -21,7 +21,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 _FLAG = "_factlens_kv_cache_fix"
 
@@ -39,7 +42,7 @@ def _wrap(attn) -> None:
     object.__setattr__(attn, _FLAG, True)
 
 
-def install_kv_cache_fix(bridge) -> int:
+def install_kv_cache_fix(bridge: TransformerBridge) -> int:
     """Make every attention bridge of ``bridge`` read transformers' ``cache=`` keyword. Idempotent.
 
     Returns:

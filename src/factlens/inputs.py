@@ -27,9 +27,14 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from factlens.errors import ConfigError, ShapeError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -150,7 +155,7 @@ def _past_length(kwargs: dict) -> int:
         return 0
 
 
-def install_input_checks(bridge) -> bool:
+def install_input_checks(bridge: TransformerBridge) -> bool:
     """Check every forward pass of ``bridge``'s HF model with :func:`check_tokens` before it runs. Idempotent.
 
     Returns:

@@ -43,10 +43,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from factlens.errors import CheckpointError, ModeError, UnknownModelError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 SUPPORTED_TYPES = ("gpt2", "opt")
 """HF ``model_type`` values factlens runs (the architecture's ``config.json`` field)."""
@@ -240,12 +244,12 @@ def open_weights(source: str | os.PathLike, *, revision: str | None = None, dtyp
     return open_folder(folder, dtype=dtype, tokenizer=tokenizer, source=text)
 
 
-def is_compat(model) -> bool:
+def is_compat(model: TransformerBridge) -> bool:
     """Whether a bridge runs in TransformerLens compatibility mode (folded LN, centred weights)."""
     return bool(getattr(model, "compatibility_mode", False))
 
 
-def require_compat(model, analysis: str = "this analysis") -> None:
+def require_compat(model: TransformerBridge, analysis: str = "this analysis") -> None:
     """Refuse a bridge that is not in compatibility mode, naming the fix (the rule in the module docstring).
 
     Example:
@@ -265,7 +269,7 @@ def require_compat(model, analysis: str = "this analysis") -> None:
         "model.enable_compatibility_mode() once on a model you will not train.")
 
 
-def is_twin(model) -> bool:
+def is_twin(model: TransformerBridge) -> bool:
     """Whether a bridge is one of factlens's random-weight twins (:func:`factlens.tiny`, :func:`factlens.full_size`)."""
     return bool(getattr(model, "factlens_random_weights", False))
 

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ from jaxtyping import Float
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
 from factlens.recall.metrics import EndRun, head_outputs, require_eval, run_at_end, unembed_params
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +201,7 @@ def _path_integrals(z0: torch.Tensor, D: torch.Tensor, answer: torch.Tensor, nod
     return prob, logprob
 
 
-def final_layer_split(model, dataset: RelationDataset, *, neurons: bool = False, tol: float = 1e-10,
+def final_layer_split(model: TransformerBridge, dataset: RelationDataset, *, neurons: bool = False, tol: float = 1e-10,
                       max_batch: int = 64, chunk: int | None = None, progress: bool = False) -> FinalLayerSplit:
     """Split the last layer's change of the answer logit and P(answer) at ``end`` into exact parts.
 
@@ -229,14 +233,14 @@ def final_layer_split(model, dataset: RelationDataset, *, neurons: bool = False,
     return split_from_run(model, dataset, run, neurons=neurons, tol=tol, chunk=chunk)
 
 
-def final_layer_names(model, neurons: bool = False) -> list[str]:
+def final_layer_names(model: TransformerBridge, neurons: bool = False) -> list[str]:
     """The hooks :func:`split_from_run` needs at ``end`` (plus the logits)."""
     last = model.cfg.n_layers - 1
     return ([f"blocks.{last}.hook_resid_pre", f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_attn_out",
              f"blocks.{last}.hook_mlp_out", "ln_final.hook_scale"] + ([f"blocks.{last}.mlp.hook_post"] if neurons else []))
 
 
-def split_from_run(model, dataset: RelationDataset, run: EndRun, *, neurons: bool = False, tol: float = 1e-10,
+def split_from_run(model: TransformerBridge, dataset: RelationDataset, run: EndRun, *, neurons: bool = False, tol: float = 1e-10,
                    chunk: int | None = None) -> FinalLayerSplit:
     """:func:`final_layer_split` on an :class:`~factlens.recall.metrics.EndRun` that captured
     :func:`final_layer_names` and the logits (so one forward pass can serve several analyses)."""

@@ -23,12 +23,15 @@ import html
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from factlens.display import fmt
 from factlens.loading import is_compat, is_twin
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 TEMPLATE = "capitals_report.html.j2"
 _PAPER_TRACE = "Lv et al. (paper)"
@@ -47,7 +50,7 @@ def machine() -> str:
     return f"CPU ({torch.get_num_threads()} threads), {gpu}, {platform.system()} {platform.machine()}"
 
 
-def model_info(model) -> dict[str, Any]:
+def model_info(model: TransformerBridge) -> dict[str, Any]:
     """What the report says about a bridge: name, weights (pretrained or random twin), architecture, mode.
 
     Example:

@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -57,6 +58,9 @@ from factlens.recall.movers import MoverResult, pearson
 from factlens.recall.path_patching import path_patch
 from factlens.resources import track
 from factlens.testbeds.bios_recall import bios_relation_dataset
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 #: Per (step, attribute) measurements, in :attr:`MechanismsResult.values` order.
 MEASURES = ("prob", "accuracy", "top_head_effect", "top_head_pct", "name_attention", "name_attention_max",
@@ -342,7 +346,7 @@ def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: in
     return values, finals, heads
 
 
-def name_attention(model, dataset, *, interventions=None, max_batch: int = 64) -> Float[torch.Tensor, "layer head"]:
+def name_attention(model: TransformerBridge, dataset, *, interventions=None, max_batch: int = 64) -> Float[torch.Tensor, "layer head"]:
     """``[layer, head]`` mean attention from ``end`` to the subject's span ``N``..``N_last`` (the whole name).
 
     Example:
