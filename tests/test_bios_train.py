@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 import factlens
+from ddp import torchrun
 from factlens.bios.history import TrainingHistory
 from factlens.bios.trainer import TrainConfig, Trainer, cosine_lr, train
 from factlens.checkpoints import list_checkpoints, load_checkpoint
@@ -163,22 +162,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     out.mkdir()
     script = tmp_path / "ddp_worker.py"
     script.write_text(_DDP.format(tests=str(Path(__file__).parent), out=str(out)))
-    # Loopback only, on a port that is free now: no dependence on the host name resolving or on 29500 being idle.
-    # A rendezvous lost to the network (the port taken between probe and bind) is retried once, on a new port;
-    # any other failure fails the test with torchrun's output.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    for attempt in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
-                              env=env, timeout=300, capture_output=True, text=True)
-        network = re.search(r"address already in use|EADDRINUSE|Connection refused|connectFullMesh", proc.stderr)
-        if proc.returncode == 0 or not network or attempt:
-            break
-    if proc.returncode:
-        pytest.fail(f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    torchrun(script)
     got = torch.load(out / "params.pt", weights_only=True)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 

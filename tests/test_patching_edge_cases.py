@@ -9,12 +9,7 @@ of another architecture (refused before step 0, before anything is written), ref
 from __future__ import annotations
 
 import copy
-import os
-import re
 import shutil
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +17,7 @@ import pytest
 import torch
 
 import factlens
+from ddp import torchrun
 from factlens.attention_patcher import AttentionPatcher, PatternRecorder
 from factlens.bios.config import PatchConfig, hf_field_names
 from factlens.bios.trainer import Trainer, train
@@ -69,24 +65,6 @@ _DDP = textwrap.dedent("""
 """)
 
 
-def _torchrun(script: Path) -> subprocess.CompletedProcess:
-    """Two gloo processes on loopback, on a port free now; a rendezvous lost to the network is retried once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    for attempt in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
-                              env=env, timeout=300, capture_output=True, text=True)
-        network = re.search(r"address already in use|EADDRINUSE|Connection refused|connectFullMesh", proc.stderr)
-        if proc.returncode == 0 or not network or attempt:
-            break
-    if proc.returncode:
-        pytest.fail(f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 def test_ddp_with_fully_patched_opt_layers_matches_one_process(opt_run, tmp_path):
     # Patching starts at step 1, so DDP first trains every parameter, then the fully patched layers' q_proj and
     # k_proj get no gradient: DDP used to stop with "Expected to have finished reduction".
@@ -102,7 +80,7 @@ def test_ddp_with_fully_patched_opt_layers_matches_one_process(opt_run, tmp_path
     out.mkdir()
     script = tmp_path / "ddp_patch_worker.py"
     script.write_text(_DDP.format(tests=str(Path(__file__).parent), ref=str(opt_run), out=str(out)))
-    _torchrun(script)
+    torchrun(script)
     torch.testing.assert_close(torch.load(out / "params.pt", weights_only=True), expected, atol=2e-5, rtol=1e-4)
 
 
