@@ -102,6 +102,34 @@ def test_dates_render_like_the_paper_and_allow_impossible_days():
     assert d.max() == 30 and m.max() == 11 and y.max() == 200 and len(set(zip(d, m, y))) == len(idx)
 
 
+def test_cut_date_pool_draws_renders_tokenizes_and_roundtrips(tmp_path):
+    pools = Pools.sized(cities=5, universities=5, majors=5, companies=5, years=1, days=2)
+    assert pools.pool_size("birth_date") == 24
+    assert no_knowledge_baseline(pools) == pytest.approx(np.mean([math.log(24)] + [math.log(5)] * 5))
+    assert pools.fingerprint() != Pools.sized(cities=5, universities=5, majors=5, companies=5, years=1).fingerprint()
+    idx = np.arange(24)
+    d, m, y = pools.date_parts(idx)
+    assert set(d) == {0, 1} and set(m) == set(range(12)) and set(y) == {0}
+    assert [pools.render("birth_date", pools.date_index(dd + 1, mm + 1, 1900)) for dd, mm in zip(d[:3], m[:3])] == [
+        "January 1, 1900", "January 2, 1900", "February 1, 1900"]
+    with pytest.raises(ConfigError, match="day 1..2"):
+        pools.date_index(3, 1, 1900)
+    pop = Population.generate(300, seed=0, pools=pools)
+    days = pop.dates[:, 0]
+    assert set(days.tolist()) == {0, 1} and len(set(pop.values[:, 0].tolist())) == 24  # every date drawn
+    vocab = BiosVocab(pools)
+    batch = make_batch(pop, vocab, np.arange(8), rng=np.random.default_rng(0), seq_len=vocab.max_biography_tokens())
+    for i in range(8):
+        n = int(batch.attention_mask[i].sum())
+        assert batch.tokens[i, 1 : n - 1].tolist() == vocab.encode(render_biography(pop, batch, i))
+    back = Population.load(pop.save(tmp_path / "pop.npz"))
+    assert back.pools == pools and np.array_equal(back.values, pop.values)
+    with pytest.raises(ConfigError, match="days=0"):
+        Pools.sized(days=0)
+    with pytest.raises(ConfigError, match="days=32"):
+        Pools.sized(days=32)
+
+
 def test_bad_pools_raise_config_error():
     with pytest.raises(ConfigError, match="out of range"):
         Pools.sized(cities=801)

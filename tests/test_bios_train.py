@@ -68,6 +68,31 @@ def test_every_weight_moves_after_one_step(tmp_path):
     assert all(delta[:, i * d:(i + 1) * d].sum() > 0 for i in range(3))
 
 
+def test_trimmed_batches_change_no_loss_metric_or_gradient(tmp_path):
+    """The trainer cuts each batch after its longest row: causal attention and trailing padding make that exact."""
+    from factlens.bios.metrics import attribute_accuracy, attribute_loss, value_nll
+
+    trainer = Trainer(tiny_config(seq_len=128), tmp_path, progress=False)
+    model = trainer.raw_model.eval()
+    full = trainer.stream.batch(2)
+    short = full.trimmed()
+    assert short.tokens.shape[1] < full.tokens.shape[1] and short.tokens.shape[1] % 8 == 0
+    assert torch.equal(short.tokens, full.tokens[:, : short.tokens.shape[1]])
+    assert not full.attention_mask[:, short.tokens.shape[1]:].any()  # only padding was cut
+    lf, ls = model(full.tokens).logits, model(short.tokens).logits
+    n = short.tokens.shape[1]
+    torch.testing.assert_close(ls, lf[:, :n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(value_nll(ls, short), value_nll(lf, full), rtol=1e-5, atol=1e-5)
+    assert float(attribute_accuracy(ls, short)) == float(attribute_accuracy(lf, full))
+    grads = []
+    for b in (full, short):
+        model.zero_grad()
+        attribute_loss(model(b.tokens).logits, b).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert full.trimmed(multiple=full.tokens.shape[1]) is full  # never longer than the batch
+
+
 def test_trainer_receives_the_task(tmp_path):
     """The data side is one BiosTask built from the config alone; a trainer given it uses exactly it."""
     from factlens.bios.task import BiosTask

@@ -235,7 +235,10 @@ class Trainer:
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step on batch ``step``; returns the (local, detached) mean token loss."""
-        batch = self.stream.batch(step, self.rank, self.world).to(self.device)
+        batch = self.stream.batch(step, self.rank, self.world)
+        if not self.config.compile:  # a compiled graph keeps one shape; eager skips the trailing padding
+            batch = batch.trimmed()
+        batch = batch.to(self.device)
         targets = batch.tokens[:, 1:].masked_fill(~batch.attention_mask[:, 1:], -100)  # [b, p-1]
         n_local = (targets != -100).sum()
         n_global = n_local.clone()
@@ -265,7 +268,7 @@ class Trainer:
             totals: dict[str, float] = {}
             n = 0
             for batch in batches:
-                batch = batch.to(self.device)
+                batch = (batch if self.config.compile else batch.trimmed()).to(self.device)
                 logits = self._logits(batch.tokens, self.raw_model).float()
                 stats = {"attr_loss": float(attribute_loss(logits, batch)),
                          "attr_acc": float(attribute_accuracy(logits, batch))}

@@ -5,8 +5,9 @@ The default pools have the sizes of Zucchet et al. (2025): 900 first/middle name
 dates day 1–31 × month 1–12 × year 1900–2100 (74,772 values). The lists ship as plain text files in
 ``factlens/data/bios`` (sources and licences in ``SOURCES.md`` beside them).
 
-A birth date is stored as one flat index ``(year * 12 + month) * 31 + day`` (all zero-based) so that every
-attribute is an integer index into its pool; :meth:`Pools.date_parts` splits it again.
+A birth date is stored as one flat index ``(year * 12 + month) * days + day`` (all zero-based; ``days`` is the
+number of days of the month in the pool, 31 by default) so that every attribute is an integer index into its
+pool; :meth:`Pools.date_parts` splits it again.
 
 Example:
     >>> from factlens.bios.data.pools import Pools, no_knowledge_baseline
@@ -127,7 +128,11 @@ class Pools:
         universities: University names.
         majors: Academic majors.
         companies: Company names.
-        years: Birth years (days are 1..31 and months January..December).
+        years: Birth years (months are January..December).
+        days: Days of the month in the pool, ``1..days`` (default 31). A small population learns the dates its
+            own people were born on (which days follow which month) without reading anyone's name, so its
+            loss falls below the no-knowledge baseline before any knowledge: toy runs cut the date pool
+            (``Pools.sized(years=1, days=2)``) so that the population covers every date many times.
 
     Example:
         >>> small = Pools.sized(first_names=10, last_names=10, cities=5, universities=4, majors=3,
@@ -143,6 +148,7 @@ class Pools:
     majors: tuple[str, ...]
     companies: tuple[str, ...]
     years: tuple[int, ...] = field(default=PAPER_YEARS)
+    days: int = N_DAYS
 
     def __post_init__(self) -> None:
         for name in LIST_FIELDS:
@@ -155,6 +161,9 @@ class Pools:
                 f"pass e.g. years=tuple(range(1900, 2101))"
             )
         object.__setattr__(self, "years", years)
+        if isinstance(self.days, bool) or not isinstance(self.days, (int, np.integer)) or not 1 <= self.days <= N_DAYS:
+            raise ConfigError(f"days={self.days!r}; pass the number of days of the month in the pool, 1..{N_DAYS}")
+        object.__setattr__(self, "days", int(self.days))
 
     @classmethod
     def default(cls) -> Pools:
@@ -171,12 +180,14 @@ class Pools:
         majors: int = 100,
         companies: int = 500,
         years: int | None = None,
+        days: int = N_DAYS,
     ) -> Pools:
         """Smaller pools made of the first items of each default list (for tests and toy runs).
 
         Args:
             first_names, last_names, cities, universities, majors, companies: How many items to keep.
             years: Keep the first this-many years from 1900 (``None``: all 201).
+            days: Keep days ``1..days`` of every month (default all 31).
 
         Example:
             >>> Pools.sized(cities=3).cities
@@ -200,14 +211,14 @@ class Pools:
         n_years = len(base.years) if years is None else years
         if not 1 <= n_years <= len(base.years):
             raise ConfigError(f"years={years} is out of range; pass 1 <= years <= {len(base.years)} or None")
-        return cls(**kept, years=base.years[:n_years])
+        return cls(**kept, years=base.years[:n_years], days=days)
 
     # --- sizes -------------------------------------------------------------------------------------
     def pool_size(self, attr: str | int) -> int:
-        """Number of distinct values of an attribute (birth date: 31 × 12 × number of years)."""
+        """Number of distinct values of an attribute (birth date: days × 12 × number of years)."""
         name = ATTRIBUTE_FIELD[ATTRIBUTES[attribute_index(attr)]]
         if name is None:
-            return N_DAYS * len(MONTHS) * len(self.years)
+            return self.days * len(MONTHS) * len(self.years)
         return len(getattr(self, name))
 
     @property
@@ -226,6 +237,10 @@ class Pools:
         if cached is None:
             h = hashlib.sha256()
             for f in fields(self):
+                if f.name == "days":  # hashed only when cut, so the fingerprints of 31-day pools are unchanged
+                    if self.days != N_DAYS:
+                        h.update(b"days\0" + str(self.days).encode() + b"\1")
+                    continue
                 h.update(
                     f.name.encode() + b"\0" + "\n".join(map(str, getattr(self, f.name))).encode() + b"\1"
                 )
@@ -242,19 +257,18 @@ class Pools:
         return getattr(self, name)
 
     def date_index(self, day: int, month: int, year: int) -> int:
-        """Flat birth-date index of a calendar date (day 1..31, month 1..12, year in ``years``)."""
-        if not (1 <= day <= N_DAYS and 1 <= month <= 12 and year in self.years):
+        """Flat birth-date index of a calendar date (day 1..days, month 1..12, year in ``years``)."""
+        if not (1 <= day <= self.days and 1 <= month <= 12 and year in self.years):
             raise ConfigError(
-                f"date {day}/{month}/{year} is outside the pool; pass day 1..31, month 1..12, "
+                f"date {day}/{month}/{year} is outside the pool; pass day 1..{self.days}, month 1..12, "
                 f"year {self.years[0]}..{self.years[-1]}"
             )
-        return (self.years.index(year) * 12 + month - 1) * N_DAYS + day - 1
+        return (self.years.index(year) * 12 + month - 1) * self.days + day - 1
 
-    @staticmethod
-    def date_parts(index: np.ndarray | int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def date_parts(self, index: np.ndarray | int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Split flat date indices into zero-based (day, month, year) indices (vectorised)."""
         index = np.asarray(index)
-        return index % N_DAYS, (index // N_DAYS) % 12, index // (N_DAYS * 12)
+        return index % self.days, (index // self.days) % 12, index // (self.days * 12)
 
     def render(self, attr: str | int, index: int) -> str:
         """The text of value ``index`` of an attribute, e.g. ``'March 16, 2042'`` or ``'Tokyo'``."""

@@ -114,10 +114,10 @@ class Population:
         names = np.stack([codes // (n_first * n_last), (codes // n_last) % n_first, codes % n_last], axis=1)
 
         values = np.empty((n_people, len(ATTRIBUTES)), dtype=np.int64)
-        day = rng.integers(0, 31, n_people)
+        day = rng.integers(0, pools.days, n_people)
         month = rng.integers(0, 12, n_people)
         year = rng.integers(0, len(pools.years), n_people)
-        values[:, 0] = (year * 12 + month) * 31 + day
+        values[:, 0] = (year * 12 + month) * pools.days + day
         for a in range(1, len(ATTRIBUTES)):
             values[:, a] = rng.integers(0, pools.pool_size(a), n_people)
 
@@ -253,6 +253,7 @@ class Population:
             "seed": np.int64(self.seed),
             "format_version": np.int64(FORMAT_VERSION),
             "years": np.asarray(self.pools.years),
+            "days": np.int64(self.pools.days),
             "pools_fingerprint": np.str_(self.pools.fingerprint()),
         }
         for name in LIST_FIELDS:
@@ -285,6 +286,7 @@ class Population:
         pools = Pools(
             **{name: tuple(str(x) for x in data[f"pool_{name}"]) for name in LIST_FIELDS},
             years=tuple(int(y) for y in data["years"]),
+            days=int(data["days"]) if "days" in data else 31,
         )
         if pools.fingerprint() != str(data["pools_fingerprint"]):
             raise CheckpointError(f"{path} is corrupt (pool fingerprint mismatch); regenerate it")

@@ -35,7 +35,7 @@ import numpy as np
 from jaxtyping import Int
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-from factlens.bios.data.pools import ATTRIBUTES, MONTHS, N_DAYS, Pools
+from factlens.bios.data.pools import ATTRIBUTES, MONTHS, Pools
 from factlens.bios.data.templates import N_TEMPLATES, check_templates, template_parts
 from factlens.errors import ConfigError, TokenizationError
 from factlens.tokenizers import cached_tokenizer_dir
@@ -82,7 +82,7 @@ class BiosVocab:
         parts = [[template_parts(a, t) for t in range(N_TEMPLATES)] for a in range(len(ATTRIBUTES))]
         strings: list[str] = [",", "."]
         strings += [s for group in parts for triple in group for s in triple]
-        strings += list(MONTHS) + [str(d) for d in range(1, N_DAYS + 1)] + [str(y) for y in self.pools.years]
+        strings += list(MONTHS) + [str(d) for d in range(1, self.pools.days + 1)] + [str(y) for y in self.pools.years]
         for field in ("first_names", "last_names", "cities", "universities", "majors", "companies"):
             strings += getattr(self.pools, field)
         words: dict[str, None] = {}
@@ -165,7 +165,7 @@ class BiosVocab:
         self.first_name_pieces = np.array([piece(x) for x in p.first_names], dtype=np.int64)
         self.last_name_pieces = np.array([piece(x) for x in p.last_names], dtype=np.int64)
         self.month_pieces = np.array([piece(m) for m in MONTHS], dtype=np.int64)
-        self.day_pieces = np.array([piece(str(d)) for d in range(1, N_DAYS + 1)], dtype=np.int64)
+        self.day_pieces = np.array([piece(str(d)) for d in range(1, p.days + 1)], dtype=np.int64)
         self.year_pieces = np.array([piece(str(y)) for y in p.years], dtype=np.int64)
         width = max(p.pool_size(a) for a in range(1, len(ATTRIBUTES)))
         self.value_pieces = np.zeros((len(ATTRIBUTES), width, VALUE_SLOTS), dtype=np.int64)
