@@ -63,7 +63,9 @@ def main() -> None:
     config = TrainConfig.preset("paper", model=MODEL_PRESETS[args.preset], n_people=4096, batch_size=batch,
                                 n_eval_sequences=8, n_unseen=0)
     trainer = Trainer(config, "/tmp/factlens-bench", device=device, progress=False)
-    tokens = trainer.stream.batch(0).tokens.to(device)
+    # like with like: the eager trainer cuts each batch after its longest row, the compiled one keeps seq_len
+    tokens = trainer.stream.batch(0).trimmed().tokens.to(device)
+    full_tokens = trainer.stream.batch(0).tokens.to(device)
     n_tokens = tokens.numel()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "
@@ -72,7 +74,7 @@ def main() -> None:
 
     plain, plain_opt = make_plain(trainer, device)
 
-    def plain_step(model=plain, opt=plain_opt):
+    def plain_step(model=plain, opt=plain_opt, tokens=tokens):
         with amp:
             logits = model(tokens).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
@@ -89,7 +91,7 @@ def main() -> None:
               "factlens_patched": lambda: patched_trainer.train_step(0)}
     if args.compile:
         compiled_plain = torch.compile(plain)
-        setups["hf_sdpa_compiled"] = lambda: plain_step(compiled_plain)
+        setups["hf_sdpa_compiled"] = lambda: plain_step(compiled_plain, tokens=full_tokens)
         trainer_c = Trainer(TrainConfig(**{**config.__dict__, "compile": True}), "/tmp/factlens-bench-c",
                             device=device, progress=False)
         setups["factlens_compiled"] = lambda: trainer_c.train_step(0)

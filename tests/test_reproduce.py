@@ -71,3 +71,16 @@ def test_cli_reproduce_report_only_trains_nothing(tmp_path, monkeypatch):
     with pytest.raises(factlens.ConfigError, match="not finished"):
         main(["bios", "reproduce", "--scale", "tiny", "--out", str(tmp_path), "--report-only", "--no-png"])
     assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
+@pytest.mark.parametrize("name", sorted(SCALES))
+def test_every_scale_is_a_valid_experiment(name):
+    """>= 4 populations spanning >= 8x, >= 5 references from step 0 on the checkpoint schedule, and the patching
+    and curriculum populations among the swept ones (so their scaling runs are the controls)."""
+    sc = SCALES[name]
+    assert len(sc.populations) >= 4 and max(sc.populations) >= 8 * min(sc.populations)
+    assert sc.patch_people in sc.populations and sc.curriculum_people in sc.populations
+    cfg = sc.config(sc.patch_people)
+    assert 0 in sc.reference_steps and len(sc.reference_steps) >= 5
+    assert set(sc.reference_steps) <= set(cfg.checkpoint_steps()) and sc.early_step in cfg.checkpoint_steps()
+    assert len({sc.config(n).steps for n in sc.populations}) == 1  # one schedule for every population
