@@ -393,11 +393,14 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
         failed = []
         for name, fig in figs.items():
             path = out / f"{name}.png"
-            try:
-                fig.write_image(path, scale=1.5)
-                result.pngs.append(path)
-            except Exception as exc:  # kaleido or Chrome missing (or a kaleido hiccup): the HTML is the report
-                failed.append(f"{name} ({type(exc).__name__}: {str(exc)[:80]})")
+            for attempt in range(2):  # kaleido's Chrome sometimes fails its first page load: one retry
+                try:
+                    fig.write_image(path, scale=1.5)
+                    result.pngs.append(path)
+                    break
+                except Exception as exc:  # kaleido or Chrome missing: the HTML is the report
+                    if attempt:
+                        failed.append(f"{name} ({type(exc).__name__}: {str(exc)[:80]})")
         result.png_note = (f"PNGs: {', '.join(p.name for p in result.pngs) or 'none'}."
                            + (f" PNG export failed for {'; '.join(failed)}; the HTML is complete (PNGs need kaleido "
                               "and a Chrome)." if failed else ""))
