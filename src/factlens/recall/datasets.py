@@ -367,11 +367,16 @@ def dataset_for(model: TransformerBridge, relation: Relation = CAPITALS, shots: 
         1026
     """
     tokenizer = model.tokenizer
-    if family_of(model) == "gpt2":
-        import copy
+    if family_of(model) == "gpt2":  # a BOS-free copy (the dataset keeps it), made once per tokenizer (~1 s)
+        cached = getattr(tokenizer, "_factlens_no_bos", None)
+        if cached is None or cached[0] != len(tokenizer):  # rebuilt when tokens were added since
+            import copy
 
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.add_bos_token = False
+            tokenizer.__dict__.pop("_factlens_no_bos", None)
+            no_bos = copy.deepcopy(tokenizer)
+            no_bos.add_bos_token = False
+            cached = tokenizer._factlens_no_bos = (len(tokenizer), no_bos)
+        tokenizer = cached[1]
     return make_dataset(relation, tokenizer, shots=shots, **kwargs)
 
 

@@ -384,6 +384,10 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     use_mlp = mlp_fns is not None
 
     senders = _senders(L, H)
+    # rows go sender by sender in layer order (heads, then the MLP, of layer 0, 1, ...), so that in a chunk the
+    # rows still active at layer j are a prefix: pass C slices instead of gathering and scattering
+    order = sorted(range(len(senders)), key=lambda i: senders[i][1])
+    order_t = torch.tensor(order, device=device)
     kind = torch.tensor([0 if s[0] == "head" else 1 for s in senders], device=device)
     s_layer = torch.tensor([s[1] for s in senders], device=device)
     s_head = torch.tensor([max(s[2], 0) for s in senders], device=device)
@@ -393,7 +397,7 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     for start in track(range(0, total, max_batch), device=device, desc="path patching (pass C/D)",
                        disable=not progress):
         flat = torch.arange(start, min(start + max_batch, total), device=device)
-        s_idx, p_idx = flat // n, flat % n
+        s_idx, p_idx = order_t[flat // n], flat % n
         r_kind, r_layer, r_head = kind[s_idx], s_layer[s_idx], s_head[s_idx]
         heads = r_kind == 0
         delta = torch.zeros(len(flat), model.cfg.d_model, device=device, dtype=attn_clean.dtype)  # [r, d]
@@ -408,28 +412,36 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
             else:
                 scorer.add(p_idx, logits=_pass_c_forward(model, end_tokens, p_idx, r_kind, r_layer, delta, clean,
                                                          attn_clean, mlp_clean, mlp_mean, freeze_mlps))
-    return _result(scorer.sums, clean_metric, L, H, metric=metric_name, receiver=f"blocks.{L - 1}.hook_resid_post",
+    values = [0.0] * len(senders)
+    for pos, i in enumerate(order):  # back to the senders' own order (heads by layer, then MLPs)
+        values[i] = scorer.sums[pos]
+    return _result(values, clean_metric, L, H, metric=metric_name, receiver=f"blocks.{L - 1}.hook_resid_post",
                    freeze_mlps=freeze_mlps, n_prompts=n, n_counterfactual=len(counterfactual),
                    method=f"batched ({'mlp' if use_mlp else 'forward'} engine)", seconds=time.perf_counter() - t0)
 
 
 def _pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean, mlp_clean, mlp_mean,
                 freeze_mlps) -> torch.Tensor:
-    """Pass C on the ``end`` residual: from the sender's layer up, clean attention outputs, recomputed MLPs."""
+    """Pass C on the ``end`` residual: from the sender's layer up, clean attention outputs, recomputed MLPs.
+
+    Rows are sorted by sender layer (``r_layer`` non-decreasing), so the rows active at layer ``j`` (sender
+    layer <= j) are the prefix ``[:k1]`` and those whose sender sits in layer ``j`` are ``[k0:k1]``.
+    """
     L = len(mlp_fns)
-    rows = torch.arange(len(p_idx), device=p_idx.device)
     r = torch.zeros_like(delta)  # [r, d]
-    lo = int(r_layer.min())
+    bounds = torch.searchsorted(r_layer, torch.arange(L + 1, device=r_layer.device)).tolist()  # first row >= j
+    lo = int(r_layer[0])
     for j in range(lo, L):
-        new = r_layer == j
-        r[new] = mid_clean[p_idx[new], j] + delta[new]  # the sender's layer: clean resid_mid + its change
-        active = r_layer <= j
-        a = rows[active]
-        if j > lo:
-            r[a[r_layer[a] < j]] += attn_clean[p_idx[a[r_layer[a] < j]], j]
-        mlp = mlp_clean[p_idx[a], j] if freeze_mlps else mlp_fns[j](r[a][:, None])[:, 0]  # [r', d]
-        mlp = torch.where(((r_kind[a] == 1) & (r_layer[a] == j))[:, None], mlp_mean[j].to(mlp.dtype), mlp)
-        r[a] = r[a] + mlp
+        k0, k1 = bounds[j], bounds[j + 1]
+        if j > lo and k0:
+            r[:k0] += attn_clean[p_idx[:k0], j]  # rows from earlier layers: clean attention of this layer
+        r[k0:k1] = mid_clean[p_idx[k0:k1], j] + delta[k0:k1]  # the sender's layer: clean resid_mid + change
+        if not k1:
+            continue
+        mlp = mlp_clean[p_idx[:k1], j] if freeze_mlps else mlp_fns[j](r[:k1, None])[:, 0]  # [k1, d]
+        ablate = (r_kind[k0:k1] == 1)[:, None]  # an MLP sender of this layer: its mean-ablated output
+        mlp[k0:k1] = torch.where(ablate, mlp_mean[j].to(mlp.dtype), mlp[k0:k1])
+        r[:k1] += mlp
     return r
 
 
