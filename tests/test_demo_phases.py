@@ -48,7 +48,7 @@ def _chance_accuracy(pools) -> float:
                                         "after a 275-step drop (docs/reproduction.md); .ci/run runs this, so an "
                                         "XPASS shows when a recipe meets the criteria")
 def test_three_phases_demo_preset(tmp_path):
-    """The README's main job: the full demo preset (about 3.5 minutes on 2 idle CPU cores; .ci/run runs it)."""
+    """The README's main job: the full demo preset (about 2.5 minutes on 2 idle CPU cores; .ci/run runs it)."""
     cfg = TrainConfig.preset("demo")
     history = train(cfg, tmp_path, progress=False)
     p = three_phases(history, band=0.03)
