@@ -147,12 +147,17 @@ class TrainingHistory(ResultDisplay):
     def to_dataframe(self) -> pd.DataFrame:
         return self.evals.copy()
 
-    def plot(self, title: str | None = None):
-        """Attribute loss (log scale) and accuracy over steps, the baseline line and the plateau end."""
+    def plot(self, title: str | None = None, loss_range: tuple[float, float] | None = None):
+        """Attribute loss and accuracy over steps, the baseline line and the plateau end.
+
+        ``loss_range``: ``None`` plots the loss on a log scale over all its values; ``(lo, hi)`` plots it on a
+        linear scale over that range (e.g. zoomed on the baseline, to see a plateau's few percent).
+        """
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("Attribute loss (nats, log scale)", "Attribute accuracy"))
+        scale = "log scale" if loss_range is None else "linear scale"
+        fig = make_subplots(rows=1, cols=2, subplot_titles=(f"Attribute loss (nats, {scale})", "Attribute accuracy"))
         ev = self.evals
         labels = {"": "held-out templates", "unseen_": "unseen people", "old_": "old people", "new_": "new people"}
         colours = {"": "#1f77b4", "unseen_": "#d62728", "old_": "#1f77b4", "new_": "#2ca02c"}
@@ -181,8 +186,11 @@ class TrainingHistory(ResultDisplay):
                                showarrow=False, font=dict(color="orange"))
         losses = ev[[c for c in ev.columns if c.endswith("attr_loss")]].to_numpy().ravel()
         lo, hi = max(float(losses.min()), 1e-4), float(losses.max())
-        fig.update_yaxes(type="log", title_text="nats", row=1, col=1,
-                         range=[math.log10(lo) - 0.15, math.log10(max(hi, self.baseline)) + 0.15])
+        if loss_range is None:
+            fig.update_yaxes(type="log", title_text="nats", row=1, col=1,
+                             range=[math.log10(lo) - 0.15, math.log10(max(hi, self.baseline)) + 0.15])
+        else:
+            fig.update_yaxes(type="linear", title_text="nats", row=1, col=1, range=list(loss_range))
         fig.update_yaxes(range=[0, 1.02], title_text="fraction of values", row=1, col=2)
         fig.update_xaxes(title_text="training step")
         fig.update_layout(title=title or f"Knowledge acquisition ({self.run_dir.name if self.run_dir else 'run'})",

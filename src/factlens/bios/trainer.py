@@ -54,6 +54,7 @@ from factlens.bios.config import (  # re-exported: the trainer's public configur
     TrainConfig,
     hf_field_names,
 )
+from factlens.bios.data.batches import BiographyBatch
 from factlens.bios.data.population import Population
 from factlens.bios.finetune import init_weights
 from factlens.bios.history import TrainingHistory, append_jsonl, truncate_metrics
@@ -233,12 +234,13 @@ class Trainer:
                 return model(tokens).logits
         return model(tokens).logits
 
+    def _on_device(self, batch: BiographyBatch) -> BiographyBatch:
+        """The batch on the device; eager runs cut it after its longest row (a compiled graph keeps one shape)."""
+        return (batch if self.config.compile else batch.trimmed()).to(self.device)
+
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step on batch ``step``; returns the (local, detached) mean token loss."""
-        batch = self.stream.batch(step, self.rank, self.world)
-        if not self.config.compile:  # a compiled graph keeps one shape; eager skips the trailing padding
-            batch = batch.trimmed()
-        batch = batch.to(self.device)
+        batch = self._on_device(self.stream.batch(step, self.rank, self.world))
         targets = batch.tokens[:, 1:].masked_fill(~batch.attention_mask[:, 1:], -100)  # [b, p-1]
         n_local = (targets != -100).sum()
         n_global = n_local.clone()
@@ -268,7 +270,7 @@ class Trainer:
             totals: dict[str, float] = {}
             n = 0
             for batch in batches:
-                batch = (batch if self.config.compile else batch.trimmed()).to(self.device)
+                batch = self._on_device(batch)
                 logits = self._logits(batch.tokens, self.raw_model).float()
                 stats = {"attr_loss": float(attribute_loss(logits, batch)),
                          "attr_acc": float(attribute_accuracy(logits, batch))}

@@ -131,8 +131,10 @@ def three_phases(history, band: float = 0.03) -> dict:
 
 def demo_figure(history, phases: dict):
     """The demo's learning curves with the three phases of :func:`three_phases` shaded (a plotly figure)."""
-    p = phases
-    fig = history.plot("factlens demo: 1 drop to the baseline, 2 plateau (within ±3% of it), 3 knowledge emergence")
+    p, base = phases, history.baseline
+    # linear and zoomed on the baseline, so that the plateau's ±3% band is visible (the drop starts off-scale)
+    fig = history.plot("factlens demo: 1 drop to the baseline, 2 plateau (within ±3% of it), 3 knowledge emergence",
+                       loss_range=(0, 2 * base))
     if p["drop_end"] is not None:
         for x0, x1, name, colour in [(0, p["drop_end"], "1 drop", "#9ecae1"),
                                      (p["drop_end"], p["plateau_end"], "2 plateau", "#fdd0a2"),
@@ -140,14 +142,10 @@ def demo_figure(history, phases: dict):
             for col in (1, 2):  # the phase names on the loss panel only (plotly labels "new text" otherwise)
                 label = dict(annotation_text=name, annotation_position="top left") if col == 1 else {}
                 fig.add_vrect(x0=x0, x1=x1, fillcolor=colour, opacity=0.35, line_width=0, row=1, col=col, **label)
-    base, band = history.baseline, p["band"]
+    band = p["band"]
     fig.add_hrect(y0=(1 - band) * base, y1=(1 + band) * base, fillcolor="#636363", opacity=0.15, line_width=0,
                   row=1, col=1)
-    # linear and zoomed on the baseline, so that the plateau's ±3% band is visible (the drop starts off-scale)
-    fig.update_yaxes(type="linear", range=[0, 2 * base], title_text="attribute loss (nats; grey: ±3% band)",
-                     row=1, col=1)
-    fig.for_each_annotation(lambda a: a.update(text="Attribute loss (nats, zoomed on the baseline)")
-                            if a.text and "log scale" in a.text else None)
+    fig.update_yaxes(title_text="attribute loss (nats; grey: ±3% band)", row=1, col=1)
     return fig
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int
 
-from factlens.bios.data.pools import ATTRIBUTES, LIST_FIELDS, Pools
+from factlens.bios.data.pools import ATTRIBUTES, LIST_FIELDS, N_DAYS, Pools
 from factlens.bios.data.templates import N_TEMPLATES, render_template
 from factlens.errors import CheckpointError, ConfigError
 
@@ -286,7 +286,7 @@ class Population:
         pools = Pools(
             **{name: tuple(str(x) for x in data[f"pool_{name}"]) for name in LIST_FIELDS},
             years=tuple(int(y) for y in data["years"]),
-            days=int(data["days"]) if "days" in data else 31,
+            days=int(data["days"]) if "days" in data else N_DAYS,  # files from before the date pool could be cut
         )
         if pools.fingerprint() != str(data["pools_fingerprint"]):
             raise CheckpointError(f"{path} is corrupt (pool fingerprint mismatch); regenerate it")
