@@ -61,6 +61,25 @@ def test_run_at_end_matches_full_forward(model, ds, full):
     assert torch.allclose(pat, ref, atol=1e-6)
 
 
+
+def test_run_at_end_chunks_by_length_and_returns_dataset_order(model, ds, full):
+    """Chunks group prompts of similar length (less padding); results still come back in dataset order."""
+    _, cache = full
+    seen = []
+
+    def factory(rows, ends):
+        seen.append((rows.clone(), ends.clone()))
+        return []
+
+    run = run_at_end(model, ds, ["blocks.1.hook_resid_post"], logits=False, max_batch=6, interventions=factory)
+    rows = torch.cat([r for r, _ in seen])
+    assert sorted(rows.tolist()) == list(range(len(ds)))  # every prompt once
+    assert torch.equal(ds.end[rows], torch.cat([e for _, e in seen]))
+    assert bool((torch.diff(ds.end[rows]) >= 0).all()) and len(set(ds.end.tolist())) > 1
+    assert run.logits is None
+    ref = cache["blocks.1.hook_resid_post"][torch.arange(len(ds)), ds.end]
+    assert torch.allclose(run["blocks.1.hook_resid_post"], ref, atol=1e-5)
+
 def test_metrics_by_hand(ds):
     g = torch.Generator().manual_seed(0)
     vocab = 50300

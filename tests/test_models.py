@@ -128,3 +128,58 @@ def test_prepare_rejects_other_architectures():
 
     with pytest.raises(factlens.UnknownModelError, match="GPT-2 and OPT"):
         factlens.prepare(Fake())
+
+
+def test_fused_gelu_is_gpt2s_gelu_new():
+    """factlens's GPT-2 models run ``gelu_new`` as one kernel; logits equal HF's element-wise version."""
+    from transformers import GPT2LMHeadModel
+    from transformers.activations import ACT2FN, GELUTanh, NewGELUActivation
+
+    from factlens.models import bridge_from_hf, fuse_activations
+
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 4
+    assert torch.allclose(GELUTanh()(x), ACT2FN["gelu_new"](x), atol=1e-6)
+    cfg = hf_config("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=300)
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(cfg).eval()  # stock HF: NewGELUActivation
+    assert isinstance(plain.transformer.h[0].mlp.act, NewGELUActivation)
+    tokens = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = plain(tokens).logits
+        bridge = bridge_from_hf(plain, gpt2_tokenizer())  # a copy: the user's model is left as it is
+        assert isinstance(plain.transformer.h[0].mlp.act, NewGELUActivation)
+        assert isinstance(bridge.original_model.transformer.h[1].mlp.act, GELUTanh)
+        assert torch.allclose(bridge(tokens), ref, atol=1e-5)
+        assert fuse_activations(plain) == 2 and fuse_activations(plain) == 0  # idempotent
+        assert torch.allclose(plain(tokens).logits, ref, atol=1e-5)
+    built = build_hf("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=100)
+    assert isinstance(built.transformer.h[0].mlp.act, GELUTanh)
+    assert built.config.activation_function == "gelu_new"  # the saved config stays GPT-2's
+
+
+@pytest.mark.parametrize("arch,kw", [("gpt2", dict(n_layer=2, n_embd=128, n_head=4)),
+                                     ("opt", dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4,
+                                                  ffn_dim=512))])
+def test_full_size_twins_skip_torch_init_but_keep_hf_init(arch, kw):
+    """Twins skip torch's first weight draw; HF's post_init still initialises every tensor, same scheme."""
+    from transformers import GPT2LMHeadModel, OPTForCausalLM
+
+    from factlens.models import _torch_init_skipped
+
+    cls = GPT2LMHeadModel if arch == "gpt2" else OPTForCausalLM
+    cfg = hf_config(arch, **kw)
+    torch.manual_seed(0)
+    plain = cls(cfg).state_dict()
+    with _torch_init_skipped():
+        torch.manual_seed(0)
+        fast = cls(cfg).state_dict()
+    assert torch.nn.init.normal_.__name__ == "normal_"  # restored
+    assert plain.keys() == fast.keys()
+    for name, ref in plain.items():
+        got = fast[name]
+        assert torch.isfinite(got).all(), name
+        if ref.std() == 0:  # LayerNorm ones and zeros, biases: exactly HF's constants
+            assert torch.equal(got, ref), name
+        else:  # drawn: same scheme (GPT-2's scaled c_proj included), another draw
+            assert abs(float(got.std() / ref.std()) - 1) < 0.1, name
+            assert not torch.equal(got, ref), name

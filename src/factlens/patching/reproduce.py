@@ -78,9 +78,10 @@ class Scale:
         return TrainConfig.preset(self.preset, **{**self.overrides, "n_people": n_people, **extra})
 
 
-# "cpu": the demo recipe (2 layers x 4 heads x d_model 128, batch 32, LR 2e-3 cosine, ten values per attribute,
-# 24 birth dates) on its 1,400-step schedule for every population; patching at the demo's own N = 500, with
-# references before (0, 150), during (350, 550: the end of the plateau) and after (1400) the plateau.
+# "cpu": the demo recipe (2 layers x 4 heads x d_model 128, batch 32, LR 2e-3 cosine to 4e-4, ten values per
+# attribute, 24 birth dates) on its 1,800-step schedule for every population (160 to 1,300 people: 8x); patching
+# at the demo's own N = 650, with references before (0, 150), during (450, 800: the end of the plateau) and after
+# (1800) the plateau; the curriculum at N = 1,300, whose uniform plateau is the longest.
 SCALES: dict[str, Scale] = {
     "tiny": Scale(preset="tiny", overrides=dict(steps=12, checkpoint_every=3, n_eval_sequences=16, n_unseen=0,
                                                resume_every=6, pools=dict(first_names=20, last_names=20, cities=10,
@@ -89,8 +90,8 @@ SCALES: dict[str, Scale] = {
                   populations=(16, 32, 64, 128), patch_people=32, reference_steps=(0, 3, 6, 9, 12), early_step=6,
                   curriculum_people=64, alphas=(0.6, 0.8)),
     "cpu": Scale(preset="demo", overrides=dict(n_unseen=0),
-                 populations=(125, 250, 500, 1000), patch_people=500, reference_steps=(0, 150, 350, 550, 1400),
-                 early_step=500, curriculum_people=1000, alphas=(0.6, 0.8)),
+                 populations=(160, 325, 650, 1300), patch_people=650, reference_steps=(0, 150, 450, 800, 1800),
+                 early_step=600, curriculum_people=1300, alphas=(0.6, 0.8)),
     "gpu": Scale(preset="paper", overrides=dict(steps=16_000, n_unseen=0),
                  populations=(4_000, 8_000, 16_000, 32_000, 64_000), patch_people=64_000,
                  reference_steps=(0, 500, 1000, 2000, 4000, 8000, 16_000), early_step=2000,

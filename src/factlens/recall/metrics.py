@@ -143,7 +143,8 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
             ``(rows, ends) -> interventions`` called per chunk (``rows``: prompt indices, ``ends``: their
             ``end`` positions), for edits whose positions depend on the prompts (``positions=ends``).
         logits: compute logits (only at the ``end`` positions, via ``logits_to_keep``).
-        max_batch: prompts per forward pass.
+        max_batch: prompts per forward pass. Chunks group prompts of similar length (sorted by ``end``), so a
+            chunk's ``rows`` are not a contiguous range; the results are in dataset order.
         on_no_effect: passed to :func:`factlens.intervene`.
 
     Example:
@@ -168,9 +169,12 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
     n = len(dataset)
     stored: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     out_logits: list[torch.Tensor] = []
+    # chunks of prompts of similar length: each chunk is trimmed after its longest prompt (less padding to run)
+    # and keeps logits at few distinct ``end`` columns; results go back to dataset order below
+    order = torch.argsort(dataset.end, stable=True)
     starts = range(0, n, max_batch)
     for start in track(starts, device=device, desc=desc, disable=not progress, leave=False):
-        rows = torch.arange(start, min(start + max_batch, n))
+        rows = order[start : start + max_batch]
         ends = dataset.end[rows]
         tokens = dataset.tokens[rows, : int(ends.max()) + 1].to(device)  # right padding: trimming is safe
         calls = dict.fromkeys(names, 0)
@@ -182,7 +186,8 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
         fwd = [(name, lambda t, hook, name=name: capture(t, hook, name)) for name in names]
         ivs = list(interventions(rows, ends) if callable(interventions) else (interventions or ()))
         keep = torch.unique(ends)
-        kwargs = {"logits_to_keep": keep.to(device)} if logits else {"return_type": None}
+        # without logits, the unembedding still runs in HF's forward: on one position instead of all of them
+        kwargs = {"logits_to_keep": keep.to(device)} if logits else {"return_type": None, "logits_to_keep": 1}
         with torch.no_grad(), intervene(model, *ivs, on_no_effect=on_no_effect), model.hooks(fwd_hooks=fwd):
             out = model(tokens, **kwargs)
         for name, c in calls.items():
@@ -191,8 +196,10 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
         if logits:
             col = torch.searchsorted(keep, ends).to(out.device)
             out_logits.append(out[torch.arange(len(rows), device=out.device), col])
-    acts = {name: torch.cat(chunks) for name, chunks in stored.items()}
-    return EndRun(torch.cat(out_logits) if logits else None, acts)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(n)  # chunk order -> dataset order
+    acts = {name: torch.cat(chunks)[back.to(chunks[0].device)] for name, chunks in stored.items()}
+    return EndRun(torch.cat(out_logits)[back.to(out_logits[0].device)] if logits else None, acts)
 
 
 # --------------------------------------------------------------------------------------------------- metrics

@@ -209,9 +209,10 @@ def _fused_mlp_fns(model) -> list[Callable[[torch.Tensor], torch.Tensor]] | None
     element-wise passes each; ``F.layer_norm`` and ``F.gelu(approximate="tanh")`` are one), equal to float
     rounding, which :func:`path_patch` checks against the clean MLP outputs before using it.
     """
-    from transformers.activations import GELUActivation, NewGELUActivation
+    from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 
-    fused = {NewGELUActivation: lambda x: F.gelu(x, approximate="tanh"), GELUActivation: F.gelu,
+    tanh = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
+    fused = {NewGELUActivation: tanh, GELUTanh: tanh, GELUActivation: F.gelu,
              torch.nn.ReLU: F.relu}
     family = family_of(model)
     fns = []
@@ -390,7 +391,6 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     order_t = torch.tensor(order, device=device)
     kind = torch.tensor([0 if s[0] == "head" else 1 for s in senders], device=device)
     s_layer = torch.tensor([s[1] for s in senders], device=device)
-    s_head = torch.tensor([max(s[2], 0) for s in senders], device=device)
     scorer = _Scorer(model, dataset, metric, n)
     total = len(senders) * n
     end_tokens = dataset.tokens[torch.arange(n), dataset.end].to(device)  # [n]
@@ -398,13 +398,18 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
                        disable=not progress):
         flat = torch.arange(start, min(start + max_batch, total), device=device)
         s_idx, p_idx = order_t[flat // n], flat % n
-        r_kind, r_layer, r_head = kind[s_idx], s_layer[s_idx], s_head[s_idx]
-        heads = r_kind == 0
+        r_kind, r_layer = kind[s_idx], s_layer[s_idx]
         delta = torch.zeros(len(flat), model.cfg.d_model, device=device, dtype=attn_clean.dtype)  # [r, d]
-        if heads.any():  # a head's output change at end: (z̄ − z_clean)·W_O[h]
-            lh, hh, ph = r_layer[heads], r_head[heads], p_idx[heads]
-            dz = z_mean[lh, hh] - z_clean[ph, lh, hh]  # [r', dh]
-            delta[heads] = torch.einsum("rk,rkd->rd", dz, W_O[lh, hh])
+        if bool((r_kind == 0).any()):  # a head's output change at end, (z̄ − z_clean)·W_O[h]
+            # one matmul per sender in the chunk (not a mat-vec per row over a gathered [r, dh, d] copy of W_O)
+            ids, counts = torch.unique_consecutive(s_idx, return_counts=True)  # rows are sender-major
+            pos = 0
+            for s, c in zip(ids.tolist(), counts.tolist()):
+                what, layer, head = senders[s]
+                if what == "head":
+                    dz = z_mean[layer, head] - z_clean[p_idx[pos : pos + c], layer, head]  # [c, dh]
+                    delta[pos : pos + c] = dz @ W_O[layer, head]  # [c, d]
+                pos += c
         with torch.no_grad():
             if use_mlp:
                 scorer.add(p_idx, resid=_pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean,
