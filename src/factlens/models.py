@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -258,7 +257,7 @@ def fuse_activations(hf_model: torch.nn.Module) -> int:
     ``gelu_new`` is ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` written as seven element-wise passes (and
     as many in the backward pass); ``GELUTanh`` is ``F.gelu(x, approximate="tanh")``, one fused kernel, equal
     to float rounding (2.4e-7 at most on N(0, 3²) inputs), as TransformerLens's own native backend computes
-    ``gelu_new``. On the CPU this is about a third of a small GPT-2's training step. Idempotent; the config
+    ``gelu_new``. A small GPT-2's CPU training step is about 1.2× faster with it. Idempotent; the config
     keeps ``activation_function="gelu_new"``.
 
     Returns:
@@ -279,38 +278,6 @@ def fuse_activations(hf_model: torch.nn.Module) -> int:
     return n
 
 
-@contextlib.contextmanager
-def _torch_init_skipped():
-    """torch's own parameter initialisation off while an HF model is built.
-
-    Every module constructor draws its weights (``Linear``'s Kaiming-uniform, ``Embedding``'s normal), then HF's
-    ``post_init`` draws them all again with the model's own scheme (``transformers.initialization``, which calls
-    the saved torch functions, not the patched names). For a full-size twin the first draw is a second of waste
-    (GPT-2 small: 2.9 s to build, 1.8 s without it). The weights follow the same distribution but are not the
-    same draw, so this is used for :func:`full_size` twins only, never for training runs (whose seeds name
-    their initial weights).
-    """
-    import sys
-
-    from transformers import initialization as hf_init
-
-    def keep(tensor, *args, **kwargs):
-        return tensor
-
-    saved = []
-    for module_name in hf_init.TORCH_MODULES_TO_PATCH:
-        module = sys.modules.get(module_name)
-        for fn in hf_init.TORCH_INIT_FUNCTIONS:
-            if module is not None and hasattr(module, fn):
-                saved.append((module, fn, getattr(module, fn)))
-                setattr(module, fn, keep)
-    try:
-        yield
-    finally:
-        for module, fn, original in reversed(saved):
-            setattr(module, fn, original)
-
-
 def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, full_size: bool = False,
              **overrides) -> PreTrainedModel:
     """A plain HF ``GPT2LMHeadModel`` / ``OPTForCausalLM`` with random weights, on factlens attention.
@@ -329,7 +296,7 @@ def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, fu
     if config.model_type == "opt" and not config.do_layer_norm_before:
         raise ConfigError("post-norm OPT (opt-350m style) is not supported; keep do_layer_norm_before=True.")
     gen = torch.random.fork_rng(devices=[])
-    with gen, (_torch_init_skipped() if full_size else contextlib.nullcontext()):
+    with gen:
         torch.manual_seed(seed)
         cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
         model = cls(config).to(dtype)
