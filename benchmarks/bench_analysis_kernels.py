@@ -31,6 +31,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 import factlens
 from factlens.recall.datasets import dataset_for
 from factlens.recall.metrics import _at_end, run_at_end
+from factlens.recall.path_patching import _head_deltas
 
 
 def best(fn, repeats: int) -> tuple[float, object]:
@@ -80,12 +81,13 @@ def bench_chunking(model, ds, repeats: int) -> None:
 
 
 def bench_head_delta(model, ds, repeats: int, rows: int = 1024) -> None:
-    L, H, dh, d = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head, model.cfg.d_model
+    L, H, dh = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
     n = len(ds)
     g = torch.Generator().manual_seed(0)
     z_clean, z_mean = torch.randn(n, L, H, dh, generator=g), torch.randn(L, H, dh, generator=g)
     W_O = torch.stack([model.blocks[layer].attn.W_O.detach() for layer in range(L)])  # [L, H, dh, d]
     senders = [(layer, h) for layer in range(L) for h in range(H)]
+    named = [("head", layer, h) for layer, h in senders]
     chunks = []  # the head rows of pass C, sender-major, in chunks of ``rows``
     total = len(senders) * n
     for start in range(0, total, rows):
@@ -101,18 +103,8 @@ def bench_head_delta(model, ds, repeats: int, rows: int = 1024) -> None:
             out.append(torch.einsum("rk,rkd->rd", z_mean[lh, hh] - z_clean[p_idx, lh, hh], W_O[lh, hh]))
         return out
 
-    def new():
-        out = []
-        for s_idx, p_idx in chunks:
-            delta = torch.zeros(len(s_idx), d)
-            ids, counts = torch.unique_consecutive(s_idx, return_counts=True)
-            pos = 0
-            for s, c in zip(ids.tolist(), counts.tolist()):
-                layer, head = senders[s]
-                delta[pos : pos + c] = (z_mean[layer, head] - z_clean[p_idx[pos : pos + c], layer, head]) @ W_O[layer, head]
-                pos += c
-            out.append(delta)
-        return out
+    def new():  # the library's own code
+        return [_head_deltas(named, s_idx, p_idx, z_mean, z_clean, W_O) for s_idx, p_idx in chunks]
 
     t_old, a = best(old, repeats)
     t_new, b = best(new, repeats)

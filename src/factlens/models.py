@@ -278,6 +278,14 @@ def fuse_activations(hf_model: torch.nn.Module) -> int:
     return n
 
 
+def _factlens_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A freshly built HF model on factlens attention, with the fused GELU, marked as factlens's own."""
+    use_factlens_attention(model)
+    fuse_activations(model)
+    model._factlens_built = True  # random init by factlens: factlens's BPE is its tokenizer (bridge_from_hf)
+    return model
+
+
 def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, full_size: bool = False,
              **overrides) -> PreTrainedModel:
     """A plain HF ``GPT2LMHeadModel`` / ``OPTForCausalLM`` with random weights, on factlens attention.
@@ -300,10 +308,7 @@ def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, fu
         torch.manual_seed(seed)
         cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
         model = cls(config).to(dtype)
-    use_factlens_attention(model)
-    fuse_activations(model)
-    model._factlens_built = True  # random init by factlens: factlens's BPE is its tokenizer (bridge_from_hf)
-    return model
+    return _factlens_model(model)
 
 
 def from_config(config) -> PreTrainedModel:
@@ -315,11 +320,7 @@ def from_config(config) -> PreTrainedModel:
     if config.model_type not in FAMILIES:
         raise UnknownModelError(f"factlens trains GPT-2 and OPT models, got {config.model_type!r}.")
     cls = GPT2LMHeadModel if config.model_type == "gpt2" else OPTForCausalLM
-    model = cls(config)
-    use_factlens_attention(model)
-    fuse_activations(model)
-    model._factlens_built = True
-    return model
+    return _factlens_model(cls(config))
 
 
 def _tokenizer_for(family: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -125,15 +126,12 @@ def three_phases(history, band: float = 0.03) -> dict:
     if True not in inside:
         return {"drop_end": None, "plateau_end": None, "plateau_steps": 0, "first_in_band": None,
                 "final_acc": final_acc, "band": band}
-    runs, i = [], 0  # (start, end) index pairs of unbroken in-band stretches
-    while i < len(inside):
-        if inside[i]:
-            j = i
-            while j + 1 < len(inside) and inside[j + 1]:
-                j += 1
-            runs.append((i, j))
-            i = j
-        i += 1
+    runs, i = [], 0  # (first, last) index pairs of unbroken in-band stretches
+    for in_band, group in itertools.groupby(inside):
+        n = len(list(group))
+        if in_band:
+            runs.append((i, i + n - 1))
+        i += n
     i, j = max(runs, key=lambda r: (steps[r[1]] - steps[r[0]], -r[0]))
     return {"drop_end": int(steps[i]), "plateau_end": int(steps[j]), "plateau_steps": int(steps[j] - steps[i]),
             "first_in_band": int(steps[runs[0][0]]), "final_acc": final_acc, "band": band}

@@ -399,17 +399,7 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
         flat = torch.arange(start, min(start + max_batch, total), device=device)
         s_idx, p_idx = order_t[flat // n], flat % n
         r_kind, r_layer = kind[s_idx], s_layer[s_idx]
-        delta = torch.zeros(len(flat), model.cfg.d_model, device=device, dtype=attn_clean.dtype)  # [r, d]
-        if bool((r_kind == 0).any()):  # a head's output change at end, (z̄ − z_clean)·W_O[h]
-            # one matmul per sender in the chunk (not a mat-vec per row over a gathered [r, dh, d] copy of W_O)
-            ids, counts = torch.unique_consecutive(s_idx, return_counts=True)  # rows are sender-major
-            pos = 0
-            for s, c in zip(ids.tolist(), counts.tolist()):
-                what, layer, head = senders[s]
-                if what == "head":
-                    dz = z_mean[layer, head] - z_clean[p_idx[pos : pos + c], layer, head]  # [c, dh]
-                    delta[pos : pos + c] = dz @ W_O[layer, head]  # [c, d]
-                pos += c
+        delta = _head_deltas(senders, s_idx, p_idx, z_mean, z_clean, W_O).to(attn_clean.dtype)  # [r, d]
         with torch.no_grad():
             if use_mlp:
                 scorer.add(p_idx, resid=_pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean,
@@ -423,6 +413,26 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     return _result(values, clean_metric, L, H, metric=metric_name, receiver=f"blocks.{L - 1}.hook_resid_post",
                    freeze_mlps=freeze_mlps, n_prompts=n, n_counterfactual=len(counterfactual),
                    method=f"batched ({'mlp' if use_mlp else 'forward'} engine)", seconds=time.perf_counter() - t0)
+
+
+def _head_deltas(senders: list[tuple[str, int, int]], s_idx: torch.Tensor, p_idx: torch.Tensor,
+                z_mean: Float[torch.Tensor, "layer head d_head"], z_clean: Float[torch.Tensor, "n layer head d_head"],
+                W_O: Float[torch.Tensor, "layer head d_head d_model"]) -> Float[torch.Tensor, "r d_model"]:
+    """Each row's change of its sender head's output at ``end``, ``(z̄ − z_clean)·W_O[h]`` (0 for MLP senders).
+
+    Rows (sender ``s_idx``, prompt ``p_idx``) are sender-major, so each sender's rows are one run: one
+    ``[c, d_head] @ [d_head, d_model]`` matmul per sender, not a mat-vec per row over a gathered copy of ``W_O``.
+    """
+    delta = torch.zeros(len(s_idx), W_O.shape[-1], device=W_O.device, dtype=W_O.dtype)  # [r, d]
+    ids, counts = torch.unique_consecutive(s_idx, return_counts=True)
+    pos = 0
+    for s, c in zip(ids.tolist(), counts.tolist()):
+        what, layer, head = senders[s]
+        if what == "head":
+            dz = z_mean[layer, head] - z_clean[p_idx[pos : pos + c], layer, head]  # [c, dh]
+            delta[pos : pos + c] = dz @ W_O[layer, head]  # [c, d]
+        pos += c
+    return delta
 
 
 def _pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean, mlp_clean, mlp_mean,
