@@ -27,7 +27,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import factlens
-from factlens.attention_patcher import AttentionPatcher
+from factlens.bios.patching.training import AttentionPatcher
 from factlens.bios.trainer import MODEL_PRESETS, TrainConfig, Trainer
 
 

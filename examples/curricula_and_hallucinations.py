@@ -36,7 +36,7 @@ import shutil
 import pandas as pd
 
 from factlens.bios import TrainConfig, make_sampler, train
-from factlens.plot import compare_runs
+from factlens.bios.history import compare_runs
 
 base = TrainConfig.preset("tiny", steps=30, checkpoint_every=10) if TINY else TrainConfig.preset("demo")
 n, steps, bs = base.n_people, base.steps, base.batch_size

@@ -34,8 +34,8 @@ import shutil
 
 from factlens.bios import PatchConfig, TrainConfig, train
 from factlens.bios.history import TrainingHistory
+from factlens.bios.patching.circuits import attention_to_name
 from factlens.checkpoints import list_checkpoints
-from factlens.patching.circuits import attention_to_name
 
 if TINY:
     config = TrainConfig.preset("tiny", steps=40, checkpoint_every=10, n_people=64)

@@ -13,9 +13,9 @@ import torch
 
 import factlens
 from factlens import capitals
-from factlens.attention_patcher import AttentionPatcher
 from factlens.bios.data.samplers import Celebrities, PowerLaw, Sequential, WarmUp
-from factlens.bios.metrics import plateau_end
+from factlens.bios.patching.training import AttentionPatcher
+from factlens.bios.phases import plateau_end
 from factlens.bios.trainer import TrainConfig, Trainer
 from factlens.checkpoints import load_checkpoint, save_checkpoint
 from factlens.recall.datasets import make_dataset, make_prompt_dataset

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import factlens
-from factlens.attention_patcher import AttentionPatcher
+from factlens.bios.patching.training import AttentionPatcher
 from factlens.inputs import check_device, resolve_dtype
 from factlens.recall.datasets import make_prompt_dataset
 from factlens.recall.mitigate import interventions_for

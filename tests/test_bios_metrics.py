@@ -19,11 +19,10 @@ from factlens.bios import (
     hallucination_metrics,
     make_batch,
     per_attribute_loss,
-    plateau_end,
     value_correct,
     value_nll,
 )
-from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
+from factlens.errors import EmptyDatasetError, ShapeError
 
 B, SEQ_LEN = 4, 96
 
@@ -133,18 +132,3 @@ def test_shape_mismatch_raises(setup):
     vocab, batch = setup
     with pytest.raises(ShapeError, match="same batch"):
         attribute_loss(torch.zeros(len(batch), SEQ_LEN - 1, vocab.size), batch)
-
-
-def test_plateau_end():
-    steps = [0, 100, 200, 300, 400, 500]
-    losses = [39.0, 6.5, 6.9, 6.8, 6.6, 3.0]
-    baseline = 6.785
-    assert plateau_end(steps, losses, baseline) == 400  # 6.5 at step 100 is before min_step
-    assert plateau_end(steps, losses, baseline, min_step=0) == 100
-    assert plateau_end(steps, losses, baseline, ratio=0.5) == 500
-    assert plateau_end(steps, losses, baseline, ratio=0.1) is None
-    assert plateau_end(steps[::-1], losses[::-1], baseline) == 400  # order of the input does not matter
-    with pytest.raises(ShapeError):
-        plateau_end([0, 1], [1.0], baseline)
-    with pytest.raises(ConfigError):
-        plateau_end([0], [1.0], baseline=0)

@@ -24,8 +24,8 @@ def lv():
 def _bios_results():
     from factlens.bios.history import TrainingHistory
     from factlens.bios.metrics import AttributeMetrics
-    from factlens.patching.circuits import AttentionToNameResult
-    from factlens.patching.grid import GridResult
+    from factlens.bios.patching.circuits import AttentionToNameResult
+    from factlens.bios.patching.grid import GridResult
 
     evals = pd.DataFrame({"step": list(range(0, 5000, 100)), "attr_loss": torch.linspace(5, 0.1, 50).tolist(),
                           "attr_acc": torch.linspace(0, 1, 50).tolist()})

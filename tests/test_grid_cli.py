@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 import factlens
+from factlens.bios.patching.grid import run_grid
 from factlens.bios.trainer import train
 from factlens.cli import main
-from factlens.patching.grid import run_grid
 from test_bios_train import tiny_config
 
 

@@ -86,7 +86,7 @@ def test_regressor_layers_never_wrap(tiny_models):
 
 
 def test_attention_patcher_uses_the_same_rule():
-    from factlens.attention_patcher import AttentionPatcher
+    from factlens.bios.patching.training import AttentionPatcher
 
     model, ref = factlens.build_hf("gpt2", seed=0), factlens.build_hf("gpt2", seed=1)
     assert AttentionPatcher(model, ref, layers=[-1], heads=[-1, 0]).layers == [1]

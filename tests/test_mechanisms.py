@@ -11,6 +11,7 @@ import torch
 
 import factlens
 from factlens.bios.data.pools import no_knowledge_baseline
+from factlens.bios.phases import ratio_phases
 from factlens.bios.runs import load_bridge, run_population
 from factlens.cli import main
 from factlens.errors import CheckpointError, ConfigError
@@ -181,7 +182,7 @@ def _result(delta_prob: list[float], losses: list[float]) -> mech.MechanismsResu
     steps = [0, 100, 200, 300, 400, 500][: len(delta_prob)]
     values = torch.zeros(len(steps), 1, len(mech.MEASURES), dtype=torch.float64)
     values[:, 0, mech.MEASURES.index("delta_prob")] = torch.tensor(delta_prob, dtype=torch.float64)
-    drop, plateau = mech._phase_marks(steps, losses, 6.0)
+    drop, plateau = ratio_phases(steps, losses, 6.0)
     return mech.MechanismsResult(steps=steps, attributes=["birth_place"], values=values,
                                  final_logit=torch.zeros(len(steps), 1, 4, dtype=torch.float64),
                                  top_heads=pd.DataFrame(), attr_loss=torch.tensor(losses, dtype=torch.float64),

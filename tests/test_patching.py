@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import factlens
-from factlens.attention_patcher import AttentionPatcher
+from factlens.bios.patching.circuits import attention_to_name
+from factlens.bios.patching.references import Reference, patched_forward
+from factlens.bios.patching.training import AttentionPatcher
 from factlens.bios.runs import load_bridge
 from factlens.bios.trainer import PatchConfig, Trainer, train
 from factlens.checkpoints import load_checkpoint
-from factlens.patching.circuits import attention_to_name
-from factlens.patching.references import Reference, patched_forward
 from test_bios_train import tiny_config, train_losses
 
 

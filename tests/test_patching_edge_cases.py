@@ -18,11 +18,11 @@ import torch
 
 import factlens
 from ddp import torchrun
-from factlens.attention_patcher import AttentionPatcher, PatternRecorder
 from factlens.bios.config import PatchConfig, hf_field_names
+from factlens.bios.patching.circuits import AttentionToNameResult, attention_to_name
+from factlens.bios.patching.references import Reference, patched_forward
+from factlens.bios.patching.training import AttentionPatcher, PatternRecorder
 from factlens.bios.trainer import Trainer, train
-from factlens.patching.circuits import AttentionToNameResult, attention_to_name
-from factlens.patching.references import Reference, patched_forward
 from test_bios_train import tiny_config
 
 

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 import factlens
+from factlens.bios.reproduce import SCALES, Scale, fit_power_law, reproduce
 from factlens.cli import main
-from factlens.patching.reproduce import SCALES, Scale, fit_power_law, reproduce
 
 
 def _mtimes(root):

@@ -5,7 +5,7 @@ twins of them):
 
 - Zucchet et al. 2025, *How do language models learn facts?*: synthetic biographies, a fast training loop,
   knowledge metrics, and attention-pattern patching from reference checkpoints into a fresh run
-  (:mod:`factlens.bios`, :mod:`factlens.patching`).
+  (:mod:`factlens.bios`, its patching in :mod:`factlens.bios.patching`).
 - Lv et al. 2024, *Interpreting key mechanisms of factual recall*: the country→capital analysis, MLP-output
   decomposition and the final-layer anti-overconfidence mitigations (:mod:`factlens.recall.relations`,
   :mod:`factlens.recall.decompose`, :mod:`factlens.capitals`).
@@ -57,7 +57,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "bios": ("factlens.bios", None),
     "capitals": ("factlens.capitals", None),
-    "patching": ("factlens.patching", None),
     "plot": ("factlens.plot", None),
     "recall": ("factlens.recall", None),
     "testbeds": ("factlens.testbeds", None),
@@ -108,7 +107,6 @@ __all__ = [
     "memory_usage",
     "mitigate",
     "patch_pattern",
-    "patching",
     "plot",
     "prepare",
     "recall",

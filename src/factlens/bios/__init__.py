@@ -28,7 +28,7 @@ Example:
 """
 
 
-from factlens.bios.config import PatchConfig, TrainConfig
+from factlens.bios.config import TrainConfig
 from factlens.bios.data.batches import BatchChoices, BiographyBatch, BiographyStream, eval_batches, make_batch
 from factlens.bios.data.pools import ATTRIBUTES, Pools, attribute_index, no_knowledge_baseline, pool_size
 from factlens.bios.data.population import Population
@@ -52,10 +52,11 @@ from factlens.bios.metrics import (
     attribute_metrics,
     hallucination_metrics,
     per_attribute_loss,
-    plateau_end,
     value_correct,
     value_nll,
 )
+from factlens.bios.patching.config import PatchConfig
+from factlens.bios.phases import plateau_end, three_phases
 from factlens.bios.runs import load_bridge, load_hf
 from factlens.bios.trainer import Trainer, train
 
@@ -99,6 +100,7 @@ __all__ = [
     "per_attribute_loss",
     "plateau_end",
     "pool_size",
+    "three_phases",
     "train",
     "value_correct",
     "value_nll",

@@ -1,4 +1,4 @@
-"""A training run's metrics log (``metrics.jsonl``): reading, plotting, plateau detection.
+"""A training run's metrics log (``metrics.jsonl``): reading, plotting one run or several (:func:`compare_runs`).
 
 Example:
     >>> from factlens.bios.history import TrainingHistory
@@ -13,16 +13,17 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from factlens.bios.data.pools import Pools, no_knowledge_baseline
-from factlens.bios.metrics import plateau_end as _plateau_end
+from factlens.bios.phases import ratio_phases
 from factlens.checkpoints import atomic_write_text, storage_errors
 from factlens.display import ResultDisplay
-from factlens.errors import CheckpointError, EmptyDatasetError, RunNotFoundError
+from factlens.errors import CheckpointError, ConfigError, EmptyDatasetError, RunNotFoundError
 
 METRICS = "metrics.jsonl"
 KINDS = ("train", "eval")
@@ -133,16 +134,14 @@ class TrainingHistory(ResultDisplay):
     def plateau_end(self, ratio: float = 0.98, min_step: int | None = None) -> int | None:
         """First checkpoint after the initial drop whose attribute loss is below ``ratio × baseline``.
 
-        ``min_step`` defaults to the step where the loss first came within 10% of the baseline (the end of
-        the initial drop), so a loss that starts below ``ratio × baseline`` is not mistaken for knowledge.
+        The ratio reading of :mod:`factlens.bios.phases` (:func:`~factlens.bios.phases.ratio_phases`):
+        ``min_step`` defaults to the end of the initial drop, so a loss that starts below
+        ``ratio × baseline`` is not mistaken for knowledge.
         """
         if "attr_loss" not in self.evals:
             return None
         steps, losses = self.evals["step"].tolist(), self.evals["attr_loss"].tolist()
-        if min_step is None:
-            near = [s for s, v in zip(steps, losses) if v < 1.1 * self.baseline]
-            min_step = near[0] if near else 0
-        return _plateau_end(steps, losses, self.baseline, ratio=ratio, min_step=min_step)
+        return ratio_phases(steps, losses, self.baseline, ratio=ratio, min_step=min_step)[1]
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.evals.copy()
@@ -203,7 +202,7 @@ class TrainingHistory(ResultDisplay):
         """This run (the reference, drawn thick and black) against other runs, on one figure.
 
         The no-knowledge baseline is the dashed grey line, each run's plateau end a dotted line in its colour
-        (and in its legend entry). See :func:`factlens.plot.compare_runs`.
+        (and in its legend entry). See :func:`compare_runs`.
 
         Args:
             *others: Histories, run folders, or ``{label: history or folder}`` mappings (e.g. a whole grid).
@@ -214,8 +213,6 @@ class TrainingHistory(ResultDisplay):
             >>> reference = TrainingHistory.load("runs/ref")                                 # doctest: +SKIP
             >>> reference.compare("runs/patched", {"grid 500": "runs/grid/ref500"}).show()   # doctest: +SKIP
         """
-        from factlens.plot import compare_runs
-
         items: list[tuple[str | None, object]] = [(None, self)]
         for other in others:
             items += [(str(k), v) for k, v in other.items()] if isinstance(other, dict) else [(None, other)]
@@ -229,3 +226,111 @@ class TrainingHistory(ResultDisplay):
                 name = f"{name} ({i})"
             runs[name] = history
         return compare_runs(runs, metrics=metrics, reference=next(iter(runs)), title=title or "Runs compared")
+
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+            "#7f7f7f")
+_AXES = {"loss": ("nats, log scale", "log"), "entropy": ("nats", "linear"), "acc": ("fraction of values", "linear"),
+         "prob": ("probability", "linear")}
+
+
+def _metric_title(metric: str) -> str:
+    """``"unseen_attr_loss"`` → ``"attribute loss, unseen people"``."""
+    words = metric.replace("attr_", "attribute_").replace("acc", "accuracy").replace("top_prob", "top-token probability")
+    for prefix, who in (("unseen_", "unseen people"), ("old_", "old people"), ("new_", "new people")):
+        if words.startswith(prefix):
+            return f"{words.removeprefix(prefix).replace('_', ' ')}, {who}"
+    return words.replace("_", " ")
+
+
+def _axis(metric: str) -> tuple[str, str]:
+    for key, axis in _AXES.items():
+        if key in metric:
+            return axis
+    return ("value", "linear")
+
+
+def compare_runs(runs, labels: Sequence[str] | None = None, *, metrics: Sequence[str] = ("attr_loss", "attr_acc"),
+                 reference: str | None = None, title: str | None = None):
+    """Several training runs on one figure: one panel per metric, the no-knowledge baseline, each plateau end.
+
+    Args:
+        runs: Training histories (``factlens.bios.TrainingHistory`` or anything with ``evals``, ``baseline`` and
+            ``plateau_end()``), as a sequence or a ``{label: history}`` mapping.
+        labels: Legend names for a sequence (default: each run's folder name).
+        metrics: Columns of ``evals`` to plot, one panel each (``attr_loss``, ``attr_acc``, ``unseen_attr_loss``,
+            ``unseen_top_prob``...). Loss panels use a log axis in nats; accuracy panels a 0–1 axis.
+        reference: The label of the reference run, drawn thick and black (e.g. against patched runs).
+
+    The dashed grey line is the no-knowledge baseline (on ``*attr_loss`` panels), and a dotted vertical line in a
+    run's colour marks its plateau end (also given in its legend entry).
+
+    Example:
+        >>> import pandas as pd
+        >>> from types import SimpleNamespace
+        >>> def run(knee):
+        ...     steps = list(range(0, 1000, 100))
+        ...     loss = [4.0 if s < knee else 0.5 for s in steps]
+        ...     ev = pd.DataFrame({"step": steps, "attr_loss": loss, "attr_acc": [0.1 if v > 1 else 0.9 for v in loss]})
+        ...     return SimpleNamespace(evals=ev, baseline=4.1, run_dir=None, plateau_end=lambda: knee)
+        >>> fig = compare_runs({"reference": run(600), "patched": run(200)}, reference="reference")
+        >>> [t.name for t in fig.data if t.showlegend is not False]
+        ['reference (plateau end 600)', 'patched (plateau end 200)', 'no knowledge (4.1 nats)']
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if isinstance(runs, dict):
+        items = list(runs.items())
+    else:
+        runs = list(runs)
+        if labels is not None and len(labels) != len(runs):
+            raise ConfigError(f"{len(labels)} labels for {len(runs)} runs; pass one label per run.")
+        names = labels or [getattr(getattr(h, "run_dir", None), "name", None) or f"run {i}" for i, h in enumerate(runs)]
+        items = list(zip(names, runs))
+    if not items:
+        raise ConfigError("compare_runs needs at least one run.")
+    for name, h in items:
+        missing = [m for m in metrics if m not in h.evals]
+        if missing:
+            raise ConfigError(f"run {name!r} has no {missing} in its evaluations; it has {list(h.evals.columns)}.")
+    titles = [f"{_metric_title(m)} ({_axis(m)[0]})" for m in metrics]
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=titles, horizontal_spacing=0.1)
+    colour_iter = iter(_COLOURS * (len(items) // len(_COLOURS) + 1))
+    for name, h in items:
+        is_ref = name == reference
+        colour = "black" if is_ref else next(colour_iter)
+        end = h.plateau_end()
+        label = f"{name} (plateau end {end if end is not None else 'not reached'})"
+        for col, metric in enumerate(metrics, start=1):
+            ev = h.evals
+            fig.add_trace(go.Scatter(x=ev["step"], y=ev[metric], mode="lines+markers", name=label, legendgroup=name,
+                                     showlegend=col == 1, line=dict(color=colour, width=3 if is_ref else 2),
+                                     hovertemplate=f"{name}<br>step %{{x}}<br>{metric} %{{y:.4g}}<extra></extra>"),
+                          1, col)
+            if end is not None:
+                fig.add_vline(x=end, line=dict(color=colour, dash="dot", width=1.5), row=1, col=col)
+    baselines = sorted({round(float(h.baseline), 6) for _, h in items if getattr(h, "baseline", None) is not None})
+    steps = [s for _, h in items for s in h.evals["step"]]
+    first_loss = next((c for c, m in enumerate(metrics, start=1) if m.endswith("attr_loss")), None)
+    for col, metric in enumerate(metrics, start=1):
+        axis_title, kind = _axis(metric)
+        values = [float(v) for _, h in items for v in h.evals[metric] if v == v]
+        if metric.endswith("attr_loss"):
+            for i, b in enumerate(baselines):  # a legend entry: plotly misplaces hline annotations on log axes
+                fig.add_trace(go.Scatter(x=[min(steps), max(steps)], y=[b, b], mode="lines",
+                                         name=f"no knowledge ({b:.3g} nats)", legendgroup=f"baseline{i}",
+                                         showlegend=col == first_loss,
+                                         line=dict(color="grey", dash="dash"),
+                                         hovertemplate="no-knowledge baseline %{y:.4g} nats<extra></extra>"), 1, col)
+            values += baselines
+        if kind == "log" and values:
+            lo, hi = max(min(values), 1e-4), max(max(values), 1e-4)
+            fig.update_yaxes(type="log", range=[math.log10(lo) - 0.15, math.log10(hi) + 0.15], row=1, col=col)
+        elif "acc" in metric:
+            fig.update_yaxes(range=[0, 1.02], row=1, col=col)
+        fig.update_yaxes(title_text=axis_title, exponentformat="power", row=1, col=col)
+    fig.update_xaxes(title_text="training step")
+    fig.update_layout(title=title or f"{len(items)} runs compared", template="plotly_white", height=440,
+                      width=max(560, min(480, 1150 // len(metrics)) * len(metrics)), legend=dict(orientation="h", y=-0.22))
+    return fig

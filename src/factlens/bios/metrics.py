@@ -9,7 +9,8 @@ All are pure functions of next-token ``logits`` ``[batch, pos, vocab]`` and a
 - **Attribute accuracy**: a value counts only if *every* one of its tokens is the argmax.
 - **Hallucination metrics**: attribute loss, mean top-token probability and mean predictive entropy (nats)
   over value-token positions (evaluate them on unseen people).
-- :func:`plateau_end`: first step whose attribute loss is below ``ratio × baseline``.
+
+The phases read from a loss curve (plateau end, drop end) are in :mod:`factlens.bios.phases`.
 
 Example:
     >>> import numpy as np, torch
@@ -27,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from jaxtyping import Float, Int
 from factlens.bios.data.batches import BiographyBatch
 from factlens.bios.data.pools import ATTRIBUTES, N_ATTR
 from factlens.display import ResultDisplay
-from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
+from factlens.errors import EmptyDatasetError, ShapeError
 
 
 @dataclass(frozen=True)
@@ -258,33 +258,6 @@ def hallucination_metrics(
     return attribute_metrics(logits, batch).summary()
 
 
-def plateau_end(
-    steps: Sequence[int] | np.ndarray,
-    losses: Sequence[float] | np.ndarray,
-    baseline: float,
-    ratio: float = 0.98,
-    min_step: int = 200,
-) -> int | None:
-    """First step ``>= min_step`` whose attribute loss is below ``ratio × baseline``; ``None`` if never.
-
-    Zucchet et al. do not define the plateau end; ``ratio=0.98`` reproduces their plotted plateau ends
-    within about 5% (see the paper notes, §2).
-
-    Example:
-        >>> plateau_end([0, 100, 300, 500], [40.0, 6.8, 6.8, 6.0], baseline=6.785)
-        500
-    """
-    steps, losses = np.asarray(steps), np.asarray(losses, dtype=np.float64)
-    if steps.shape != losses.shape or steps.ndim != 1:
-        raise ShapeError(f"steps {steps.shape} and losses {losses.shape} must be 1-d of equal length")
-    if not (baseline > 0 and ratio > 0):
-        raise ConfigError(f"baseline={baseline}, ratio={ratio}; pass positive values")
-    order = np.argsort(steps, kind="stable")
-    steps, losses = steps[order], losses[order]
-    hit = np.nonzero((steps >= min_step) & (losses < ratio * baseline))[0]
-    return int(steps[hit[0]]) if len(hit) else None
-
-
 __all__ = [
     "AttributeMetrics",
     "attribute_accuracy",
@@ -292,7 +265,6 @@ __all__ = [
     "attribute_metrics",
     "hallucination_metrics",
     "per_attribute_loss",
-    "plateau_end",
     "value_correct",
     "value_nll",
 ]

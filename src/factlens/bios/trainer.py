@@ -17,7 +17,7 @@ the same, so any checkpoint opens as a bridge for analysis (:func:`factlens.bios
 - Divergence: a non-finite loss or weight stops the run at the next logging step or save with
   :class:`~factlens.errors.DivergenceError`; no non-finite checkpoint is ever written.
 - Attention patching (:class:`PatchConfig`): from ``start_patching`` on, a frozen reference checkpoint's
-  patterns replace the model's (:class:`~factlens.attention_patcher.AttentionPatcher`), optionally resetting
+  patterns replace the model's (:class:`~factlens.bios.patching.training.AttentionPatcher`), optionally resetting
   the optimizer state as the paper does.
 - Multi-GPU: run under ``torchrun``; DDP with NCCL (GPU) or gloo (CPU); the loss is normalised by the global
   token count, so N ranks reproduce the single-process step.
@@ -45,7 +45,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from factlens.attention_patcher import AttentionPatcher
 from factlens.bios import memory
 from factlens.bios.config import (  # re-exported: the trainer's public configuration
     MODEL_PRESETS,
@@ -59,6 +58,7 @@ from factlens.bios.data.population import Population
 from factlens.bios.finetune import init_weights
 from factlens.bios.history import TrainingHistory, append_jsonl, truncate_metrics
 from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
+from factlens.bios.patching.training import AttentionPatcher
 from factlens.bios.rundir import RunDirectory
 from factlens.bios.runs import config_diff, run_config
 from factlens.bios.task import UNSEEN, BiosTask

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import time
 from pathlib import Path
@@ -100,45 +99,8 @@ def cmd_train(args: argparse.Namespace, config=None) -> int:
     return 0
 
 
-def three_phases(history, band: float = 0.03) -> dict:
-    """The demo's three phases from a run's evaluations (Zucchet et al.'s drop, plateau, emergence).
-
-    The plateau is the longest unbroken stretch of checkpoints within ``±band`` of the no-knowledge baseline
-    (the earliest such stretch on a tie). ``drop_end`` is where it starts, so the drop lasts until the loss has
-    settled in the band; ``first_in_band`` is the first checkpoint in the band at all (the same step unless
-    the loss touched the band and left it again before settling). ``plateau_end`` is the stretch's last
-    checkpoint and ``final_acc`` the last accuracy. The demo's claim is ``plateau_steps >= drop_end`` (the
-    plateau lasts at least as long as the drop took, however the drop is read, since ``drop_end >=
-    first_in_band``) and ``final_acc >= 0.8``.
-
-    Example:
-        >>> import pandas as pd
-        >>> from types import SimpleNamespace
-        >>> ev = pd.DataFrame({"step": [0, 100, 200, 300, 400, 500, 600], "attr_acc": [0, 0, 0, 0, 0, 0.1, 0.9],
-        ...                    "attr_loss": [14, 4.9, 5.2, 4.85, 4.9, 4.95, 1.0]})
-        >>> three_phases(SimpleNamespace(evals=ev, baseline=4.9))
-        {'drop_end': 300, 'plateau_end': 500, 'plateau_steps': 200, 'first_in_band': 100, 'final_acc': 0.9, 'band': 0.03}
-    """
-    ev, base = history.evals, history.baseline
-    steps, loss = ev["step"].tolist(), ev["attr_loss"].tolist()
-    inside = [abs(v / base - 1) <= band for v in loss]
-    final_acc = float(ev["attr_acc"].iloc[-1])
-    if True not in inside:
-        return {"drop_end": None, "plateau_end": None, "plateau_steps": 0, "first_in_band": None,
-                "final_acc": final_acc, "band": band}
-    runs, i = [], 0  # (first, last) index pairs of unbroken in-band stretches
-    for in_band, group in itertools.groupby(inside):
-        n = len(list(group))
-        if in_band:
-            runs.append((i, i + n - 1))
-        i += n
-    i, j = max(runs, key=lambda r: (steps[r[1]] - steps[r[0]], -r[0]))
-    return {"drop_end": int(steps[i]), "plateau_end": int(steps[j]), "plateau_steps": int(steps[j] - steps[i]),
-            "first_in_band": int(steps[runs[0][0]]), "final_acc": final_acc, "band": band}
-
-
 def demo_figure(history, phases: dict):
-    """The demo's learning curves with the three phases of :func:`three_phases` shaded (a plotly figure)."""
+    """The demo's learning curves with the three phases of :func:`~factlens.bios.phases.three_phases` shaded."""
     p, base = phases, history.baseline
     # linear and zoomed on the baseline, so that the plateau's ±3% band is visible (the drop starts off-scale)
     fig = history.plot("factlens demo: 1 drop to the baseline, 2 plateau (within ±3% of it), 3 knowledge emergence",
@@ -159,6 +121,7 @@ def demo_figure(history, phases: dict):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from factlens.bios.history import TrainingHistory
+    from factlens.bios.phases import three_phases
 
     args.preset = "demo"
     t0 = time.perf_counter()
@@ -184,7 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from factlens.bios.config import PatchConfig, reference_config
+    from factlens.bios.config import reference_config
+    from factlens.bios.patching.config import PatchConfig
 
     patch = PatchConfig(reference=args.reference, reference_step=args.reference_step, start_patching=args.start,
                         reset_optimizer=not args.keep_optimizer)
@@ -197,7 +161,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from factlens.bios.config import reference_config
-    from factlens.patching.grid import run_grid
+    from factlens.bios.patching.grid import run_grid
 
     if args.reference:  # reuse it; its config is the grid's unless --preset/overrides say otherwise (then refused)
         config = _train_config(args, reference_config(args.reference))
@@ -235,7 +199,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from factlens.patching.circuits import attention_to_name
+    from factlens.bios.patching.circuits import attention_to_name
 
     result = attention_to_name(_existing_run(args.run), n_sequences=args.sequences, device=args.device or "cpu",
                                progress=not args.quiet)
@@ -265,7 +229,7 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from factlens.patching.reproduce import reproduce
+    from factlens.bios.reproduce import reproduce
 
     result = reproduce(args.scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
                        progress=not args.quiet, write_png=not args.no_png,

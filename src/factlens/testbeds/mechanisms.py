@@ -46,7 +46,8 @@ from jaxtyping import Float
 
 from factlens.bios.data.batches import eval_batches
 from factlens.bios.data.pools import ATTRIBUTES, MONTHS, attribute_index, no_knowledge_baseline
-from factlens.bios.metrics import attribute_metrics, plateau_end
+from factlens.bios.metrics import attribute_metrics
+from factlens.bios.phases import ratio_phases
 from factlens.bios.runs import load_bridge, run_population
 from factlens.checkpoints import list_checkpoints
 from factlens.errors import CheckpointError, ConfigError
@@ -217,14 +218,6 @@ def _loss_curve(run_dir: Path, steps: list[int], computed: list[float]) -> tuple
     return steps, computed
 
 
-def _phase_marks(steps: list[int], losses: list[float], baseline: float) -> tuple[int | None, int | None]:
-    """End of the initial drop (first step within 10% of the baseline) and the plateau end (as the history)."""
-    near = [s for s, v in zip(steps, losses) if v < 1.1 * baseline]
-    if not near or len(steps) < 2:
-        return None, None
-    return near[0], plateau_end(steps, losses, baseline, min_step=near[0])
-
-
 def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = None, steps: Sequence[int] | None = None,
                *, n: int = 128, top: int = 3, k: int = 10, n_sequences: int = 128, device: str | torch.device = "cpu",
                seed: int = 0, progress: bool = True) -> MechanismsResult:
@@ -292,7 +285,7 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
     import pandas as pd
 
     loss_steps, curve = _loss_curve(run_dir, steps, losses)
-    drop, plateau = _phase_marks(loss_steps, curve, baseline)
+    drop, plateau = ratio_phases(loss_steps, curve, baseline)
     return MechanismsResult(steps=steps, attributes=attrs, values=torch.tensor(values, dtype=torch.float64),
                             final_logit=torch.tensor(finals, dtype=torch.float64), top_heads=pd.DataFrame(head_rows),
                             attr_loss=torch.tensor(losses, dtype=torch.float64), loss_steps=loss_steps,

@@ -1,4 +1,4 @@
-"""The demo preset shows Zucchet et al.'s three phases: drop to the baseline, a plateau, knowledge emergence.
+"""The phase rules of factlens.bios.phases, and the demo preset showing Zucchet et al.'s three phases.
 
 The full demo (`factlens demo`) is the README's main job; the slow test below runs exactly its preset and
 asserts the issue's criteria: the loss reaches the no-knowledge baseline, stays within ±3% of it for at least
@@ -10,8 +10,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from factlens.bios.phases import drop_end, plateau_end, ratio_phases, three_phases
 from factlens.bios.trainer import TrainConfig, train
-from factlens.cli.bios import three_phases
+from factlens.errors import ConfigError, ShapeError
 
 
 class _History:
@@ -87,3 +88,27 @@ def test_demo_figure_shades_the_three_phases_and_zooms_on_the_band():
     texts = [a.text for a in fig.layout.annotations]
     assert "new text" not in texts and {"1 drop", "2 plateau", "3 emergence"} <= set(texts)
     assert fig.layout.yaxis.type == "linear" and tuple(fig.layout.yaxis.range) == (0, 9.8)
+
+
+def test_plateau_end():
+    steps = [0, 100, 200, 300, 400, 500]
+    losses = [39.0, 6.5, 6.9, 6.8, 6.6, 3.0]
+    baseline = 6.785
+    assert plateau_end(steps, losses, baseline) == 400  # 6.5 at step 100 is before min_step
+    assert plateau_end(steps, losses, baseline, min_step=0) == 100
+    assert plateau_end(steps, losses, baseline, ratio=0.5) == 500
+    assert plateau_end(steps, losses, baseline, ratio=0.1) is None
+    assert plateau_end(steps[::-1], losses[::-1], baseline) == 400  # order of the input does not matter
+    with pytest.raises(ShapeError):
+        plateau_end([0, 1], [1.0], baseline)
+    with pytest.raises(ConfigError):
+        plateau_end([0], [1.0], baseline=0)
+
+
+def test_ratio_reading_starts_after_the_drop():
+    steps, losses = [0, 100, 200, 300, 400], [39.0, 6.5, 6.9, 6.6, 3.0]
+    assert drop_end(steps, losses, 6.785) == 100
+    assert ratio_phases(steps, losses, 6.785) == (100, 100)  # 6.5 < 0.98 x 6.785 already at the drop's end
+    assert ratio_phases(steps, [39.0, 7.0, 6.9, 6.7, 3.0], 6.785) == (100, 400)
+    assert ratio_phases(steps, [39.0] * 5, 6.785) == (None, None)  # never near the baseline: no phases
+    assert ratio_phases(steps, losses, 6.785, min_step=200) == (100, 300)

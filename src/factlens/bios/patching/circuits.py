@@ -29,11 +29,11 @@ import torch
 from jaxtyping import Float
 
 from factlens.bios.data.batches import BiographyBatch, eval_batches
+from factlens.bios.patching.references import Reference
 from factlens.bios.runs import checkpoint_path, load_hf, run_population
 from factlens.checkpoints import list_checkpoints, load_checkpoint
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
-from factlens.patching.references import Reference
 from factlens.resources import track
 
 CIRCUITS = ("name_grouping→name", "extraction→name", "extraction→text")

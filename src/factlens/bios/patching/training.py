@@ -20,7 +20,7 @@ The patcher proves it worked: it counts, per layer, the patterns captured and co
 
 Example:
     >>> import torch, factlens
-    >>> from factlens.attention_patcher import AttentionPatcher
+    >>> from factlens.bios.patching.training import AttentionPatcher
     >>> model = factlens.build_hf("gpt2", seed=0); reference = factlens.build_hf("gpt2", seed=1)
     >>> patcher = AttentionPatcher(model, reference)
     >>> tokens = torch.randint(0, 1000, (2, 8))
@@ -77,7 +77,7 @@ class PatternRecorder:
     """Record the post-softmax attention patterns of a plain HF GPT-2/OPT model on its own forward.
 
     The one capture implementation: :class:`AttentionPatcher` records its reference with it, and
-    :meth:`factlens.patching.references.Reference.from_model` its HF sources. Each recorded layer gets an edit
+    :meth:`factlens.bios.patching.references.Reference.from_model` its HF sources. Each recorded layer gets an edit
     that stores the pattern (detached) and returns it unchanged; the edits are built once, so a compiled forward
     sees the same functions on every call (no recompiles), and they are installed only while :meth:`run` runs,
     so one model can serve several recorders.

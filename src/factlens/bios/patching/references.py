@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 
-from factlens.attention_patcher import PatternRecorder
 from factlens.bios.config import reference_checkpoint
+from factlens.bios.patching.training import PatternRecorder
 from factlens.bios.runs import run_config
 from factlens.checkpoints import load_checkpoint
 from factlens.errors import ArchitectureMismatchError, ConfigError, ShapeError
