@@ -231,7 +231,7 @@ def _foreign_dir(kind: str):
 
 
 def _locked():
-    from factlens.bios.rundir import LOCK, RunLock
+    from factlens.bios.run import LOCK, RunLock
 
     out = _finished_run()
     with RunLock(out / LOCK):
@@ -239,23 +239,23 @@ def _locked():
 
 
 def _edited_config_json():
-    from factlens.bios.runs import run_config
+    from factlens.bios.run import Run
 
     out = _finished_run()
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
-    return run_config(out)
+    return Run(out).config
 
 
 def _mixed_checkpoints():
-    from factlens.bios.runs import run_config
+    from factlens.bios.run import Run
 
     out = _finished_run()
     manifest = out / "checkpoints" / "step_0000000" / "manifest.json"
     m = json.loads(manifest.read_text())
     m["config"]["steps"] = 30  # as if copied in from a longer run
     manifest.write_text(json.dumps(m))
-    return run_config(out)
+    return Run(out).config
 
 
 def _failing_save(code: int):
@@ -269,16 +269,16 @@ def _failing_save(code: int):
 def _little_disk():
     from unittest import mock
 
-    with mock.patch("factlens.bios.rundir.free_bytes", return_value=10_000):
+    with mock.patch("factlens.bios.run.free_bytes", return_value=10_000):
         return _train_into(_scratch("disk") / "run")
 
 
 def _metrics_file(text: str):
-    from factlens.bios.history import TrainingHistory
+    from factlens.bios.run import Run
 
     out = _scratch("metrics")
     (out / "metrics.jsonl").write_text(text)
-    return TrainingHistory.load(out)
+    return Run(out).history
 
 
 def _empty_checksums(checkpoint, tmp):
@@ -303,11 +303,11 @@ def _cli():
 
 
 def _out_is_a_file():
-    from factlens.bios.rundir import RunDirectory
+    from factlens.bios.run import Run
 
     path = _scratch("file") / "out"
     path.write_text("not a directory")
-    return RunDirectory(path, _run_cfg()).check()
+    return Run(path).check(_run_cfg())
 
 
 CASES.update({

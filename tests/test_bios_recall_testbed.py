@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from factlens.bios.runs import load_bridge, run_population
+from factlens.bios.run import Run, load_bridge
 from factlens.recall.metrics import answer_prob
 from factlens.recall.mlp_decomposition import decompose_mlp
 from factlens.recall.path_patching import path_patch
@@ -24,7 +24,7 @@ RUN = Path(__file__).parent / "data" / "bios_demo_run"
 
 @pytest.fixture(scope="module")
 def testbed():
-    population, vocab = run_population(RUN)
+    population, vocab = Run(RUN).population(), Run(RUN).vocab()
     model = load_bridge(RUN)
     data = bios_relation_dataset(population, vocab, "birth_place", n=160)
     return population, vocab, model, data

@@ -16,7 +16,7 @@ import torch
 
 import factlens
 from ddp import torchrun
-from factlens.bios.history import TrainingHistory
+from factlens.bios.run import Run
 from factlens.bios.trainer import TrainConfig, Trainer, cosine_lr, train
 from factlens.checkpoints import list_checkpoints, load_checkpoint
 
@@ -199,7 +199,7 @@ def test_history_plateau_end(tmp_path):
         {"kind": "eval", "step": 200, "attr_loss": 6.9, "attr_acc": 0.0},
         {"kind": "eval", "step": 300, "attr_loss": 6.0, "attr_acc": 0.1},
         {"kind": "train", "step": 300, "loss": 1.0, "lr": 1e-4, "tokens_per_s": 1.0}]))
-    history = TrainingHistory.load(tmp_path)
+    history = Run(tmp_path).history
     assert history.baseline == pytest.approx(6.785, abs=1e-3)
     assert history.plateau_end() == 300
     assert history.plateau_end(ratio=0.5) is None

@@ -12,7 +12,7 @@ import torch
 import factlens
 from factlens.bios.data.pools import no_knowledge_baseline
 from factlens.bios.phases import ratio_phases
-from factlens.bios.runs import load_bridge, run_population
+from factlens.bios.run import Run, load_bridge
 from factlens.cli import main
 from factlens.errors import CheckpointError, ConfigError
 from factlens.hooks import Intervention
@@ -41,7 +41,7 @@ def test_command_runs_on_the_shipped_run_and_writes_its_figure(tmp_path):
     assert row["prob"] > 0.3 and row["accuracy"] > 0.5
     assert row["top_head_effect"] < 0 and row["name_attention"] > 0.8
     assert row["type_purity"] >= 0.8  # the last MLP's intercept points at cities
-    assert row["attr_loss"] < no_knowledge_baseline(run_population(RUN)[0].pools)
+    assert row["attr_loss"] < no_knowledge_baseline(Run(RUN).population().pools)
     parts = row[[f"final_{p}" for p in mech.FINAL_PARTS]].sum()
     assert parts == pytest.approx(row["delta_logit"], abs=1e-6)
     heads = pd.read_csv(out / "top_heads.csv")
@@ -127,7 +127,7 @@ def test_final_layer_split_on_a_hand_built_case():
 
 # ------------------------------------------------------------------------------------------ type purity
 def test_type_purity_is_one_for_an_intercept_made_of_one_attributes_values():
-    population, vocab = run_population(RUN)
+    population, vocab = Run(RUN).population(), Run(RUN).vocab()
     model = load_bridge(RUN)
     W_eff, _ = unembed_params(model)
     W_E = model.W_E.detach()  # [vocab, d]

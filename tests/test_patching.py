@@ -9,10 +9,11 @@ import torch
 
 import factlens
 from factlens.bios.patching.circuits import attention_to_name
+from factlens.bios.patching.config import PatchConfig
 from factlens.bios.patching.references import Reference, patched_forward
 from factlens.bios.patching.training import AttentionPatcher
-from factlens.bios.runs import load_bridge
-from factlens.bios.trainer import PatchConfig, Trainer, train
+from factlens.bios.run import load_bridge, reference_checkpoint
+from factlens.bios.trainer import Trainer, train
 from factlens.checkpoints import load_checkpoint
 from test_bios_train import tiny_config, train_losses
 
@@ -101,7 +102,7 @@ def test_opt_run_is_patched_not_skipped(tmp_path):
     train(tiny_config(arch="opt", steps=10), ref_dir, progress=False)
     patch = PatchConfig(reference=str(ref_dir), reference_step=10, start_patching=0)
     trainer = Trainer(tiny_config(arch="opt", steps=10, patch=patch), tmp_path / "patched", progress=False)
-    trainer._sync_patching(0)
+    trainer.sync_patching(0)
     assert trainer.patcher.installed
     trainer.raw_model.train()
     trainer.train_step(0)
@@ -110,9 +111,9 @@ def test_opt_run_is_patched_not_skipped(tmp_path):
 
 def test_patch_config_errors(reference_run):
     with pytest.raises(factlens.ConfigError, match="reference_step"):
-        PatchConfig(reference=str(reference_run)).checkpoint_dir()
+        reference_checkpoint(PatchConfig(reference=str(reference_run)))
     with pytest.raises(factlens.CheckpointError, match="available"):
-        PatchConfig(reference=str(reference_run), reference_step=7).checkpoint_dir()
+        reference_checkpoint(PatchConfig(reference=str(reference_run), reference_step=7))
 
 
 def test_evaluation_patching_proves_itself(reference_run):

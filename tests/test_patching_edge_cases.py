@@ -18,10 +18,12 @@ import torch
 
 import factlens
 from ddp import torchrun
-from factlens.bios.config import PatchConfig, hf_field_names
+from factlens.bios.config import hf_field_names
 from factlens.bios.patching.circuits import AttentionToNameResult, attention_to_name
+from factlens.bios.patching.config import PatchConfig
 from factlens.bios.patching.references import Reference, patched_forward
 from factlens.bios.patching.training import AttentionPatcher, PatternRecorder
+from factlens.bios.run import reference_checkpoint
 from factlens.bios.trainer import Trainer, train
 from test_bios_train import tiny_config
 
@@ -57,7 +59,7 @@ _DDP = textwrap.dedent("""
                       device="cpu")
     trainer.raw_model.train()
     for step in range(4):
-        trainer._sync_patching(step)
+        trainer.sync_patching(step)
         trainer.train_step(step)
     flat = torch.cat([p.detach().flatten() for p in trainer.raw_model.parameters()])
     if trainer.rank == 0:
@@ -73,7 +75,7 @@ def test_ddp_with_fully_patched_opt_layers_matches_one_process(opt_run, tmp_path
                      progress=False, device="cpu")
     single.raw_model.train()
     for step in range(4):
-        single._sync_patching(step)
+        single.sync_patching(step)
         single.train_step(step)
     expected = torch.cat([p.detach().flatten() for p in single.raw_model.parameters()])
     out = tmp_path / "ddp"
@@ -113,7 +115,7 @@ def test_compiled_patched_training_matches_eager(gpt2_run, tmp_path):
         trainer.raw_model.train()
         losses[compiled] = []
         for step in range(4):
-            trainer._sync_patching(step)
+            trainer.sync_patching(step)
             losses[compiled].append(float(trainer.train_step(step)))
         assert trainer.patcher.captured == trainer.patcher.consumed == {0: 2, 1: 2}
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
@@ -187,9 +189,9 @@ def test_heads_and_layers_out_of_range_are_refused_before_step_0(gpt2_run, tmp_p
 
 def test_reference_step_the_run_does_not_have(gpt2_run):
     with pytest.raises(factlens.CheckpointError, match=r"step 7.*available: \[0, 10\]"):
-        PatchConfig(reference=str(gpt2_run), reference_step=7).checkpoint_dir()
+        reference_checkpoint(PatchConfig(reference=str(gpt2_run), reference_step=7))
     with pytest.raises(factlens.CheckpointError, match=r"does not exist.*run directory"):
-        PatchConfig(reference=str(gpt2_run / "nope"), reference_step=10).checkpoint_dir()
+        reference_checkpoint(PatchConfig(reference=str(gpt2_run / "nope"), reference_step=10))
 
 
 def test_reference_run_still_being_written(gpt2_run, tmp_path):
@@ -197,14 +199,14 @@ def test_reference_run_still_being_written(gpt2_run, tmp_path):
     shutil.copytree(gpt2_run, partial)
     shutil.rmtree(partial / "checkpoints" / "step_0000010")  # as if the run were still at step 0 of 10
     with pytest.raises(factlens.CheckpointError, match=r"reached step 0 of 10.*finish.*available: \[0\]"):
-        PatchConfig(reference=str(partial), reference_step=10).checkpoint_dir()
+        reference_checkpoint(PatchConfig(reference=str(partial), reference_step=10))
 
 
 def test_checkpoint_directory_with_another_reference_step(gpt2_run):
     ckpt = gpt2_run / "checkpoints" / "step_0000010"
-    assert PatchConfig(reference=str(ckpt)).checkpoint_dir() == ckpt
+    assert reference_checkpoint(PatchConfig(reference=str(ckpt))) == ckpt
     with pytest.raises(factlens.ConfigError, match=r"reference_step=0.*step 10.*run directory"):
-        PatchConfig(reference=str(ckpt), reference_step=0).checkpoint_dir()
+        reference_checkpoint(PatchConfig(reference=str(ckpt), reference_step=0))
 
 
 def test_opt_bridge_with_a_gpt2_reference_is_refused():

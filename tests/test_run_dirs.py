@@ -20,9 +20,7 @@ from hypothesis import strategies as st
 
 import factlens
 from factlens.bios.data.population import Population
-from factlens.bios.history import TrainingHistory
-from factlens.bios.rundir import LOCK, RunDirectory, RunLock
-from factlens.bios.runs import run_config, stored_configs
+from factlens.bios.run import LOCK, Run, RunLock
 from factlens.bios.trainer import TrainConfig, Trainer, train
 from factlens.checkpoints import list_checkpoints, load_checkpoint
 from factlens.errors import CheckpointError, ConfigError, DivergenceError, StorageError
@@ -72,10 +70,11 @@ def assert_invariants(out: Path) -> None:
     for kind in ("train", "eval"):
         steps = [s for k, s in keys if k == kind]
         assert steps == sorted(steps), f"{kind} rows out of order: {steps}"
-    configs = {json.dumps(c, sort_keys=True) for c in stored_configs(out).values()} if out.exists() else set()
+    manifests = Run(out).manifests.values() if out.exists() else []
+    configs = {json.dumps(TrainConfig.from_dict(c.config).to_dict(), sort_keys=True) for c in manifests}
     assert len(configs) <= 1, "checkpoints of two configs in one run directory"
     if configs and (out / "config.json").exists():
-        assert json.dumps(run_config(out).to_dict(), sort_keys=True) == configs.pop()
+        assert json.dumps(Run(out).config.to_dict(), sort_keys=True) == configs.pop()
     assert len(list_checkpoints(out / "resume")) <= 2
 
 
@@ -149,7 +148,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path, monkeypatch):
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 6, "lo')  # a crash mid-write
     with pytest.warns(UserWarning, match="torn last line"):
-        TrainingHistory.load(out)
+        _ = Run(out).history
     history = run(cfg(), out)
     assert_invariants(out)
     assert history.train["step"].tolist() == [2, 4, 6]
@@ -163,7 +162,7 @@ def test_refused_rerun_changes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match=r"differs in \['n_people'\].*new output directory"):
         train(cfg(n_people=32), out, progress=False)
     assert snapshot(out) == before
-    assert run_config(out) == cfg()
+    assert Run(out).config == cfg()
 
 
 def test_shorter_run_into_an_older_run_is_refused(tmp_path):
@@ -230,13 +229,13 @@ def test_readers_refuse_a_config_json_that_disagrees_with_the_manifest(tmp_path,
     edited = {**json.loads((out / "config.json").read_text()), "n_people": 8}
     (out / "config.json").write_text(json.dumps(edited))
     with pytest.raises(CheckpointError, match=r"disagrees.*\['n_people'\].*Restore it or delete it"):
-        run_config(out)
+        _ = Run(out).config
     with pytest.raises(CheckpointError, match="disagrees"):
-        TrainingHistory.load(out)
+        _ = Run(out).history
     assert main(["bios", "eval", "--run", str(out), "--device", "cpu"]) == 2
     assert main(["bios", "plot", "--run", str(out)]) == 2
     (out / "config.json").unlink()  # the manifest alone is enough
-    assert run_config(out) == cfg()
+    assert Run(out).config == cfg()
 
 
 def test_divergence_stops_within_one_logging_interval_and_saves_nothing_non_finite(tmp_path, monkeypatch):
@@ -289,7 +288,7 @@ def test_full_or_read_only_disk_names_the_path_and_the_fix(tmp_path, monkeypatch
 
 
 def test_too_little_disk_is_refused_before_any_write(tmp_path, monkeypatch):
-    import factlens.bios.rundir as rundir
+    import factlens.bios.run as rundir
 
     monkeypatch.setattr(rundir, "free_bytes", lambda path: 1000)
     out = tmp_path / "run"
@@ -315,6 +314,6 @@ def test_out_that_is_a_file_and_run_that_does_not_exist(tmp_path):
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"is a file\. Pass a directory path"):
-        RunDirectory(tmp_path / "file", cfg()).check()
+        Run(tmp_path / "file").check(cfg())
     assert main(["bios", "train", "--preset", "tiny", "--out", str(tmp_path / "file")]) == 2
     assert main(["bios", "plot", "--run", str(tmp_path / "missing")]) == 2

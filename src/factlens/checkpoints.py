@@ -11,9 +11,11 @@ A checkpoint is a directory ``step_{step:07d}`` holding
 It is written into a temporary sibling directory, every file ``fsync``-ed, then renamed into place with
 ``os.replace``, so a crash never leaves a half-written checkpoint under the final name; files and directories
 get the permissions the user's umask gives (as ``torch.save`` and ``save_pretrained`` do), and a full disk or a
-read-only directory is reported as :class:`~factlens.errors.StorageError` naming the path and the space needed.
-:func:`load_checkpoint` verifies the manifest and the checksums and refuses a mismatch, or a manifest without
-checksums, with :class:`~factlens.errors.CheckpointError`.
+read-only directory is reported as :class:`~factlens.errors.StorageError` naming the path and the space needed
+(:mod:`factlens.storage`).
+:func:`load_checkpoint` verifies the manifest and the checksums and refuses a mismatch, a manifest without
+checksums, or a ``step_NNNNNNN`` folder whose manifest holds another step (renamed or copied over), with
+:class:`~factlens.errors.CheckpointError`.
 
 Example:
     >>> import factlens, tempfile
@@ -27,15 +29,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from factlens.errors import ArchitectureMismatchError, CheckpointError, StorageError
+from factlens.errors import ArchitectureMismatchError, CheckpointError
 from factlens.models import from_config, unwrap
+from factlens.storage import atomic_write, chmod_default, storage_errors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -69,86 +69,6 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _chmod_default(path: Path, directory: bool = False) -> None:
-    """Give ``path`` the mode a plain ``open``/``mkdir`` would (``mkstemp``/``mkdtemp`` make it private)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-@contextlib.contextmanager
-def storage_errors(path: str | Path, needed: int | None = None) -> Iterator[None]:
-    """Turn a full disk or an unwritable directory while writing ``path`` into a
-    :class:`~factlens.errors.StorageError` that names the path, the space needed and the fix.
-
-    Example:
-        >>> import errno
-        >>> try:
-        ...     with storage_errors("runs/x/metrics.jsonl", needed=2**20):
-        ...         raise OSError(errno.ENOSPC, "No space left on device")
-        ... except StorageError as err:
-        ...     print(str(err)[:60])
-        cannot write runs/x/metrics.jsonl: no space left on the devi
-    """
-    try:
-        yield
-    except OSError as err:
-        if isinstance(err, StorageError) or err.errno not in (*_NO_SPACE, *_NOT_WRITABLE):
-            raise
-        raise storage_error(path, err, needed) from err
-
-
-def storage_error(path: str | Path, err: OSError, needed: int | None = None) -> StorageError:
-    """The :class:`~factlens.errors.StorageError` for ``err`` raised while writing ``path``."""
-    from factlens.resources import format_bytes
-
-    if err.errno in _NO_SPACE:
-        free = _free_bytes(path)
-        have = f"{format_bytes(free)} free" if free is not None else "free space unknown"
-        want = f"; this write needs about {format_bytes(needed)}" if needed else ""
-        return StorageError(f"cannot write {path}: no space left on the device ({have}{want}). Free some space "
-                            "or write to a directory on another disk (out_dir / --out).")
-    return StorageError(f"cannot write {path}: {err.strerror or 'permission denied'} (the directory is read-only "
-                        "or not yours). Pass a writable directory (out_dir / --out) or fix its permissions.")
-
-
-def _free_bytes(path: str | Path) -> int | None:
-    path = Path(path).absolute()
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            try:
-                return shutil.disk_usage(candidate).free
-            except OSError:
-                return None
-    return None
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary sibling, ``fsync``, rename) with the umask's mode."""
-    path = Path(path)
-    with storage_errors(path, len(text.encode())):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            _chmod_default(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -196,7 +116,7 @@ def save_checkpoint(root: str | Path, model: PreTrainedModel, *, step: int, conf
 
 def _write_checkpoint(tmp: Path, final: Path, state: dict[str, torch.Tensor], model, *, step, config, optimizer,
                       scheduler, data_seed, extra) -> None:
-    _chmod_default(tmp, directory=True)
+    chmod_default(tmp, directory=True)
     save_file(state, str(tmp / MODEL_FILE))
     files = [MODEL_FILE]
     if optimizer is not None:
@@ -210,9 +130,9 @@ def _write_checkpoint(tmp: Path, final: Path, state: dict[str, torch.Tensor], mo
         "architecture": architecture(unwrap(model).config), "hf_config": unwrap(model).config.to_dict(),
         "extra": extra or {}, "sha256": {f: _sha256(tmp / f) for f in files},
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-    for f in [*files, MANIFEST]:
-        _chmod_default(tmp / f)  # safetensors writes its file 0600
+    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    for f in files:
+        chmod_default(tmp / f)  # safetensors writes its file 0600
         _fsync(tmp / f)
     if final.exists():  # replace an older copy: move it aside first, so the final name is never half-written
         old = final.with_name(f".old_{final.name}_{os.getpid()}")
@@ -301,6 +221,15 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, load_tensors: bool
                               "earlier one.")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {manifest.get('format')!r}; this factlens reads {FORMAT_VERSION}.")
+    step = manifest.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise CheckpointError(f"{mpath} is corrupt (step {step!r} is not a step); delete this checkpoint and resume "
+                              "from an earlier one.")
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(f"{path} holds the checkpoint of step {step}, not of step {int(named.group(1))}: the "
+                              f"folder was renamed or copied over another. Rename it back to {step_dir('', step)} "
+                              "(if that step is not there already), or delete it.")
     if verify:
         sums = manifest.get("sha256")
         if not isinstance(sums, dict) or MODEL_FILE not in sums:
@@ -319,7 +248,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, load_tensors: bool
             state = load_file(str(path / MODEL_FILE))
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{path / MODEL_FILE} could not be read ({err}).") from err
-    return Checkpoint(path=path, step=int(manifest["step"]), manifest=manifest, state=state)
+    return Checkpoint(path=path, step=step, manifest=manifest, state=state)
 
 
 def list_checkpoints(root: str | Path) -> list[int]:

@@ -16,7 +16,13 @@ Training and reading runs:
 - :mod:`~factlens.bios.config`: :class:`TrainConfig` / :class:`PatchConfig`, presets, the checkpoint schedule.
 - :mod:`~factlens.bios.trainer`: :func:`train`, the fast resumable (DDP) training loop.
 - :mod:`~factlens.bios.finetune`: fine-tuning on new people with replay.
-- :mod:`~factlens.bios.history` and :mod:`~factlens.bios.runs`: a run's metrics, config and checkpoints.
+- :mod:`~factlens.bios.task`: the data side of one run (people, vocabulary, stream, evaluation sets).
+- :mod:`~factlens.bios.run`: :class:`Run`, the one way to open a run folder (config, checkpoints, people,
+  history, evaluation) and to claim one for writing.
+- :mod:`~factlens.bios.history`: a run's metrics and their figures; :mod:`~factlens.bios.phases`: the phase
+  rules (band and ratio readings).
+- :mod:`~factlens.bios.patching`: attention patching in training and evaluation, the grid, the circuits;
+  :mod:`~factlens.bios.reproduce`: the paper's headline experiments in one command.
 
 Example:
     >>> from factlens.bios import BiographyStream, BiosVocab, Population, Uniform, no_knowledge_baseline
@@ -57,7 +63,7 @@ from factlens.bios.metrics import (
 )
 from factlens.bios.patching.config import PatchConfig
 from factlens.bios.phases import plateau_end, three_phases
-from factlens.bios.runs import load_bridge, load_hf
+from factlens.bios.run import Run, load_bridge, load_hf
 from factlens.bios.trainer import Trainer, train
 
 __all__ = [
@@ -79,6 +85,7 @@ __all__ = [
     "Population",
     "PowerLaw",
     "Replay",
+    "Run",
     "Sampler",
     "Sequential",
     "TrainConfig",

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from factlens.bios.data.pools import Pools
-from factlens.bios.patching.config import PatchConfig, reference_checkpoint
-from factlens.checkpoints import MANIFEST, list_checkpoints, load_checkpoint
-from factlens.errors import CheckpointError, ConfigError
+from factlens.bios.patching.config import PatchConfig
+from factlens.errors import ConfigError
 
 MODEL_PRESETS: dict[str, dict] = {
     "paper": dict(n_layer=8, n_head=8, n_embd=512, n_inner=2048),
@@ -32,11 +32,8 @@ MODEL_PRESETS: dict[str, dict] = {
 RUN_PRESETS: dict[str, dict] = {
     "paper": dict(n_people=64_000, steps=16_000, batch_size=128, lr=4e-4, n_eval_sequences=16_000, n_unseen=16_000),
     "small": dict(n_people=8_000, steps=4_000, batch_size=128, lr=1e-3, n_eval_sequences=2_048, n_unseen=1_024),
-    # CPU demo (docs/reproduction.md): 650 people, ten values per attribute and a 24-date pool (one year, days 1-2;
-    # in a large date pool nearly everyone has a date of their own, which small models memorise first and which
-    # erodes the plateau), LR 2e-3 cosine to 4e-4 (to 1e-7 the facts stop being learnt below accuracy 0.8), AdamW
-    # beta2 0.995 (with 0.95 the loss sits at the +3% edge of the band and blips out of it). Measured (seeds 0 and
-    # 1, docs/reproduction.md): plateau about twice as long as the drop, final accuracy 0.85-0.9, under 3 minutes.
+    # CPU demo: a small date pool, a cosine floor of 4e-4 and AdamW beta2 0.995; why each, and what the preset
+    # measures (plateau length, accuracy, wall time), is in docs/reproduction.md ("The demo preset and the recipe sweep").
     "demo": dict(n_people=650, steps=1_800, batch_size=32, lr=2e-3, min_lr=4e-4, betas=(0.9, 0.995),
                  n_eval_sequences=192, n_unseen=64, checkpoint_every=25, eval_batch_size=192,
                  pools=dict(first_names=60, last_names=60, cities=10, universities=10, majors=10, companies=10,
@@ -56,6 +53,44 @@ def paper_schedule(total_steps: int, dense_until: int = 2000, dense_every: int =
     steps |= {round(total_steps * i / n_spread) for i in range(1, n_spread + 1)}
     steps.add(total_steps)
     return sorted(s for s in steps if 0 <= s <= total_steps)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pre-trained run on new people, with replay of old ones (Zucchet et al. §4).
+
+    Built by :func:`factlens.bios.finetune.finetune_config`, which records who the old people are.
+
+    Example:
+        >>> FinetuneConfig(init_from="/runs/paper/checkpoints/step_0016000", n_new=0)
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ConfigError: n_new=0; fine-tuning needs at least one new person.
+
+    Attributes:
+        init_from: the pre-training checkpoint folder (made absolute when the config is built).
+        n_new: number of new people. old_weight: replay weight of each old person (0 = no replay).
+        new_seed: seed of the new people's names, values and template splits.
+        population_sha256: the fingerprint of the pre-training run's people (the "old" people); a fine-tuning
+            run on any other people is refused.
+    """
+
+    init_from: str
+    n_new: int = 4000
+    old_weight: float = 0.0
+    new_seed: int = 1_000_003
+    population_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.init_from, (str, Path)) or not str(self.init_from):
+            raise ConfigError(f"init_from={self.init_from!r}: pass the pre-training checkpoint folder.")
+        self.init_from = os.path.abspath(self.init_from)
+        if isinstance(self.n_new, bool) or not isinstance(self.n_new, int) or self.n_new < 1:
+            raise ConfigError(f"n_new={self.n_new!r}; fine-tuning needs at least one new person.")
+        if not _is_real(self.old_weight) or self.old_weight < 0:
+            raise ConfigError(f"old_weight={self.old_weight!r}; pass a replay weight >= 0 (0 = no replay).")
+        if isinstance(self.new_seed, bool) or not isinstance(self.new_seed, int) or self.new_seed < 0:
+            raise ConfigError(f"new_seed={self.new_seed!r}; pass an integer >= 0.")
 
 
 @dataclass
@@ -86,9 +121,13 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     patch: PatchConfig | None = None
-    finetune: dict | None = None  # a FinetuneConfig as a dict (see factlens.bios.finetune)
+    finetune: FinetuneConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.patch, dict):
+            self.patch = PatchConfig(**self.patch)
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
         self.check()
 
     def check(self) -> None:
@@ -148,6 +187,8 @@ class TrainConfig:
         d = dict(d)
         if d.get("patch"):
             d["patch"] = PatchConfig(**d["patch"])
+        if d.get("finetune"):
+            d["finetune"] = FinetuneConfig(**d["finetune"])
         d["betas"] = tuple(d.get("betas", (0.9, 0.95)))
         return cls(**d)
 
@@ -179,25 +220,6 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def reference_config(reference: str | Path, step: int | None = None) -> TrainConfig:
-    """The :class:`TrainConfig` a reference run (or checkpoint) was trained with, read from a checkpoint manifest
-    (the checkpoint at ``step``, else the run's last one).
-
-    Example:
-        >>> reference_config("runs/ref").steps                                # doctest: +SKIP
-        16000
-    """
-    path = Path(reference)
-    if step is None and not (path / MANIFEST).exists():
-        steps = list_checkpoints(path / "checkpoints")
-        step = steps[-1] if steps else None
-    ckpt = load_checkpoint(reference_checkpoint(path, step), verify=False, load_tensors=False)
-    if not ckpt.config:
-        raise CheckpointError(f"{ckpt.path} holds no training config (it was not written by the factlens trainer); "
-                              "pass the run's settings explicitly (--preset and overrides).")
-    return TrainConfig.from_dict(ckpt.config)
-
-
 _OPT_FIELDS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
                "n_inner": "ffn_dim", "n_positions": "max_position_embeddings"}
 
@@ -213,4 +235,4 @@ def hf_field_names(arch: str, model: dict) -> dict:
     raise ConfigError(f"arch={arch!r}; the trainer builds 'gpt2' or 'opt' models.")
 
 
-__all__ = ["MODEL_PRESETS", "RUN_PRESETS", "TrainConfig", "hf_field_names", "paper_schedule", "reference_config"]
+__all__ = ["MODEL_PRESETS", "RUN_PRESETS", "FinetuneConfig", "TrainConfig", "hf_field_names", "paper_schedule"]

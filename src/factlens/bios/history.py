@@ -1,18 +1,17 @@
-"""A training run's metrics log (``metrics.jsonl``): reading, plotting one run or several (:func:`compare_runs`).
+"""A training run's metrics: evaluations and training losses, plotted for one run or several (:func:`compare_runs`).
+
+A run folder's history is read by :attr:`factlens.bios.run.Run.history`.
 
 Example:
-    >>> from factlens.bios.history import TrainingHistory
-    >>> history = TrainingHistory.load("runs/demo")                 # doctest: +SKIP
+    >>> from factlens.bios.run import Run
+    >>> history = Run("runs/demo").history                          # doctest: +SKIP
     >>> history.plateau_end(), history.final["attr_acc"]            # doctest: +SKIP
     >>> history.plot().write_html("runs/demo/curves.html")          # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,72 +20,8 @@ import pandas as pd
 
 from factlens.bios.data.pools import Pools, no_knowledge_baseline
 from factlens.bios.phases import ratio_phases
-from factlens.checkpoints import atomic_write_text, storage_errors
 from factlens.display import ResultDisplay
-from factlens.errors import CheckpointError, ConfigError, EmptyDatasetError, RunNotFoundError
-
-METRICS = "metrics.jsonl"
-KINDS = ("train", "eval")
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON record (a line) and flush it to disk."""
-    line = json.dumps(record) + "\n"
-    with storage_errors(path, len(line)), open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a metrics log. A torn last line (the process died mid-write) is dropped with a warning;
-    any other line that is not a factlens record raises :class:`~factlens.errors.CheckpointError`."""
-    path = Path(path)
-    lines = path.read_text().split("\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # no newline after it: a write cut short by a crash
-                warnings.warn(f"{path}: dropped a torn last line (the run was interrupted while writing it).",
-                              stacklevel=2)
-                continue
-            raise CheckpointError(f"{path} line {i + 1} is not JSON: the file is corrupt or not a factlens "
-                                  "metrics log. Delete that line, or the file, and resume the run.") from None
-        if not (isinstance(record, dict) and record.get("kind") in KINDS and isinstance(record.get("step"), int)):
-            raise CheckpointError(f"{path} line {i + 1} is not a factlens metrics record (a dict with 'kind' "
-                                  f"{' or '.join(KINDS)} and an integer 'step'); this file belongs to another tool. "
-                                  "Use another output directory.")
-        rows.append(record)
-    return rows
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep exactly what a run resumed at ``step`` has already logged: training rows up to ``step`` and
-    evaluations before it (the evaluation at ``step`` runs again). ``step=0`` empties the log. A torn last line
-    is dropped. Rewritten atomically, only when something changes."""
-    if not path.exists():
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a torn line is expected here: this is the recovery
-        rows = read_jsonl(path)
-    keep = [r for r in rows if r["step"] < step or (r["step"] == step and r["kind"] == "train")]
-    text = "".join(json.dumps(r) + "\n" for r in keep)
-    if text != path.read_text():
-        atomic_write_text(path, text)
-
-
-def _run_pools(run_dir: Path) -> Pools:
-    """The pools of the run in ``run_dir`` (its verified config); the paper's when it has no config at all."""
-    from factlens.bios.runs import run_config
-
-    try:
-        return run_config(run_dir, require_checkpoint=False).make_pools()
-    except RunNotFoundError:
-        return Pools.default()
+from factlens.errors import ConfigError, EmptyDatasetError
 
 
 @dataclass
@@ -105,25 +40,25 @@ class TrainingHistory(ResultDisplay):
     run_dir: Path | None = None
 
     @classmethod
-    def load(cls, run_dir: str | Path, pools: Pools | None = None) -> TrainingHistory:
-        """Read ``run_dir/metrics.jsonl``; the baseline uses the run's pools (from its checkpoints' config)."""
-        run_dir = Path(run_dir)
-        path = run_dir / METRICS
-        if not path.is_file():
-            raise RunNotFoundError(f"{run_dir} has no {METRICS}: it is not a training run, or the run has not "
-                                   f"started. Check the path, or train it (factlens bios train --out {run_dir}).")
-        rows = read_jsonl(path)
+    def from_records(cls, rows: list[dict], pools: Pools | None = None, run_dir: Path | None = None) -> TrainingHistory:
+        """A history from the records of a metrics log (``kind`` ``"eval"`` or ``"train"``, ``step``, metrics).
+
+        The baseline is the no-knowledge loss of ``pools`` (default: the paper's). Open a run folder's history
+        with :attr:`factlens.bios.run.Run.history`.
+
+        Example:
+            >>> rows = [{"kind": "eval", "step": 0, "attr_loss": 9.0, "attr_acc": 0.0},
+            ...         {"kind": "train", "step": 10, "loss": 5.0}]
+            >>> TrainingHistory.from_records(rows).evals["attr_loss"].tolist()
+            [9.0]
+        """
         evals = pd.DataFrame([r for r in rows if r["kind"] == "eval"]).drop(columns="kind", errors="ignore")
         train = pd.DataFrame([r for r in rows if r["kind"] == "train"]).drop(columns="kind", errors="ignore")
-        if not rows:
-            raise EmptyDatasetError(f"{path} is empty: the run has not logged anything yet. Let it reach its first "
-                                    f"evaluation (step 0), or resume it (factlens bios train --out {run_dir}).")
         if evals.empty:
-            raise EmptyDatasetError(f"{path} has no evaluation record yet (the run logs one at step 0 and at every "
+            where = run_dir if run_dir is not None else "the metrics log"
+            raise EmptyDatasetError(f"{where} has no evaluation record yet (the run logs one at step 0 and at every "
                                     "checkpoint); let the run reach its first checkpoint, or resume it.")
-        if pools is None:
-            pools = _run_pools(run_dir)
-        baseline = no_knowledge_baseline(pools)
+        baseline = no_knowledge_baseline(pools if pools is not None else Pools.default())
         return cls(evals=evals, train=train, baseline=baseline, run_dir=run_dir)
 
     @property
@@ -205,20 +140,25 @@ class TrainingHistory(ResultDisplay):
         (and in its legend entry). See :func:`compare_runs`.
 
         Args:
-            *others: Histories, run folders, or ``{label: history or folder}`` mappings (e.g. a whole grid).
+            *others: Histories, runs (:class:`~factlens.bios.run.Run`, anything with a ``history``), or
+                ``{label: history or run}`` mappings (e.g. a whole grid).
             labels: Legend names, this run's first (default: the run folders' names).
             metrics: Columns of ``evals``, one panel each.
 
         Example:
-            >>> reference = TrainingHistory.load("runs/ref")                                 # doctest: +SKIP
-            >>> reference.compare("runs/patched", {"grid 500": "runs/grid/ref500"}).show()   # doctest: +SKIP
+            >>> from factlens.bios.run import Run
+            >>> reference = Run("runs/ref").history                                          # doctest: +SKIP
+            >>> reference.compare(Run("runs/patched"), {"grid 500": Run("runs/grid/ref500")})  # doctest: +SKIP
         """
         items: list[tuple[str | None, object]] = [(None, self)]
         for other in others:
             items += [(str(k), v) for k, v in other.items()] if isinstance(other, dict) else [(None, other)]
         runs: dict[str, TrainingHistory] = {}
         for i, (name, run) in enumerate(items):
-            history = run if isinstance(run, TrainingHistory) else TrainingHistory.load(run)
+            history = run if isinstance(run, TrainingHistory) else getattr(run, "history", None)
+            if not isinstance(history, TrainingHistory):
+                raise ConfigError(f"{run!r} is not a training history or run; pass TrainingHistory objects or "
+                                  "factlens.bios.run.Run(folder) for run folders.")
             if labels is not None and i < len(labels):
                 name = labels[i]
             name = name or (history.run_dir.name if history.run_dir else ("reference" if i == 0 else f"run {i}"))

@@ -4,7 +4,7 @@
 kaleido can export, and ``summary.json``):
 
 1. **Plateau vs population** (``scaling/N{n}``): one run per population size, all on the same schedule; the
-   plateau end of each (:func:`factlens.bios.metrics.plateau_end`, its ``ratio`` a parameter), a power law
+   plateau end of each (the ratio reading, :func:`factlens.bios.phases.plateau_end`, its ``ratio`` a parameter), a power law
    ``c · N^k`` fitted to them, and the paper's ``0.43 · N^0.81`` steps at batch 128 beside it.
 2. **Attention patching** (``patching/ref{R}_start{S}``): attention patterns of reference checkpoints from
    before, during and after the plateau, patched into fresh runs (same initialisation, same data) from step
@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,9 +36,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from factlens.bios.config import TrainConfig
 from factlens.bios.history import TrainingHistory
-from factlens.bios.trainer import PatchConfig, TrainConfig, train
-from factlens.errors import ConfigError
+from factlens.bios.patching.config import PatchConfig
+from factlens.bios.run import Run, pin_reference
+from factlens.bios.trainer import train
+from factlens.errors import ConfigError, FactlensError
+from factlens.storage import atomic_write
 
 PAPER_FIT = (0.43, 0.81)  # plateau end ≈ 0.43 · N^0.81 steps at batch 128 (Zucchet et al., Fig. 3)
 PAPER_BATCH = 128
@@ -153,22 +155,24 @@ class ReproduceResult:
                 f"{len(self.curriculum)} samplers, trained {len(self.trained)} cells, report {self.report})")
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    try:
-        return int(TrainingHistory.load(run_dir).evals["step"].max()) >= steps
-    except (FileNotFoundError, KeyError, ValueError):
-        return False
-
-
 def _run(config: TrainConfig, run_dir: Path, trained: list[str], out: Path, device, progress: bool,
          train_missing: bool = True) -> TrainingHistory | None:
-    """Train a cell unless its run finished; returns its history (``None``: unfinished and not trained)."""
-    if not _finished(run_dir, config.steps):
+    """Train a cell unless it holds this cell's finished run; returns its history (``None``: unfinished and not
+    trained). The cell is checked by content (:meth:`factlens.bios.run.Run.finished`): a cell folder holding
+    another cell's run, a run of another schedule, or one patched from another reference is refused."""
+    if config.patch is not None:
+        try:
+            config = pin_reference(config)  # the reference (the control run) by its weights' checksum
+        except FactlensError:
+            if train_missing:
+                raise
+            return None  # the reference is not there yet: this cell cannot have finished
+    if not Run(run_dir).finished(config):
         if not train_missing:
             return None
         train(config, run_dir, device=device, progress=progress)
         trained.append(str(run_dir.relative_to(out)))
-    return TrainingHistory.load(run_dir)
+    return Run(run_dir).history
 
 
 def fit_power_law(n: Sequence[float], steps: Sequence[float]) -> dict:
@@ -396,7 +400,7 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
             path = out / f"{name}.png"
             for attempt in range(2):  # kaleido's Chrome sometimes fails its first page load: one retry
                 try:
-                    fig.write_image(path, scale=1.5)
+                    atomic_write(path, fig.to_image(format="png", scale=1.5))
                     result.pngs.append(path)
                     break
                 except Exception as exc:  # kaleido or Chrome missing: the HTML is the report
@@ -407,18 +411,12 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
                               "and a Chrome)." if failed else ""))
     else:
         result.png_note = "PNG export not requested."
-    _atomic_write(result.report, html.replace("{png_note}", result.png_note))
+    atomic_write(result.report, html.replace("{png_note}", result.png_note))
     summary = {"scale": result.scale, "fit": result.fit, "scaling": result.scaling.to_dict("records"),
                "patching": result.patching.to_dict("records"), "curriculum": result.curriculum.to_dict("records"),
                "trained": result.trained, "missing": result.missing, "wall_s": result.wall_s, "baseline": result.baseline}
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=float))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=float))
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["PAPER_FIT", "SCALES", "ReproduceResult", "Scale", "fit_power_law", "reproduce"]

@@ -16,15 +16,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from factlens.bios.config import TrainConfig
 from factlens.bios.data.batches import BiographyBatch, BiographyStream, eval_batches
 from factlens.bios.data.population import Population
-from factlens.bios.data.samplers import make_sampler
+from factlens.bios.data.samplers import Replay, make_sampler
 from factlens.bios.data.vocab import BiosVocab
-from factlens.bios.finetune import people_slice
-from factlens.bios.finetune import setup as finetune_setup
+from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
 from factlens.errors import ConfigError
 
 UNSEEN = "unseen_"  # the prefix of the hallucination metrics, computed on people the model never saw
@@ -51,7 +54,8 @@ class BiosTask:
 
     @classmethod
     def build(cls, config: TrainConfig, population: Population | None = None) -> BiosTask:
-        """The task of ``config`` (``population``: a pre-generated one of ``config.n_people`` people)."""
+        """The task of ``config`` (``population``: a pre-generated one of ``config.n_people`` people; for a
+        fine-tuning run, the pre-training run's people, checked against the fingerprint its config records)."""
         population = population or Population.generate(config.n_people, seed=config.data_seed,
                                                         pools=config.make_pools())
         if len(population) != config.n_people:
@@ -60,7 +64,7 @@ class BiosTask:
         vocab = BiosVocab(population.pools)
         seq_len = config.validate(vocab.max_biography_tokens())
         if config.finetune:
-            population, sampler, groups = finetune_setup(config, population)
+            population, sampler, groups = _finetune_setup(config, population)
         else:
             sampler = make_sampler(config.sampler, n=config.n_people, batch_size=config.batch_size)
             groups = {"": (0, len(population))}
@@ -74,5 +78,63 @@ class BiosTask:
                                              seed=config.data_seed + 1, split="train")
         return cls(population=population, vocab=vocab, seq_len=seq_len, stream=stream, eval_sets=eval_sets)
 
+    @torch.no_grad()
+    def evaluate(self, logits: Callable[[torch.Tensor], torch.Tensor],
+                 on_device: Callable[[BiographyBatch], BiographyBatch]) -> dict[str, float]:
+        """Attribute loss/accuracy on held-out templates per group; hallucination metrics on unseen people.
 
-__all__ = ["UNSEEN", "BiosTask"]
+        Args:
+            logits: ``tokens [batch, pos] -> logits [batch, pos, vocab]`` (the model's forward, patched or not).
+            on_device: moves (and trims) an evaluation batch to the model's device.
+        """
+        out: dict[str, float] = {}
+        for prefix, batches in self.eval_sets.items():
+            totals: dict[str, float] = {}
+            n = 0
+            for batch in batches:
+                batch = on_device(batch)
+                scores = logits(batch.tokens).float()
+                stats = {"attr_loss": float(attribute_loss(scores, batch)),
+                         "attr_acc": float(attribute_accuracy(scores, batch))}
+                if prefix == UNSEEN:
+                    summary = hallucination_metrics(scores, batch)
+                    stats.update(top_prob=float(summary["top_prob"]), entropy=float(summary["entropy"]))
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v * len(batch)
+                n += len(batch)
+            out.update({prefix + k: v / n for k, v in totals.items()} if n else {})
+        return out
+
+
+def trained_population(config: TrainConfig, population: Population) -> Population:
+    """The people a run of ``config`` trains on, from its base ``population`` (old and new for fine-tuning)."""
+    return _finetune_setup(config, population)[0] if config.finetune else population
+
+
+def _finetune_setup(config: TrainConfig, population: Population):
+    """(population, sampler, eval groups) for a fine-tuning run; eval groups map a prefix to people indices.
+
+    The old people must be the pre-training run's (their fingerprint is in the config): other people would be
+    measured as "old" although the model never saw them."""
+    ft = config.finetune
+    if ft.population_sha256 is not None and population.fingerprint() != ft.population_sha256:
+        raise ConfigError(
+            f"the old people of this fine-tuning run (fingerprint {population.fingerprint()}, from n_people="
+            f"{config.n_people}, data_seed={config.data_seed}) are not the pre-training run's "
+            f"({ft.population_sha256}): they would be measured as old although the model never saw them. Keep the "
+            "pre-training run's n_people, data_seed and pools (do not override them in finetune_config), or pass "
+            "population=Run(pretraining_run).population().")
+    new = population.unseen(ft.n_new, seed=ft.new_seed)
+    both = Population.concatenate([population, new])
+    sampler = Replay(len(population), ft.n_new, ft.old_weight)
+    return both, sampler, {"old_": (0, len(population)), "new_": (len(population), len(both))}
+
+
+def people_slice(population: Population, lo: int, hi: int) -> Population:
+    """People ``lo..hi-1`` of a population, as a population (for evaluating old and new people apart)."""
+    return dataclasses.replace(population, names=population.names[lo:hi], values=population.values[lo:hi],
+                               train_templates=population.train_templates[lo:hi],
+                               eval_templates=population.eval_templates[lo:hi])
+
+
+__all__ = ["UNSEEN", "BiosTask", "people_slice", "trained_population"]

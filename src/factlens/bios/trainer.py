@@ -2,7 +2,7 @@
 
 It trains a **plain HF GPT-2-architecture model** (stock HF layers on factlens's SDPA-when-unpatched attention,
 :mod:`factlens.attention`), not a TransformerLens bridge: the bridge costs 1.7-2x per step. The weights are
-the same, so any checkpoint opens as a bridge for analysis (:func:`factlens.bios.runs.load_bridge`).
+the same, so any checkpoint opens as a bridge for analysis (:meth:`factlens.bios.run.Run.bridge`).
 
 - Optimiser: AdamW (β = 0.9, 0.95; weight decay 0.1 on matrices, none on biases/norms), peak LR 4e-4,
   cosine decay to 1e-7 without warm-up; bf16 autocast on CUDA; optional ``torch.compile``.
@@ -10,8 +10,9 @@ the same, so any checkpoint opens as a bridge for analysis (:func:`factlens.bios
   and DDP ranks see exactly the batches a single uninterrupted run sees.
 - Data: a :class:`~factlens.bios.task.BiosTask` (population, vocabulary, stream, evaluation sets), built from
   the config alone; the memory the run needs is measured once at start-up (:mod:`factlens.bios.memory`).
-- The run directory is owned (:mod:`factlens.bios.rundir`): checked before anything is written, locked while
-  the run is in it. Checkpoints (model only) on the paper's schedule under ``out/checkpoints``; resume
+- The run directory is owned (:meth:`factlens.bios.run.Run.claim`): checked before anything is written, locked
+  while the run is in it. Every checkpoint records the fingerprint of the people trained on; people passed
+  explicitly (``population=``) are stored in ``out/population.npz``, so readers never rebuild other people. Checkpoints (model only) on the paper's schedule under ``out/checkpoints``; resume
   checkpoints (model + optimizer + RNG) under ``out/resume``, the last ``keep_resume`` kept; metrics in
   ``out/metrics.jsonl``, truncated to the resume point when a run resumes.
 - Divergence: a non-finite loss or weight stops the run at the next logging step or save with
@@ -55,13 +56,19 @@ from factlens.bios.config import (  # re-exported: the trainer's public configur
 )
 from factlens.bios.data.batches import BiographyBatch
 from factlens.bios.data.population import Population
-from factlens.bios.finetune import init_weights
-from factlens.bios.history import TrainingHistory, append_jsonl, truncate_metrics
-from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
+from factlens.bios.finetune import init_weights, pretraining_run
+from factlens.bios.history import TrainingHistory
 from factlens.bios.patching.training import AttentionPatcher
-from factlens.bios.rundir import RunDirectory
-from factlens.bios.runs import config_diff, run_config
-from factlens.bios.task import UNSEEN, BiosTask
+from factlens.bios.run import (
+    POPULATION,
+    Run,
+    append_jsonl,
+    config_diff,
+    pin_reference,
+    reference_checkpoint,
+    truncate_metrics,
+)
+from factlens.bios.task import BiosTask, people_slice
 from factlens.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -123,18 +130,27 @@ def _setup_device(device: str | torch.device | None) -> tuple[torch.device, int,
 class Trainer:
     """One training run: a :class:`~factlens.bios.task.BiosTask`, a model, its optimiser, and the run directory.
 
-    ``task`` defaults to ``BiosTask.build(config, population)``. Nothing is written before :meth:`run`.
+    ``task`` defaults to ``BiosTask.build(config, population)``; without ``population``, a resumed run takes
+    the people stored in its folder and a fine-tuning run the pre-training run's stored people, if any. A
+    patching reference is pinned (:func:`~factlens.bios.run.pin_reference`). Nothing is written before
+    :meth:`run`.
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, *, device: str | torch.device | None = None,
                  progress: bool = True, population: Population | None = None, task: BiosTask | None = None) -> None:
-        self.config, self.out = config, Path(out_dir)
+        self.out = Path(out_dir)
+        self.config = config = pin_reference(config)  # a reference that changed since the config was pinned: refused
         self.device, self.rank, self.world, self.own_dist = _setup_device(device)
         if config.batch_size % self.world:
             raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {self.world} ranks; pass a "
                               f"multiple of {self.world}.")
         self.progress = progress and self.rank == 0
+        if population is None and task is None:
+            population = self._stored_people()
+        self.people_given = population is not None or task is not None
         self.task = task or BiosTask.build(config, population)
+        base = people_slice(self.task.population, 0, config.n_people) if config.finetune else self.task.population
+        self.base_population = base  # the people before fine-tuning adds new ones: what the run stores
         self.raw_model = self._build_model()
         self.optimizer = self._make_optimizer()
         self.model, self.forward = self._wrap_model()
@@ -180,18 +196,30 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return model, torch.compile(model) if self.config.compile else model
 
+    def _stored_people(self) -> Population | None:
+        """People stored with the run (a resumed run trained on explicit people) or with the run it fine-tunes.
+
+        Stored people of another size are left alone: the run directory's check refuses that config anyway."""
+        if (self.out / POPULATION).exists():
+            stored = Population.load(self.out / POPULATION)
+            return stored if len(stored) == self.config.n_people else None
+        if self.config.finetune:
+            base = pretraining_run(self.config)
+            if (base.path / POPULATION).exists():
+                return base.population()
+        return None
+
     def _make_patcher(self) -> AttentionPatcher:
         patch = self.config.patch
-        if not (Path(patch.reference) / "manifest.json").exists():
-            run_config(patch.reference)  # a reference run whose checkpoints or config.json disagree is refused
-        reference = load_checkpoint(patch.checkpoint_dir()).build_model(self.device)
+        reference = load_checkpoint(reference_checkpoint(patch)).build_model(self.device)
         patcher = AttentionPatcher(self.raw_model, reference, layers=patch.layers, heads=patch.heads)
         if self.config.compile:
             patcher.reference_forward = torch.compile(reference)
         return patcher
 
-    def _sync_patching(self, step: int) -> None:
-        """Install the patcher once ``step`` reaches ``start_patching`` (resetting AdamW if asked)."""
+    def sync_patching(self, step: int) -> None:
+        """Install the patcher once ``step`` reaches ``start_patching`` (resetting AdamW exactly at that step if
+        the config asks), as the loop does before training step ``step``; a no-op otherwise."""
         patch = self.config.patch
         if patch is None or step < patch.start_patching or (self.patcher is not None and self.patcher.installed):
             return
@@ -265,22 +293,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Attribute loss/accuracy on held-out templates; hallucination metrics on unseen people."""
         self.raw_model.eval()
-        out: dict[str, float] = {}
-        for prefix, batches in self.task.eval_sets.items():
-            totals: dict[str, float] = {}
-            n = 0
-            for batch in batches:
-                batch = self._on_device(batch)
-                logits = self._logits(batch.tokens, self.raw_model).float()
-                stats = {"attr_loss": float(attribute_loss(logits, batch)),
-                         "attr_acc": float(attribute_accuracy(logits, batch))}
-                if prefix == UNSEEN:
-                    summary = hallucination_metrics(logits, batch)
-                    stats.update(top_prob=float(summary["top_prob"]), entropy=float(summary["entropy"]))
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v * len(batch)
-                n += len(batch)
-            out.update({prefix + k: v / n for k, v in totals.items()} if n else {})
+        out = self.task.evaluate(lambda tokens: self._logits(tokens, self.raw_model), self._on_device)
         self.raw_model.train()
         return out
 
@@ -305,7 +318,8 @@ class Trainer:
     def _save(self, step: int, resume: bool) -> None:
         if self.rank != 0:
             return
-        extra = {"seq_len": self.seq_len, "vocab_fingerprint": self.vocab.fingerprint}
+        extra = {"seq_len": self.seq_len, "vocab_fingerprint": self.vocab.fingerprint(),
+                 "population_sha256": self.base_population.fingerprint()}
         root = self.out / ("resume" if resume else "checkpoints")
         save_checkpoint(root, self.raw_model, step=step, config=self.config.to_dict(),
                         optimizer=self.optimizer if resume else None, data_seed=self.config.data_seed, extra=extra)
@@ -324,7 +338,7 @@ class Trainer:
                                   "use a new output directory, or the same config to resume it.")
         load_state(self.raw_model, ckpt.state, path)
         # The patcher (and, exactly at start_patching, the optimizer reset) is applied by the loop's
-        # _sync_patching at the resumed step, after this state is loaded, as in an uninterrupted run.
+        # sync_patching at the resumed step, after this state is loaded, as in an uninterrupted run.
         state = ckpt.training_state()
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -349,7 +363,10 @@ class Trainer:
             if self.rank == 0:
                 try:
                     needed, what = self._storage_needed()
-                    stack.enter_context(RunDirectory(self.out, self.config).claim(needed=needed, what=what))
+                    run = stack.enter_context(Run(self.out).claim(self.config, needed=needed, what=what,
+                                                                  people=self.base_population.fingerprint()))
+                    if self.people_given and not (run.path / POPULATION).exists():
+                        self.base_population.save(run.path / POPULATION)  # readers must not rebuild other people
                 except FactlensError as err:
                     refused = err
             if self.world > 1:
@@ -363,7 +380,7 @@ class Trainer:
 
     def _finished(self) -> bool:
         """Whether the run in the directory already ran to the end (then a re-run writes nothing)."""
-        return self.step == self.config.steps and RunDirectory(self.out, self.config).finished()
+        return self.step == self.config.steps and Run(self.out).finished(self.config)
 
     def run(self) -> TrainingHistory:
         """Train to ``config.steps`` (resuming if possible), evaluating and checkpointing on schedule."""
@@ -379,7 +396,7 @@ class Trainer:
             self.patcher.remove()
         if self.own_dist:
             dist.destroy_process_group()
-        return TrainingHistory.load(self.out) if self.rank == 0 else None
+        return Run(self.out).history if self.rank == 0 else None
 
     def _log_train(self, window: list[torch.Tensor], tokens_per_s: float) -> str:
         """Append the training record of the last ``log_every`` steps; returns the memory line for the bar."""
@@ -399,7 +416,7 @@ class Trainer:
         postfix: dict[str, str] = {}
         t0, tokens_seen = time.perf_counter(), 0
         for step in range(self.step, cfg.steps + 1):
-            self._sync_patching(step)
+            self.sync_patching(step)
             if step in schedule:
                 self.check_finite(step, window)
                 record = {"kind": "eval", "step": step, **self.evaluate()}

@@ -62,19 +62,15 @@ def _existing_run(path: str) -> Path:
 
 
 def _write_curves(history, out: Path) -> None:
-    from factlens.checkpoints import storage_errors
-
-    fig = history.plot()
-    with storage_errors(out / "curves.html"):
-        fig.write_html(out / "curves.html")
-    with contextlib.suppress(Exception):  # kaleido/Chrome not installed: the HTML is the figure
-        fig.write_image(out / "curves.png")
+    _write_curves_fig(history.plot(), out)
 
 
 def _write_curves_fig(fig, out: Path) -> None:
-    fig.write_html(out / "curves.html")
+    from factlens.storage import atomic_write
+
+    atomic_write(out / "curves.html", fig.to_html())
     with contextlib.suppress(Exception):  # kaleido/Chrome not installed: the HTML is the figure
-        fig.write_image(out / "curves.png")
+        atomic_write(out / "curves.png", fig.to_image(format="png"))
 
 
 def _summarise(history) -> str:
@@ -86,12 +82,12 @@ def _summarise(history) -> str:
 
 
 def cmd_train(args: argparse.Namespace, config=None) -> int:
-    from factlens.bios.rundir import RunDirectory
+    from factlens.bios.run import Run, pin_reference
     from factlens.bios.trainer import train
 
-    config = config or _train_config(args)
+    config = pin_reference(config or _train_config(args))  # a patching reference by its checksum
     out = Path(args.out)
-    RunDirectory(out, config).check()  # refuse a bad --out before building anything
+    Run(out).check(config)  # refuse a bad --out before building anything
     t0 = time.perf_counter()
     history = train(config, out, device=args.device, progress=not args.quiet)
     _write_curves(history, out)
@@ -120,14 +116,13 @@ def demo_figure(history, phases: dict):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from factlens.bios.history import TrainingHistory
-    from factlens.bios.phases import three_phases
+    from factlens.bios.run import Run
 
     args.preset = "demo"
     t0 = time.perf_counter()
     code = cmd_train(args)
-    history = TrainingHistory.load(args.out)
-    p = three_phases(history)
+    run = Run(args.out)
+    history, p = run.history, run.phases()
     fig = demo_figure(history, p)
     _write_curves_fig(fig, Path(args.out))
     if p["drop_end"] is None:
@@ -147,8 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from factlens.bios.config import reference_config
     from factlens.bios.patching.config import PatchConfig
+    from factlens.bios.run import reference_config
 
     patch = PatchConfig(reference=args.reference, reference_step=args.reference_step, start_patching=args.start,
                         reset_optimizer=not args.keep_optimizer)
@@ -160,8 +155,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from factlens.bios.config import reference_config
     from factlens.bios.patching.grid import run_grid
+    from factlens.bios.run import reference_config
 
     if args.reference:  # reuse it; its config is the grid's unless --preset/overrides say otherwise (then refused)
         config = _train_config(args, reference_config(args.reference))
@@ -176,23 +171,25 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from factlens.bios.runs import checkpoint_path, run_config
-    from factlens.bios.trainer import Trainer
-    from factlens.checkpoints import load_checkpoint, load_state
+    from factlens.bios.run import Run
 
-    config = run_config(_existing_run(args.run))  # from the checkpoints' manifests; a disagreeing config.json is refused
-    trainer = Trainer(config, Path(args.run), device=args.device, progress=False)
-    ckpt = load_checkpoint(checkpoint_path(args.run, args.step))
-    load_state(trainer.raw_model, ckpt.state, ckpt.path)
-    trainer._sync_patching(ckpt.step)
-    print(json.dumps({"step": ckpt.step, **trainer.evaluate()}, indent=1))
+    run = Run(_existing_run(args.run))
+    step = run.checkpoint(args.step, tensors=False).step  # refuses a step the run has not saved, naming them
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    print(json.dumps({"step": step, **run.evaluate(step, device=device)}, indent=1))
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    from factlens.bios.history import TrainingHistory
+def _cuda() -> bool:
+    import torch
 
-    history = TrainingHistory.load(_existing_run(args.run))
+    return torch.cuda.is_available()
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from factlens.bios.run import Run
+
+    history = Run(_existing_run(args.run)).history
     _write_curves(history, Path(args.run))
     print(f"{args.run}: {_summarise(history)}; figure {Path(args.run) / 'curves.html'}")
     return 0
@@ -200,11 +197,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from factlens.bios.patching.circuits import attention_to_name
+    from factlens.storage import atomic_write
 
     result = attention_to_name(_existing_run(args.run), n_sequences=args.sequences, device=args.device or "cpu",
                                progress=not args.quiet)
-    result.to_dataframe().to_csv(Path(args.run) / "attention_to_name.csv", index=False)
-    result.plot().write_html(Path(args.run) / "attention_to_name.html")
+    atomic_write(Path(args.run) / "attention_to_name.csv", result.to_dataframe().to_csv(index=False))
+    atomic_write(Path(args.run) / "attention_to_name.html", result.plot().to_html())
     print(f"wrote {Path(args.run) / 'attention_to_name.html'}")
     return 0
 

@@ -60,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             table = mitigation_table(model, shots=args.shots)
             target.mkdir(parents=True, exist_ok=True)
+            from factlens.storage import atomic_write
+
             table.to_csv(target / "mitigation.csv")
-            (target / "mitigation.md").write_text(table.to_markdown())
-            table.plot().write_html(target / "mitigation.html")
+            atomic_write(target / "mitigation.md", table.to_markdown())
+            atomic_write(target / "mitigation.html", table.plot().to_html())
             print(f"{name}:\n{table.to_markdown()}\nwritten to {target}")
         del model
     return 0

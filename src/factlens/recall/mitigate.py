@@ -65,6 +65,7 @@ from factlens.recall.metrics import (
 from factlens.recall.mlp_decomposition import MLPActivations, capture_mlp_activations
 from factlens.recall.relations import CAPITALS, Relation
 from factlens.resources import memory_usage, track
+from factlens.storage import atomic_write
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -441,9 +442,7 @@ class MitigationTable(ResultDisplay):
         return "\n".join(lines)
 
     def to_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        self.rows.to_csv(path, index=False)
-        return path
+        return atomic_write(path, self.rows.to_csv(index=False))
 
     def plot(self, title: str | None = None) -> go.Figure:
         """Grouped bars: mean P(answer) per shots setting, one bar per method; paper values as markers."""

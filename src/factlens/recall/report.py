@@ -37,6 +37,7 @@ from factlens.recall.movers import MoverResult, mover_scores
 from factlens.recall.path_patching import PathPatchingResult, path_patch
 from factlens.recall.relations import CAPITALS, Relation
 from factlens.recall.report_html import model_info, render_html
+from factlens.storage import atomic_write
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -102,7 +103,7 @@ class CapitalsReport(ResultDisplay):
         files: list[tuple[str, Path]] = []
 
         def table(name: str, df: pd.DataFrame, label: str) -> None:
-            df.to_csv(out / name, index=False)
+            atomic_write(out / name, df.to_csv(index=False))
             files.append((label, out / name))
 
         table("prompts.csv", self.dataset.to_dataframe(), "prompts (CSV)")
@@ -119,9 +120,9 @@ class CapitalsReport(ResultDisplay):
         table("final_layer_tokens.csv", self.final_layer.promoted, "tokens the last layer promotes (CSV)")
         self.mitigation.to_csv(out / "mitigation.csv")
         files.append(("mitigation table (CSV)", out / "mitigation.csv"))
-        (out / "mitigation.md").write_text(self.mitigation.to_markdown() + "\n")
+        atomic_write(out / "mitigation.md", self.mitigation.to_markdown() + "\n")
         files.append(("mitigation table (markdown)", out / "mitigation.md"))
-        (out / "summary.md").write_text(self.to_markdown() + "\n")
+        atomic_write(out / "summary.md", self.to_markdown() + "\n")
         files.append(("summary (markdown)", out / "summary.md"))
         render_html(self, out / "report.html", files=[p.name for _, p in files])
         self.files = [p for _, p in files] + [out / "report.html"]

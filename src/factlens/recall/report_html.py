@@ -29,6 +29,7 @@ import torch
 
 from factlens.display import fmt
 from factlens.loading import is_compat, is_twin
+from factlens.storage import atomic_write
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -236,10 +237,7 @@ def render_html(report, path: str | Path | None = None, *, model_info: dict[str,
     page = env.get_template(TEMPLATE).render(meta=_meta(report, info), summary=_summary_rows(report), sections=secs,
                                              notes=report.notes, files=list(files))
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(path, page)
     return page
 
 

@@ -9,10 +9,11 @@ attribute of a trained run's population into a :class:`~factlens.recall.relation
 position that predicts it.
 
 Example:
-    >>> from factlens.bios.runs import load_bridge, run_population
-    >>> population, vocab = run_population("out/demo")                                  # doctest: +SKIP
+    >>> from factlens.bios.run import Run
+    >>> run = Run("out/demo")
+    >>> population, vocab = run.population(), run.vocab()                               # doctest: +SKIP
     >>> data = bios_relation_dataset(population, vocab, "birth_place", n=128)          # doctest: +SKIP
-    >>> model = load_bridge("out/demo")                                                 # doctest: +SKIP
+    >>> model = run.bridge()                                                            # doctest: +SKIP
 """
 
 from __future__ import annotations

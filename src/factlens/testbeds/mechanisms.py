@@ -32,8 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,8 +46,7 @@ from factlens.bios.data.batches import eval_batches
 from factlens.bios.data.pools import ATTRIBUTES, MONTHS, attribute_index, no_knowledge_baseline
 from factlens.bios.metrics import attribute_metrics
 from factlens.bios.phases import ratio_phases
-from factlens.bios.runs import load_bridge, run_population
-from factlens.checkpoints import list_checkpoints
+from factlens.bios.run import METRICS, Run
 from factlens.errors import CheckpointError, ConfigError
 from factlens.recall.decompose import project_to_vocab
 from factlens.recall.final_layer import final_layer_names, split_from_run
@@ -58,6 +55,7 @@ from factlens.recall.mlp_decomposition import MLPActivations, decompose_from_act
 from factlens.recall.movers import MoverResult, pearson
 from factlens.recall.path_patching import path_patch
 from factlens.resources import track
+from factlens.storage import atomic_write
 from factlens.testbeds.bios_recall import bios_relation_dataset
 
 if TYPE_CHECKING:
@@ -198,21 +196,19 @@ class MechanismsResult:
         return plot_mechanisms(self, title)
 
 
-def _logged_losses(run_dir: Path) -> dict[int, float]:
+def _logged_losses(run: Run) -> dict[int, float]:
     """step → attribute loss from the run's ``metrics.jsonl`` evaluation records (empty when absent)."""
-    if not (run_dir / "metrics.jsonl").exists():
+    if not (run.path / METRICS).exists():
         return {}
-    from factlens.bios.history import TrainingHistory
-
-    evals = TrainingHistory.load(run_dir).evals
+    evals = run.history.evals
     if "attr_loss" not in evals:
         return {}
     return dict(zip(evals["step"].astype(int).tolist(), evals["attr_loss"].astype(float).tolist()))
 
 
-def _loss_curve(run_dir: Path, steps: list[int], computed: list[float]) -> tuple[list[int], list[float]]:
+def _loss_curve(run: Run, steps: list[int], computed: list[float]) -> tuple[list[int], list[float]]:
     """The loss curve for the phases: every logged evaluation when there are more than analysed steps."""
-    logged = _logged_losses(run_dir)
+    logged = _logged_losses(run)
     if len(logged) > len(steps):
         return sorted(logged), [logged[s] for s in sorted(logged)]
     return steps, computed
@@ -239,12 +235,9 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise CheckpointError(f"{run_dir} has no config.json; pass a run directory written by "
-                              f"`factlens bios train --out {run_dir}`")
-    available = list_checkpoints(run_dir / "checkpoints")
-    if not available:
-        raise CheckpointError(f"{run_dir} has no checkpoints; train it first (factlens bios train --out {run_dir})")
+    run = Run(run_dir)
+    run.config  # noqa: B018 - validates the run once (RunNotFoundError naming the fix when there is none)
+    available = run.steps
     steps = list(available if steps is None else steps)
     missing = sorted(set(steps) - set(available))
     if missing:
@@ -255,16 +248,16 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
     if min(n, top, k, n_sequences) < 1:
         raise ConfigError(f"n={n}, top={top}, k={k}, n_sequences={n_sequences}; pass values >= 1")
 
-    population, vocab = run_population(run_dir)
+    population, vocab = run.population(), run.vocab()
     datasets = {a: bios_relation_dataset(population, vocab, a, n=n, seed=seed) for a in attrs}
     counterfactuals = {a: ds.counterfactual(seed) for a, ds in datasets.items()}
     value_ids = {a: value_first_tokens(population, vocab, a) for a in attrs}
     baseline = no_knowledge_baseline(population.pools)
-    logged = _logged_losses(run_dir)
+    logged = _logged_losses(run)
     batches = None
     values, finals, losses, head_rows = [], [], [], []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
-        model = load_bridge(run_dir, step, device)
+        model = run.bridge(step, device)
         if step in logged:
             losses.append(logged[step])
         else:  # no metrics.jsonl record: measure the attribute loss on held-out biographies
@@ -284,7 +277,7 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
         finals.append(row_f)
     import pandas as pd
 
-    loss_steps, curve = _loss_curve(run_dir, steps, losses)
+    loss_steps, curve = _loss_curve(run, steps, losses)
     drop, plateau = ratio_phases(loss_steps, curve, baseline)
     return MechanismsResult(steps=steps, attributes=attrs, values=torch.tensor(values, dtype=torch.float64),
                             final_logit=torch.tensor(finals, dtype=torch.float64), top_heads=pd.DataFrame(head_rows),
@@ -365,19 +358,6 @@ def span_attention(run, dataset, n_layers: int) -> Float[torch.Tensor, "layer he
                         for layer in range(n_layers)])  # [L, H]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; these are ordinary results
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def check_out(out: str | Path) -> Path:
     """The output folder, refused (ConfigError) when it is an existing file."""
     out = Path(out)
@@ -403,7 +383,7 @@ def write_mechanisms(result: MechanismsResult, out: str | Path, *, png: bool = T
             files["mechanisms.png"] = fig.to_image(format="png", scale=1)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        _write_atomic(out / name, data)
+        atomic_write(out / name, data)
     return [out / name for name in files]
 
 

@@ -26,9 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from jaxtyping import Int
 from factlens.bios.data.pools import ATTRIBUTES, LIST_FIELDS, N_DAYS, Pools
 from factlens.bios.data.templates import N_TEMPLATES, render_template
 from factlens.errors import CheckpointError, ConfigError
+from factlens.storage import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -242,7 +243,7 @@ class Population:
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the population and its pools to a ``.npz`` file atomically (temp file + ``os.replace``)."""
+        """Write the population and its pools to a ``.npz`` file atomically (:func:`factlens.storage.atomic_write`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {
@@ -260,15 +261,7 @@ class Population:
             arrays[f"pool_{name}"] = np.asarray(getattr(self.pools, name), dtype=np.str_)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(buffer.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Population:
@@ -298,6 +291,27 @@ class Population:
             pools=pools,
             seed=int(data["seed"]),
         )
+
+    def fingerprint(self) -> str:
+        """Short sha256 of who the people are (names, values, template splits, pools); computed once.
+
+        Two populations with equal fingerprints are the same people (:meth:`equals`); runs record it in every
+        checkpoint so that readers can check they rebuilt the people the run was trained on.
+
+        Example:
+            >>> a, b = Population.generate(8, seed=0), Population.generate(8, seed=1)
+            >>> a.fingerprint() == Population.generate(8, seed=0).fingerprint(), a.fingerprint() == b.fingerprint()
+            (True, False)
+        """
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            h = hashlib.sha256(self.pools.fingerprint().encode())
+            for name in ("names", "values", "train_templates", "eval_templates"):
+                array = np.ascontiguousarray(getattr(self, name), dtype=np.int64)
+                h.update(f"{name}{array.shape}".encode() + array.tobytes())
+            cached = h.hexdigest()[:16]
+            object.__setattr__(self, "_fingerprint", cached)
+        return cached
 
     def equals(self, other: Population) -> bool:
         """True when both populations hold identical arrays and pools."""

@@ -30,8 +30,7 @@ from jaxtyping import Float
 
 from factlens.bios.data.batches import BiographyBatch, eval_batches
 from factlens.bios.patching.references import Reference
-from factlens.bios.runs import checkpoint_path, load_hf, run_population
-from factlens.checkpoints import list_checkpoints, load_checkpoint
+from factlens.bios.run import Run
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.resources import track
@@ -122,9 +121,9 @@ class AttentionToNameResult(ResultDisplay):
         return fig
 
 
-def _seq_len(run_dir: str | Path, step: int) -> int:
+def _seq_len(run: Run, step: int) -> int:
     """The run's training sequence length (stored in every checkpoint), else the model's context."""
-    ckpt = load_checkpoint(checkpoint_path(run_dir, step), verify=False, load_tensors=False)
+    ckpt = run.checkpoint(step, tensors=False)
     seq_len = ckpt.manifest.get("extra", {}).get("seq_len")
     if seq_len is None:
         hf = ckpt.manifest["hf_config"]
@@ -140,17 +139,18 @@ def attention_to_name(run_dir: str | Path, steps: Sequence[int] | None = None, *
     Works on GPT-2 and OPT runs alike; ``steps`` defaults to every checkpoint of the run, and every step is
     checked (it must be a saved checkpoint) before any model is loaded.
     """
+    run = Run(run_dir)
     if steps is not None and not len(steps):
         raise ConfigError("steps=[] measures nothing; omit steps to measure every checkpoint, or list the "
-                          f"checkpoint steps to measure (available: {list_checkpoints(Path(run_dir) / 'checkpoints')}).")
-    steps = list(steps) if steps is not None else list_checkpoints(Path(run_dir) / "checkpoints")
+                          f"checkpoint steps to measure (available: {run.steps}).")
+    steps = list(steps) if steps is not None else run.steps
     for step in steps:
-        checkpoint_path(run_dir, step)  # a missing step is refused before any work, with the available ones
-    population, vocab = run_population(run_dir)
-    batches = eval_batches(population, vocab, n_sequences, batch_size, seq_len=_seq_len(run_dir, steps[0]), seed=1234)
+        run.checkpoint_dir(step)  # a missing step is refused before any work, with the available ones
+    population, vocab = run.population(), run.vocab()
+    batches = eval_batches(population, vocab, n_sequences, batch_size, seq_len=_seq_len(run, steps[0]), seed=1234)
     values = []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
-        ref = Reference.from_model(load_hf(run_dir, step, device))
+        ref = Reference.from_model(run.hf(step, device))
         acc = torch.zeros(ref.n_layers, len(CIRCUITS))
         for batch in batches:
             acc += circuit_attention(ref.patterns(batch.tokens.to(device)), batch) * len(batch)

@@ -8,55 +8,15 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from factlens.checkpoints import MANIFEST, list_checkpoints, load_checkpoint, step_dir
-from factlens.errors import CheckpointError, ConfigError
+from factlens.errors import ConfigError
 
 
 def _is_step(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def reference_checkpoint(reference: str | Path, step: int | None = None) -> Path:
-    """The checkpoint directory a reference names: a checkpoint directory, or a run directory's checkpoint at ``step``.
-
-    Refuses, naming the fix: a path that does not exist or holds no checkpoints, a run directory without
-    ``step``, a step the run has not saved (saying how far a run still being written has got), and a
-    checkpoint directory paired with another ``step``.
-
-    Example:
-        >>> reference_checkpoint("runs/ref", 10)                          # doctest: +SKIP
-        PosixPath('runs/ref/checkpoints/step_0000010')
-    """
-    path = Path(reference)
-    if (path / MANIFEST).exists():
-        own = load_checkpoint(path, verify=False, load_tensors=False).step
-        if step is not None and step != own:
-            raise ConfigError(f"reference_step={step} but {path} is the checkpoint of step {own}; drop reference_step, "
-                              f"or pass the run directory ({path.parent.parent}) with reference_step={step}.")
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"the reference {path} does not exist; pass a run directory trained by factlens "
-                              "(factlens bios train --out DIR) or one of its checkpoints/step_NNNNNNN directories.")
-    root = path / "checkpoints"
-    steps = list_checkpoints(root)
-    if not steps:
-        raise CheckpointError(f"the reference {path} holds no checkpoints; pass a run directory trained by factlens "
-                              "(factlens bios train --out DIR), or wait until it has saved its first checkpoint.")
-    if step is None:
-        raise ConfigError(f"{path} is a run directory; pass reference_step (--reference-step) to choose one of its "
-                          f"checkpoints: {steps}.")
-    if step not in steps:
-        total = load_checkpoint(step_dir(root, steps[-1]), verify=False, load_tensors=False).config.get("steps")
-        if total is not None and steps[-1] < total and step <= total:
-            raise CheckpointError(f"{path} has no checkpoint at step {step} yet: the run has reached step {steps[-1]} "
-                                  f"of {total} (still training, or interrupted). Let it finish (factlens bios train "
-                                  f"resumes it) and retry, or pick a saved step; available: {steps}")
-        raise CheckpointError(f"{path} has no checkpoint at step {step}; pick a step on its checkpoint schedule, "
-                              f"available: {steps}")
-    return step_dir(root, step)
 
 
 def _check_indices(name: str, values: list[int] | None, negative_ok: bool) -> None:
@@ -78,8 +38,10 @@ class PatchConfig:
     """Attention patching from a reference checkpoint (Zucchet et al. §2.2).
 
     Every field is checked when the config is built, and :meth:`check_steps` checks ``start_patching``
-    against the run's length; the reference itself (it exists, has the checkpoint, has this architecture)
-    is checked by the trainer before step 0.
+    against the run's length. ``reference`` is made absolute when the config is built, so a run's stored
+    config names the same folder wherever it is read from; the reference itself (it exists, has the
+    checkpoint, has this architecture) is checked, and its weights' checksum pinned, by the trainer before
+    step 0 (:func:`factlens.bios.run.pin_reference`), and a reference that changed since is refused.
 
     Example:
         >>> PatchConfig(reference="runs/ref", reference_step=8000, start_patching=0).layers is None
@@ -97,6 +59,7 @@ class PatchConfig:
             ``== reference_step`` freezes attention at that step); below the run's ``steps``.
         layers / heads: which 0-based layers and heads to patch (default all; ``-1`` = the last layer).
         reset_optimizer: re-initialise AdamW's state when patching starts (as in the paper).
+        reference_sha256: the reference checkpoint's weights' checksum, filled in when the run starts.
     """
 
     reference: str
@@ -105,6 +68,7 @@ class PatchConfig:
     layers: list[int] | None = None
     heads: list[int] | None = None
     reset_optimizer: bool = True
+    reference_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.reference, Path):
@@ -112,6 +76,7 @@ class PatchConfig:
         if not isinstance(self.reference, str) or not self.reference:
             raise ConfigError(f"reference={self.reference!r}: pass the reference run directory (or one of its "
                               "checkpoints/step_NNNNNNN directories).")
+        self.reference = os.path.abspath(self.reference)  # resolved now: relative to where the config is built
         start = self.start_patching
         if not _is_step(start):
             raise ConfigError(f"start_patching={start!r} is not a step; pass a whole number >= 0 "
@@ -134,9 +99,6 @@ class PatchConfig:
                               f"so the run would train unpatched; use 0..{steps - 1} (0 patches the whole run), or "
                               "train for more steps.")
 
-    def checkpoint_dir(self) -> Path:
-        """The reference checkpoint's directory (see :func:`reference_checkpoint`)."""
-        return reference_checkpoint(self.reference, self.reference_step)
 
 
-__all__ = ["PatchConfig", "reference_checkpoint"]
+__all__ = ["PatchConfig"]

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from factlens.bios.config import PatchConfig, TrainConfig, reference_config
-from factlens.bios.history import TrainingHistory
-from factlens.bios.rundir import RunDirectory
+from factlens.bios.config import TrainConfig
+from factlens.bios.patching.config import PatchConfig
+from factlens.bios.run import Run, pin_reference, reference_config
 from factlens.bios.trainer import train
-from factlens.checkpoints import list_checkpoints
 from factlens.display import ResultDisplay
 from factlens.errors import CheckpointError, ConfigError
+from factlens.storage import atomic_write
 
 
 @dataclass
@@ -69,7 +69,7 @@ class GridResult(ResultDisplay):
 
 
 def _summary(run_dir: Path) -> dict:
-    history = TrainingHistory.load(run_dir)
+    history = Run(run_dir).history
     final = history.final
     return {"attr_loss": final["attr_loss"], "attr_acc": final["attr_acc"], "plateau_end": history.plateau_end(),
             "run_dir": str(run_dir)}
@@ -94,8 +94,8 @@ def _reference(reference: str | Path, config: TrainConfig | None, out: Path) -> 
         raise ConfigError(f"the grid's config differs from the reference run's in {fields}; every cell must share "
                           "the reference's initialisation and data stream. Pass config=None (on the command line: "
                           "no --preset or overrides) to take the reference's, or omit reference to train one.")
-    saved = set(list_checkpoints(ref_dir / "checkpoints"))
-    if not RunDirectory(ref_dir, config).finished():
+    saved = set(Run(ref_dir).steps)
+    if not Run(ref_dir).finished(config):
         raise CheckpointError(f"the reference run {ref_dir} has reached step {max(saved)} of {config.steps} (still "
                               "training, or interrupted); let it finish (factlens bios train with its settings and "
                               f"--out {ref_dir} resumes it), then run the grid.")
@@ -138,7 +138,7 @@ def run_grid(config: TrainConfig | None, out_dir: str | Path, *, reference_steps
     if bad or not len(start_steps):
         raise ConfigError(f"start steps {list(bad or start_steps)} are not training steps of this {config.steps}-step "
                           f"run; use 0..{config.steps - 1} (0 patches the whole run).")
-    if reference is None and not RunDirectory(ref_dir, config).finished():  # refuses another config's run
+    if reference is None and not Run(ref_dir).finished(config):  # refuses another config's run
         train(config, ref_dir, device=device, progress=progress)
     rows = []
     for ref in reference_steps:
@@ -150,12 +150,12 @@ def run_grid(config: TrainConfig | None, out_dir: str | Path, *, reference_steps
             cell = out / f"ref{ref}_start{start}"
             patch = PatchConfig(reference=str(ref_dir), reference_step=ref, start_patching=start,
                                 reset_optimizer=reset_optimizer)
-            cell_config = dataclasses.replace(config, patch=patch)
-            if not RunDirectory(cell, cell_config).finished():
+            cell_config = pin_reference(dataclasses.replace(config, patch=patch))  # the reference by content
+            if not Run(cell).finished(cell_config):  # a cell holding another cell's run (or schedule) is refused
                 train(cell_config, cell, device=device, progress=progress)
             rows.append({"reference_step": ref, "start_patching": start, **_summary(cell)})
     out.mkdir(parents=True, exist_ok=True)
     result = GridResult(pd.DataFrame(rows), _summary(ref_dir))
-    result.table.to_csv(out / "grid.csv", index=False)
-    result.plot().write_html(out / "grid.html")
+    atomic_write(out / "grid.csv", result.table.to_csv(index=False))
+    atomic_write(out / "grid.html", result.plot().to_html())
     return result

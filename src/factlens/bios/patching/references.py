@@ -18,7 +18,7 @@ Example:
     >>> model = factlens.tiny("gpt2", compat=True)
     >>> tokens = model.to_tokens("The capital of France is")
     >>> ref = Reference.from_checkpoint("runs/demo", step=1000)              # doctest: +SKIP
-    >>> model = factlens.bios.runs.load_bridge("runs/demo", step=100)    # doctest: +SKIP
+    >>> model = factlens.bios.run.Run("runs/demo").bridge(100)    # doctest: +SKIP
     >>> logits = patched_forward(model, tokens, ref)                         # doctest: +SKIP
 """
 
@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 
-from factlens.bios.config import reference_checkpoint
 from factlens.bios.patching.training import PatternRecorder
-from factlens.bios.runs import run_config
+from factlens.bios.run import reference_checkpoint
 from factlens.checkpoints import load_checkpoint
 from factlens.errors import ArchitectureMismatchError, ConfigError, ShapeError
 from factlens.hooks import intervene, patch_pattern
@@ -102,9 +101,7 @@ class Reference:
     @classmethod
     def from_checkpoint(cls, path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> Reference:
         """From a factlens training checkpoint (``.../step_0001000``) or a run directory and ``step``."""
-        if (Path(path) / "checkpoints").is_dir():
-            run_config(path)  # a run whose checkpoints or config.json disagree is refused
-        path = reference_checkpoint(path, step)
+        path = reference_checkpoint(path, step)  # a run whose checkpoints or config.json disagree is refused
         ckpt = load_checkpoint(path)
         return cls.from_model(ckpt.build_model(device), description=f"checkpoint {path}")
 

@@ -1,0 +1,120 @@
+"""Writing files safely: one atomic write, the umask's permissions, full or read-only disks as factlens errors.
+
+Every file factlens writes for a later step to read (checkpoint manifests, ``config.json``, populations,
+reports, tables, figures) goes through :func:`atomic_write`: the bytes go to a temporary sibling, are
+``fsync``-ed, get the mode a plain ``open`` would give (``0o666 & ~umask``; ``mkstemp`` alone makes them
+private), and replace the target with ``os.replace``. A crash at any point leaves the old file (or none) under
+the final name and no temporary file behind; a full disk or a read-only directory raises
+:class:`~factlens.errors.StorageError` naming the path, the space needed and the fix.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from factlens.storage import atomic_write
+    >>> path = atomic_write(Path(tempfile.mkdtemp()) / "table.csv", "a,b\\n1,2\\n")
+    >>> path.read_text()
+    'a,b\\n1,2\\n'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from factlens.errors import StorageError
+
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_default(path: str | Path, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (``mkstemp``/``mkdtemp`` make it private)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent); ``None`` if unknown."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk or an unwritable directory while writing ``path`` into a
+    :class:`~factlens.errors.StorageError` that names the path, the space needed and the fix.
+
+    Example:
+        >>> import errno
+        >>> from factlens.errors import StorageError
+        >>> from factlens.storage import storage_errors
+        >>> try:
+        ...     with storage_errors("runs/x/metrics.jsonl", needed=2**20):
+        ...         raise OSError(errno.ENOSPC, "No space left on device")
+        ... except StorageError as err:
+        ...     print(str(err)[:60])
+        cannot write runs/x/metrics.jsonl: no space left on the devi
+    """
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, StorageError) or err.errno not in (*_NO_SPACE, *_NOT_WRITABLE):
+            raise
+        raise storage_error(path, err, needed) from err
+
+
+def storage_error(path: str | Path, err: OSError, needed: int | None = None) -> StorageError:
+    """The :class:`~factlens.errors.StorageError` for ``err`` raised while writing ``path``."""
+    from factlens.resources import format_bytes
+
+    if err.errno in _NO_SPACE:
+        free = free_bytes(path)
+        have = f"{format_bytes(free)} free" if free is not None else "free space unknown"
+        want = f"; this write needs about {format_bytes(needed)}" if needed else ""
+        return StorageError(f"cannot write {path}: no space left on the device ({have}{want}). Free some space "
+                            "or write to a directory on another disk (out_dir / --out).")
+    return StorageError(f"cannot write {path}: {err.strerror or 'permission denied'} (the directory is read-only "
+                        "or not yours). Pass a writable directory (out_dir / --out) or fix its permissions.")
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically, with the umask's mode; returns ``path``.
+
+    The parent directory must exist. See the module docstring for the guarantees.
+    """
+    path = Path(path)
+    blob = data.encode() if isinstance(data, str) else bytes(data)
+    with storage_errors(path, len(blob)):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            chmod_default(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return path
+
+
+__all__ = ["atomic_write", "chmod_default", "free_bytes", "storage_error", "storage_errors", "umask"]
