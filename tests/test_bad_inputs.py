@@ -231,7 +231,8 @@ def _foreign_dir(kind: str):
 
 
 def _locked():
-    from factlens.bios.run import LOCK, RunLock
+    from factlens.bios.run import LOCK
+    from factlens.storage import FolderLock as RunLock
 
     out = _finished_run()
     with RunLock(out / LOCK):

@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 
 import factlens
 from factlens.bios.data.population import Population
-from factlens.bios.run import LOCK, Run, RunLock
+from factlens.bios.run import LOCK, Run
 from factlens.bios.trainer import TrainConfig, Trainer, train
 from factlens.checkpoints import list_checkpoints, load_checkpoint
 from factlens.errors import CheckpointError, ConfigError, DivergenceError, StorageError
+from factlens.storage import FolderLock as RunLock
 
 POOLS = dict(first_names=20, last_names=20, cities=10, universities=6, majors=5, companies=6, years=10)
 POPULATION = Population.generate(16, seed=0, pools=TrainConfig.preset("tiny", pools=POOLS).make_pools())

@@ -1,4 +1,5 @@
-"""Writing files safely: one atomic write, the umask's permissions, full or read-only disks as factlens errors.
+"""Writing files safely: one atomic write, the umask's permissions, full or read-only disks as factlens errors,
+and a lock for a folder that one writer owns (:class:`FolderLock`).
 
 Every file factlens writes for a later step to read (checkpoint manifests, ``config.json``, populations,
 reports, tables, figures) goes through :func:`atomic_write`: the bytes go to a temporary sibling, are
@@ -19,14 +20,25 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from factlens.errors import StorageError
+from factlens.errors import CheckpointError, StorageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: an O_EXCL lock file with a dead-PID check
+    fcntl = None
+
+_log = logging.getLogger("factlens")
 
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -117,4 +129,99 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-__all__ = ["atomic_write", "chmod_default", "free_bytes", "storage_error", "storage_errors", "umask"]
+class FolderLock:
+    """An exclusive lock on a folder that one writer owns (``with FolderLock(folder / ".factlens.lock"): ...``).
+
+    An ``flock`` on the lock file, which holds the owner's pid, host and start time; a second writer is refused
+    (:class:`~factlens.errors.CheckpointError` naming the holder). The kernel drops the lock of a killed process,
+    so a lock left by a SIGKILLed writer is taken over.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> lock = Path(tempfile.mkdtemp()) / ".factlens.lock"
+        >>> with FolderLock(lock):
+        ...     lock.read_text().startswith('{"pid"')
+        True
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        with storage_errors(self.path):
+            if fcntl is None:  # pragma: no cover
+                self.fd = self._exclusive_create()
+            else:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                    os.close(fd)
+                    if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise self._busy(holder) from None
+                    raise
+                stale = os.pread(fd, 4096, 0)
+                if stale:  # a clean release empties the file: its holder was killed; the kernel freed the lock
+                    _log.info("took over %s, left by a trainer that was killed (%s)", self.path, stale.decode())
+                os.ftruncate(fd, 0)
+                self.fd = fd
+            os.pwrite(self.fd, owner.encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        if fcntl is None:  # pragma: no cover
+            os.close(self.fd)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        else:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+        self.fd = None
+
+    def _busy(self, holder: str) -> CheckpointError:
+        try:
+            who = json.loads(holder)
+            who = f"pid {who['pid']} on {who['host']}, since {who['since']}"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        return CheckpointError(f"{self.path.parent} is in use by another trainer ({who}); two trainers in one "
+                               "directory would interleave their checkpoints and metrics. Wait for it to finish or "
+                               "stop it, or train into another directory.")
+
+    def _exclusive_create(self) -> int:  # pragma: no cover - used where flock does not exist
+        for _ in range(2):
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                holder = self.path.read_text(errors="replace")
+                try:
+                    who = json.loads(holder)
+                    alive = who["host"] != socket.gethostname() or _pid_alive(int(who["pid"]))
+                except (ValueError, KeyError, TypeError):
+                    alive = bool(holder)
+                if alive:
+                    raise self._busy(holder) from None
+                self.path.unlink(missing_ok=True)  # a dead owner's lock: take it over
+        raise self._busy("")
+
+
+def _pid_alive(pid: int) -> bool:  # pragma: no cover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["FolderLock", "atomic_write", "chmod_default", "free_bytes", "storage_error", "storage_errors", "umask"]

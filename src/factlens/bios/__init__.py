@@ -19,7 +19,7 @@ Training and reading runs:
 - :mod:`~factlens.bios.task`: the data side of one run (people, vocabulary, stream, evaluation sets).
 - :mod:`~factlens.bios.run`: :class:`Run`, the one way to open a run folder (config, checkpoints, people,
   history, evaluation) and to claim one for writing.
-- :mod:`~factlens.bios.history`: a run's metrics and their figures; :mod:`~factlens.bios.phases`: the phase
+- :mod:`~factlens.bios.history`: a run's metrics and their figures (:mod:`~factlens.bios.metrics_log`: the log); :mod:`~factlens.bios.phases`: the phase
   rules (band and ratio readings).
 - :mod:`~factlens.bios.patching`: attention patching in training and evaluation, the grid, the circuits;
   :mod:`~factlens.bios.reproduce`: the paper's headline experiments in one command.

@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import errno
 import json
-import logging
 import os
-import socket
 import warnings
 from collections.abc import Iterator
 from functools import cached_property
@@ -45,72 +41,15 @@ from factlens.bios.config import TrainConfig
 from factlens.bios.data.population import Population
 from factlens.bios.data.vocab import BiosVocab
 from factlens.bios.history import TrainingHistory
+from factlens.bios.metrics_log import METRICS, read_jsonl
 from factlens.bios.phases import three_phases
 from factlens.bios.task import BiosTask, trained_population
 from factlens.checkpoints import MANIFEST, MODEL_FILE, Checkpoint, list_checkpoints, load_checkpoint, step_dir
 from factlens.errors import CheckpointError, ConfigError, EmptyDatasetError, RunNotFoundError, StorageError
-from factlens.storage import atomic_write, free_bytes, storage_errors
+from factlens.storage import FolderLock, atomic_write, free_bytes, storage_errors
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: an O_EXCL lock file with a dead-PID check
-    fcntl = None
-
-CONFIG, METRICS, POPULATION, LOCK = "config.json", "metrics.jsonl", "population.npz", ".factlens.lock"
+CONFIG, POPULATION, LOCK = "config.json", "population.npz", ".factlens.lock"
 CHECKPOINTS, RESUME = "checkpoints", "resume"
-KINDS = ("train", "eval")
-_log = logging.getLogger("factlens")
-
-
-# ------------------------------------------------------------------------------------------ the metrics log
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON record (a line) to a metrics log and flush it to disk."""
-    line = json.dumps(record) + "\n"
-    with storage_errors(path, len(line)), open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a metrics log. A torn last line (the process died mid-write) is dropped with a warning;
-    any other line that is not a factlens record raises :class:`~factlens.errors.CheckpointError`."""
-    path = Path(path)
-    lines = path.read_text().split("\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # no newline after it: a write cut short by a crash
-                warnings.warn(f"{path}: dropped a torn last line (the run was interrupted while writing it).",
-                              stacklevel=2)
-                continue
-            raise CheckpointError(f"{path} line {i + 1} is not JSON: the file is corrupt or not a factlens "
-                                  "metrics log. Delete that line, or the file, and resume the run.") from None
-        if not (isinstance(record, dict) and record.get("kind") in KINDS and isinstance(record.get("step"), int)):
-            raise CheckpointError(f"{path} line {i + 1} is not a factlens metrics record (a dict with 'kind' "
-                                  f"{' or '.join(KINDS)} and an integer 'step'); this file belongs to another tool. "
-                                  "Use another output directory.")
-        rows.append(record)
-    return rows
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep exactly what a run resumed at ``step`` has already logged: training rows up to ``step`` and
-    evaluations before it (the evaluation at ``step`` runs again). ``step=0`` empties the log. A torn last line
-    is dropped. Rewritten atomically, only when something changes."""
-    if not path.exists():
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a torn line is expected here: this is the recovery
-        rows = read_jsonl(path)
-    keep = [r for r in rows if r["step"] < step or (r["step"] == step and r["kind"] == "train")]
-    text = "".join(json.dumps(r) + "\n" for r in keep)
-    if text != path.read_text():
-        atomic_write(path, text)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -441,7 +380,7 @@ class Run:
             self.check_space(needed, what)
         with storage_errors(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.path / LOCK):
+        with FolderLock(self.path / LOCK):
             self.check(config, people)  # another trainer may have written between the first check and the lock
             text = json.dumps(config.to_dict(), indent=1)
             config_json = self.path / CONFIG
@@ -533,89 +472,6 @@ def pin_reference(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, patch=dataclasses.replace(patch, reference_sha256=digest))
 
 
-# ------------------------------------------------------------------------------------------ the lock
-class RunLock:
-    """An exclusive lock on a run folder (``with RunLock(run_dir / LOCK): ...``), refused while held."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.fd: int | None = None
-
-    def __enter__(self) -> RunLock:
-        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
-        with storage_errors(self.path):
-            if fcntl is None:  # pragma: no cover
-                self.fd = self._exclusive_create()
-            else:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as err:
-                    holder = os.pread(fd, 4096, 0).decode(errors="replace")
-                    os.close(fd)
-                    if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise self._busy(holder) from None
-                    raise
-                stale = os.pread(fd, 4096, 0)
-                if stale:  # a clean release empties the file: its holder was killed; the kernel freed the lock
-                    _log.info("took over %s, left by a trainer that was killed (%s)", self.path, stale.decode())
-                os.ftruncate(fd, 0)
-                self.fd = fd
-            os.pwrite(self.fd, owner.encode(), 0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-        if fcntl is None:  # pragma: no cover
-            os.close(self.fd)
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-        else:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-        self.fd = None
-
-    def _busy(self, holder: str) -> CheckpointError:
-        try:
-            who = json.loads(holder)
-            who = f"pid {who['pid']} on {who['host']}, since {who['since']}"
-        except (ValueError, KeyError, TypeError):
-            who = "another process"
-        return CheckpointError(f"{self.path.parent} is in use by another trainer ({who}); two trainers in one "
-                               "directory would interleave their checkpoints and metrics. Wait for it to finish or "
-                               "stop it, or train into another directory.")
-
-    def _exclusive_create(self) -> int:  # pragma: no cover - used where flock does not exist
-        for _ in range(2):
-            try:
-                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                holder = self.path.read_text(errors="replace")
-                try:
-                    who = json.loads(holder)
-                    alive = who["host"] != socket.gethostname() or _pid_alive(int(who["pid"]))
-                except (ValueError, KeyError, TypeError):
-                    alive = bool(holder)
-                if alive:
-                    raise self._busy(holder) from None
-                self.path.unlink(missing_ok=True)  # a dead owner's lock: take it over
-        raise self._busy("")
-
-
-def _pid_alive(pid: int) -> bool:  # pragma: no cover
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def load_hf(run_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu"):
     """The plain HF model of a run's checkpoint (``Run(run_dir).hf(step, device)``)."""
     return Run(run_dir).hf(step, device)
@@ -627,6 +483,5 @@ def load_bridge(run_dir: str | Path, step: int | None = None, device: str | torc
     return Run(run_dir).bridge(step, device, compat)
 
 
-__all__ = ["CHECKPOINTS", "CONFIG", "LOCK", "METRICS", "POPULATION", "RESUME", "Run", "RunLock", "append_jsonl",
-           "config_diff", "load_bridge", "load_hf", "pin_reference", "read_jsonl", "reference_checkpoint",
-           "reference_config", "truncate_metrics"]
+__all__ = ["CHECKPOINTS", "CONFIG", "LOCK", "METRICS", "POPULATION", "RESUME", "Run", "config_diff", "load_bridge",
+           "load_hf", "pin_reference", "reference_checkpoint", "reference_config"]

@@ -58,16 +58,9 @@ from factlens.bios.data.batches import BiographyBatch
 from factlens.bios.data.population import Population
 from factlens.bios.finetune import init_weights, pretraining_run
 from factlens.bios.history import TrainingHistory
+from factlens.bios.metrics_log import append_jsonl, truncate_metrics
 from factlens.bios.patching.training import AttentionPatcher
-from factlens.bios.run import (
-    POPULATION,
-    Run,
-    append_jsonl,
-    config_diff,
-    pin_reference,
-    reference_checkpoint,
-    truncate_metrics,
-)
+from factlens.bios.run import POPULATION, Run, config_diff, pin_reference, reference_checkpoint
 from factlens.bios.task import BiosTask, people_slice
 from factlens.checkpoints import (
     latest_checkpoint,

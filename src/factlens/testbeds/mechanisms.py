@@ -45,8 +45,9 @@ from jaxtyping import Float
 from factlens.bios.data.batches import eval_batches
 from factlens.bios.data.pools import ATTRIBUTES, MONTHS, attribute_index, no_knowledge_baseline
 from factlens.bios.metrics import attribute_metrics
+from factlens.bios.metrics_log import METRICS
 from factlens.bios.phases import ratio_phases
-from factlens.bios.run import METRICS, Run
+from factlens.bios.run import Run
 from factlens.errors import CheckpointError, ConfigError
 from factlens.recall.decompose import project_to_vocab
 from factlens.recall.final_layer import final_layer_names, split_from_run
