@@ -171,6 +171,19 @@ def test_a_reference_whose_weights_changed_is_refused(runs, tmp_path):
     assert not (tmp_path / "patched").exists()  # refused before anything was written
 
 
+def test_a_patched_run_written_before_references_were_pinned_still_reads_as_finished(runs, tmp_path):
+    legacy = _copy(runs["patched"], tmp_path, "legacy")
+    for path in [legacy / "config.json", *legacy.glob("*/step_*/manifest.json")]:
+        data = json.loads(path.read_text())
+        (data.get("config", data))["patch"]["reference_sha256"] = None
+        path.write_text(json.dumps(data))
+    config = pin_reference(cfg(patch=PatchConfig(reference=str(runs["base"]), reference_step=3, start_patching=0)))
+    assert Run(legacy).finished(config)
+    other = pin_reference(cfg(patch=PatchConfig(reference=str(runs["base"]), reference_step=6, start_patching=0)))
+    with pytest.raises(CheckpointError, match="another config"):
+        Run(legacy).finished(other)
+
+
 # ------------------------------------------------------------------------------------------ Run reads
 @pytest.mark.parametrize("name", ["base", "patched"])
 def test_evaluate_reproduces_the_logged_evaluations_without_a_trainer(runs, name, monkeypatch):

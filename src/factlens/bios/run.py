@@ -309,6 +309,8 @@ class Run:
             raise self._foreign(entries)
         run = fresh.stored_config.to_dict()
         ours = config.to_dict()
+        if (run.get("patch") or {}).get("reference_sha256", "") is None and ours.get("patch"):
+            ours["patch"] = {**ours["patch"], "reference_sha256": None}  # a run written before references were pinned
         if run != ours:
             where = "" if fresh.manifests else " (no checkpoint yet)"
             raise CheckpointError(f"{path} holds a run with another config{where} (differs in "
