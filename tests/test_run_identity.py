@@ -199,6 +199,16 @@ def test_evaluate_reproduces_the_logged_evaluations_without_a_trainer(runs, name
         assert all(math.isclose(got[k], want[k], rel_tol=1e-5, abs_tol=1e-6) for k in want), (step, got, want)
 
 
+def test_bios_eval_prints_the_logged_evaluation(runs, capsys):
+    from factlens.cli import main
+
+    assert main(["bios", "eval", "--run", str(runs["patched"]), "--step", "3", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    logged = next(r for r in Run(runs["patched"]).history.evals.to_dict("records") if r["step"] == 3)
+    assert printed.keys() == logged.keys() and printed["step"] == 3
+    assert all(math.isclose(printed[k], logged[k], rel_tol=1e-5, abs_tol=1e-6) for k in logged)
+
+
 def test_run_reads_the_folder_once(runs):
     run = Run(runs["base"])
     assert run.steps == [0, 3, 6] and run.config == cfg()
