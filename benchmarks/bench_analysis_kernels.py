@@ -30,7 +30,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 import factlens
 from factlens.recall.datasets import dataset_for
-from factlens.recall.metrics import _at_end, run_at_end
+from factlens.recall.forward import _at_end, run_at_end
 from factlens.recall.path_patching import _head_deltas
 
 

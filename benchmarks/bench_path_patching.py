@@ -3,7 +3,7 @@
 Both compute Lv et al.'s heads/MLPs → final-residual path patching (all q/k/v frozen to their clean values,
 the sender's output at ``end`` replaced by its mean over the counterfactual prompts, metric 'iw'):
 
-- **factlens**: :func:`factlens.capitals.path_patch` (``--engine auto``: the ``end``-residual MLP engine),
+- **factlens**: :func:`factlens.recall.path_patch` (``--engine auto``: the ``end``-residual MLP engine),
   and optionally the one-token-forward engine.
 - **TransformerLens**: ``transformer_lens.patching.generic_activation_patch`` over (layer, head) on
   ``hook_z`` and over layer on ``hook_mlp_out``, with a setter that writes the counterfactual mean at each
@@ -22,7 +22,7 @@ import torch
 from transformer_lens import patching
 
 import factlens
-from factlens.capitals import dataset_for, metric, path_patch, run_at_end
+from factlens.recall import dataset_for, metric, path_patch, run_at_end
 
 
 def tl_sweep(model, ds, cf, progress: bool):

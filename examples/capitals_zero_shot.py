@@ -35,7 +35,7 @@ FOLDS = 3 if TINY else 5
 import pandas as pd
 
 import factlens
-from factlens import capitals
+from factlens import capitals, recall
 
 model = factlens.tiny("gpt2", compat=True) if TINY else factlens.load("gpt2")
 model.eval()
@@ -55,7 +55,7 @@ def show(fig, name):
 # family (GPT-2: raw BPE, no BOS). Each prompt ends at the position `end` where the capital should be predicted.
 
 # %%
-ds = capitals.dataset_for(model)
+ds = capitals.dataset(model)
 print(len(ds), "prompts")
 
 # %% [markdown]
@@ -64,7 +64,7 @@ print(len(ds), "prompts")
 # In GPT-2 the capital only becomes likely in the last few layers.
 
 # %%
-lens = capitals.logit_lens(model, ds)
+lens = recall.logit_lens(model, ds)
 show(lens.plot(), "logit_lens")
 
 # %% [markdown]
@@ -74,7 +74,7 @@ show(lens.plot(), "logit_lens")
 # components that carry the fact.
 
 # %%
-pp = capitals.path_patch(model, ds, progress=False)
+pp = recall.path_patch(model, ds, progress=False)
 main_fig = show(pp.plot(), "path_patching")
 pp.top(10)
 
@@ -84,7 +84,7 @@ pp.top(10)
 # attention to the subject correlates with the projection of its output onto the subject's unembedding.
 
 # %%
-movers = capitals.mover_scores(model, ds)
+movers = recall.mover_scores(model, ds)
 show(movers.plot(), "movers")
 movers.top(5)
 
@@ -95,7 +95,7 @@ movers.top(5)
 # rather than any capital.
 
 # %%
-dec = capitals.decompose_mlp(model, ds, layer=-1)
+dec = recall.decompose_mlp(model, ds, layer=-1)
 print(f"R² = {dec.r2:.3f}")
 show(dec.plot(), "mlp_decomposition")
 dec.intercept_table().head(10)
@@ -106,7 +106,7 @@ dec.intercept_table().head(10)
 # logit. In GPT-2 the final layer *lowers* the answer's probability: an anti-overconfidence mechanism.
 
 # %%
-effect = capitals.final_layer_effect(model, ds)
+effect = recall.final_layer_effect(model, ds)
 print(effect.summary())
 show(effect.plot(), "final_layer_effect")
 

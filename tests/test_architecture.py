@@ -161,8 +161,8 @@ def _fresh_import_modules() -> list[str]:
 
 
 def test_lazy_names_still_work():
-    code = ("import factlens; from factlens import capitals; "
-            "assert factlens.mitigate is __import__('factlens.recall.mitigate', fromlist=['x']).mitigate; "
-            "assert capitals.dataset_for is factlens.recall.dataset_for; print('ok')")
+    code = ("import factlens; from factlens import recall; "
+            "assert factlens.mitigate is __import__('factlens.recall.mitigation', fromlist=['x']).mitigate; "
+            "assert recall.dataset_for is factlens.recall.dataset_for; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import factlens
-from factlens import capitals
+from factlens import recall
 from factlens.bios.data.samplers import Celebrities, PowerLaw, Sequential, WarmUp
 from factlens.bios.patching.training import AttentionPatcher
 from factlens.bios.phases import plateau_end
 from factlens.bios.trainer import TrainConfig, Trainer
 from factlens.checkpoints import load_checkpoint, save_checkpoint
 from factlens.recall.datasets import make_dataset, make_prompt_dataset
-from factlens.recall.decompose import fit_decomposition
+from factlens.recall.regression import fit_decomposition
 from factlens.recall.relations import CAPITALS, make_relation
 from factlens.resources import set_memory_budget
 from factlens.tokenizers import gpt2_tokenizer
@@ -71,7 +71,7 @@ def with_budget(budget, fn):
 
 
 def few_prompts(model, n=4):
-    return capitals.dataset_for(model).select(range(n))
+    return recall.dataset_for(model).select(range(n))
 
 
 CASES = {
@@ -153,14 +153,14 @@ CASES = {
     "unknown training preset": (lambda gpt2, toks: TrainConfig.preset("huge"), factlens.ConfigError, "paper"),
     # sweeps and metrics ------------------------------------------------------------------------------------
     "metric returning the wrong shape": (
-        lambda gpt2, toks: capitals.path_patch(gpt2, few_prompts(gpt2), metric=lambda logits: logits, progress=False),
+        lambda gpt2, toks: recall.path_patch(gpt2, few_prompts(gpt2), metric=lambda logits: logits, progress=False),
         factlens.ShapeError, "scalar or [n]"),
     "metric returning NaN or inf": (
-        lambda gpt2, toks: capitals.path_patch(gpt2, few_prompts(gpt2), progress=False,
+        lambda gpt2, toks: recall.path_patch(gpt2, few_prompts(gpt2), progress=False,
                                                metric=lambda logits: torch.log(torch.zeros(logits.shape[0]))),
         factlens.ShapeError, "log-probability"),
     "eval-only sweep in train mode": (
-        lambda gpt2, toks: in_train_mode(gpt2, lambda: capitals.path_patch(gpt2, few_prompts(gpt2), progress=False)),
+        lambda gpt2, toks: in_train_mode(gpt2, lambda: recall.path_patch(gpt2, few_prompts(gpt2), progress=False)),
         factlens.ModeError, "model.eval()"),
     # resources -----------------------------------------------------------------------------------------------
     "cache larger than the memory budget": (

@@ -14,7 +14,7 @@ import factlens
 from factlens.bios.patching.training import AttentionPatcher
 from factlens.inputs import check_device, resolve_dtype
 from factlens.recall.datasets import make_prompt_dataset
-from factlens.recall.mitigate import interventions_for
+from factlens.recall.mitigation import interventions_for
 from factlens.recall.mlp_decomposition import capture_mlp_activations
 from factlens.tokenizers import gpt2_tokenizer
 
@@ -87,7 +87,7 @@ CASES = {
         lambda m, t: _run(m, _batch(m, 3), factlens.attend_to_self(m, positions=torch.tensor([4, 5]))),
         factlens.ConfigError, "one position per prompt"),
     "regressor layer past the model": (
-        lambda m, t: capture_mlp_activations(m, factlens.capitals.dataset_for(m).select(range(2)), -1,
+        lambda m, t: capture_mlp_activations(m, factlens.recall.dataset_for(m).select(range(2)), -1,
                                              regressors=[(5, 0)]),
         factlens.ConfigError, "0..1"),
     # root cause 4: patterns ----------------------------------------------------------------------------------
@@ -146,15 +146,15 @@ CASES = {
     "mitigation at a layer past the model": (
         lambda m, t: interventions_for(m, layer=5), factlens.ConfigError, "0..1"),
     "regressor head past the layer's heads": (
-        lambda m, t: capture_mlp_activations(m, factlens.capitals.dataset_for(m).select(range(2)), -1,
+        lambda m, t: capture_mlp_activations(m, factlens.recall.dataset_for(m).select(range(2)), -1,
                                              regressors=[(0, 9)]),
         factlens.ConfigError, "0..3"),
     "the same regressor twice": (
-        lambda m, t: capture_mlp_activations(m, factlens.capitals.dataset_for(m).select(range(2)), -1,
+        lambda m, t: capture_mlp_activations(m, factlens.recall.dataset_for(m).select(range(2)), -1,
                                              regressors=[(0, 1), (-2, 1)]),
         factlens.ConfigError, "each (layer, head) once"),
     "regressor that is not a pair": (
-        lambda m, t: capture_mlp_activations(m, factlens.capitals.dataset_for(m).select(range(2)), -1,
+        lambda m, t: capture_mlp_activations(m, factlens.recall.dataset_for(m).select(range(2)), -1,
                                              regressors=[(1,)]),
         factlens.ConfigError, "regressors=[(11, 0)"),
     "training-time patching of a layer past the model": (

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import factlens
-from factlens.capitals import (
+from factlens.recall import (
     answer_prob,
     answer_rank,
     dataset_for,

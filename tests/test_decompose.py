@@ -1,4 +1,4 @@
-"""Tests for factlens.recall.decompose: the pooled-β / vector-intercept regression and vocabulary projection."""
+"""Tests for factlens.recall.regression: the pooled-β / vector-intercept regression and vocabulary projection."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 
 from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
-from factlens.recall.decompose import (
+from factlens.recall.regression import (
     Decomposition,
     fit_decomposition,
     fit_per_group,

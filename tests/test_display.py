@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import factlens
-from factlens import capitals
+from factlens import capitals, recall
 from factlens.display import MAX_ROWS, ResultDisplay, fmt
 
 
 @pytest.fixture(scope="module")
 def lv():
     model = factlens.tiny("gpt2", seed=2)
-    ds = capitals.dataset_for(model, n=24)
+    ds = recall.dataset_for(model, n=24)
     return model, ds
 
 
@@ -40,13 +40,13 @@ def _bios_results():
 
 
 def _lv_results(model, ds):
-    from factlens.recall.decompose import fit_decomposition, fit_per_group, project_to_vocab
+    from factlens.recall.regression import fit_decomposition, fit_per_group, project_to_vocab
 
-    lens = capitals.logit_lens(model, ds, progress=False)
-    pp = capitals.path_patch(model, ds, progress=False)
-    movers = capitals.mover_scores(model, ds, progress=False)
-    dec = capitals.decompose_mlp(model, ds, layer=-1)
-    final = capitals.final_layer_effect(model, ds)
+    lens = recall.logit_lens(model, ds, progress=False)
+    pp = recall.path_patch(model, ds, progress=False)
+    movers = recall.mover_scores(model, ds, progress=False)
+    dec = recall.decompose_mlp(model, ds, layer=-1)
+    final = recall.final_layer_effect(model, ds)
     table = capitals.mitigation_table(model, shots=[0], folds=2, n=24, progress=False)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(40, 3, 8, generator=g)
@@ -88,7 +88,7 @@ def test_every_bios_and_patching_result_displays():
 
 
 def test_capitals_report_displays(lv):
-    from factlens.capitals import analyze
+    from factlens.recall import analyze
 
     model, _ = lv
     report = analyze(model, n=24, folds=2, progress=False)
@@ -98,7 +98,7 @@ def test_capitals_report_displays(lv):
 
 def test_path_patching_html_shows_its_top_rows(lv):
     model, ds = lv
-    pp = capitals.path_patch(model, ds, progress=False)
+    pp = recall.path_patch(model, ds, progress=False)
     body = pp._repr_html_()
     top = pp.top(MAX_ROWS)
     assert body.index(top["name"].iloc[0]) < body.index(top["name"].iloc[1])  # ranked, as top() ranks them

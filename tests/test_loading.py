@@ -188,11 +188,11 @@ def test_bridge_from_hf_uses_the_models_own_tokenizer(tmp_path, offline):
 
 
 def test_twins_and_loaded_models_share_the_compat_rule():
-    from factlens import capitals
+    from factlens import recall
 
     assert loading.is_compat(factlens.tiny("gpt2")) and loading.is_twin(factlens.tiny("opt"))
     raw = factlens.tiny("gpt2", compat=False)
     with pytest.raises(ModeError, match="enable_compatibility_mode"):
-        capitals.logit_lens(raw, capitals.dataset_for(raw, n=4), progress=False)
+        recall.logit_lens(raw, recall.dataset_for(raw, n=4), progress=False)
     raw.enable_compatibility_mode()  # the fix the message names
-    capitals.logit_lens(raw, capitals.dataset_for(raw, n=4), progress=False)
+    recall.logit_lens(raw, recall.dataset_for(raw, n=4), progress=False)

@@ -17,10 +17,10 @@ from factlens.cli import main
 from factlens.errors import CheckpointError, ConfigError
 from factlens.hooks import Intervention
 from factlens.recall.datasets import dataset_for, make_prompt_dataset
-from factlens.recall.final_layer import final_layer_names, final_layer_split, split_from_run
-from factlens.recall.logit_lens import logit_lens
-from factlens.recall.metrics import run_at_end, unembed_params
-from factlens.recall.mitigate import final_layer_effect
+from factlens.recall.final_layer import final_layer_hooks, final_layer_split, split_from_run
+from factlens.recall.lens import logit_lens
+from factlens.recall.forward import run_at_end, unembed_params
+from factlens.recall.final_layer import final_layer_effect
 from factlens.testbeds import mechanisms as mech
 from factlens.tokenizers import gpt2_tokenizer
 
@@ -85,7 +85,7 @@ def test_final_layer_split_adds_up_to_the_total(arch):
     lens = logit_lens(model, ds)
     assert torch.allclose(split.prob_before.float(), lens.prob[-3], rtol=1e-4, atol=1e-9)
     assert torch.allclose(split.prob_after.float(), lens.prob[-1], rtol=1e-4, atol=1e-9)
-    # the direct parts agree with the independent direct-logit attribution of recall.mitigate
+    # the direct parts, read through the exact final scale, agree with final_layer_effect's (float32, hooked scale)
     dla = final_layer_effect(model, ds).dla.double()  # [n, H + 2]
     assert torch.allclose(split.logit[:, :-1], dla, atol=1e-5)
     # the MLP part is its neurons plus its output bias b_out
@@ -109,7 +109,7 @@ def test_final_layer_split_on_a_hand_built_case():
     iv.add(f"blocks.{last}.hook_resid_pre", lambda t, hook: store.__setitem__("x", t.clone()))
     iv.add(f"blocks.{last}.hook_attn_out", lambda t, hook: torch.zeros_like(t))
     iv.add(f"blocks.{last}.hook_mlp_out", lambda t, hook: store["x"].to(t.dtype))
-    run = run_at_end(model, ds, final_layer_names(model), interventions=[iv], on_no_effect="ignore")
+    run = run_at_end(model, ds, final_layer_hooks(model), interventions=[iv], on_no_effect="ignore")
     split = split_from_run(model, ds, run)
     by = dict(zip(split.parts, split.logit.T))
     direct_b = split.logit_before - unembed_params(model)[1].double()[ds.answer_ids]  # ⟨centre(x_b), u⟩ / s_b

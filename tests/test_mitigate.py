@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import factlens
-from factlens.capitals import (
+from factlens.recall import (
     analyze,
     check_intercept,
     dataset_for,

@@ -1,4 +1,4 @@
-"""Batched path patching equals the literal official procedure, on tiny GPT-2 and OPT."""
+"""Batched path patching equals the literal official procedure (tests/reference_recall.py), on tiny GPT-2 and OPT."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import factlens
-from factlens.capitals import dataset_for, metric, path_patch, path_patch_reference
+from factlens.recall import dataset_for, metric, path_patch, path_patch_hooks, run_at_end
+from reference_recall import path_patch_reference
 
 
 @pytest.fixture(scope="module", params=["gpt2", "opt"])
@@ -29,13 +30,11 @@ def references(model, ds):
     return {fm: path_patch_reference(model, ds, metric="iw", freeze_mlps=fm) for fm in (False, True)}
 
 
-@pytest.mark.parametrize("engine", ["mlp", "forward"])
 @pytest.mark.parametrize("freeze_mlps", [False, True])
-def test_batched_equals_reference(model, ds, references, freeze_mlps, engine):
+def test_batched_equals_reference(model, ds, references, freeze_mlps):
     # max_batch=7 makes chunks straddle senders (12 prompts per sender) and layers
-    fast = path_patch(model, ds, metric="iw", freeze_mlps=freeze_mlps, max_batch=7, engine=engine, progress=False)
+    fast = path_patch(model, ds, metric="iw", freeze_mlps=freeze_mlps, max_batch=7, progress=False)
     ref = references[freeze_mlps]
-    assert engine in fast.method
     assert fast.clean == pytest.approx(ref.clean, rel=1e-5)
     assert _close(fast.patched_heads, ref.patched_heads)
     assert _close(fast.patched_mlp, ref.patched_mlp)
@@ -48,20 +47,30 @@ def test_batched_equals_reference_compat_and_prob_metric():
     model = factlens.tiny("gpt2", compat=True, seed=1)
     ds = dataset_for(model, n=6, seed=1)
     ref = path_patch_reference(model, ds, metric="prob")
-    for engine in ("mlp", "forward"):
-        fast = path_patch(model, ds, metric="prob", max_batch=1000, engine=engine, progress=False)
-        assert _close(fast.patched_heads, ref.patched_heads)
-        assert _close(fast.patched_mlp, ref.patched_mlp)
+    fast = path_patch(model, ds, metric="prob", max_batch=1000, progress=False)
+    assert _close(fast.patched_heads, ref.patched_heads)
+    assert _close(fast.patched_mlp, ref.patched_mlp)
 
 
-@pytest.mark.parametrize("kind", ["iw-n", "logprob"])
+@pytest.mark.parametrize("kind", ["iw-n", "logprob", "n", "logit"])
 def test_callable_metric_matches_string(model, ds, kind):
+    # the string kinds take path patching's column shortcut (linear kinds) or its logits; the callable gets the
+    # whole [n, vocab] logits: one definition of each kind (recall.metrics.kind_values) serves both
     a = path_patch(model, ds, metric=kind, max_batch=64, progress=False)
     b = path_patch(model, ds, metric=metric(ds, kind, reduce="none"), max_batch=64, progress=False)
-    c = path_patch(model, ds, metric=kind, max_batch=64, engine="forward", progress=False)
-    for other in (b, c):
-        assert torch.allclose(a.patched_heads, other.patched_heads, rtol=1e-4, atol=1e-6)
-        assert torch.allclose(a.patched_mlp, other.patched_mlp, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(a.patched_heads, b.patched_heads, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(a.patched_mlp, b.patched_mlp, rtol=1e-4, atol=1e-6)
+    assert a.clean == pytest.approx(b.clean, rel=1e-6)
+
+
+def test_a_run_whose_mlps_the_recomputation_cannot_reproduce_is_refused(model, ds):
+    """Pass C recomputes the MLPs from resid_mid; a clean run whose MLP outputs were edited would make every
+    number wrong, so path_patch checks the recomputation against the run and refuses it."""
+    last = model.cfg.n_layers - 1
+    iv = factlens.hook(f"blocks.{last}.hook_mlp_out", lambda t, hook: 2 * t, "double the last MLP")
+    run = run_at_end(model, ds, path_patch_hooks(model), interventions=[iv])
+    with pytest.raises(factlens.ConfigError, match="does not reproduce"):
+        path_patch(model, ds, run=run, progress=False)
 
 
 def test_self_counterfactual_single_prompt_is_zero(model, ds):
@@ -76,8 +85,6 @@ def test_train_mode_raises(model, ds):
     try:
         with pytest.raises(factlens.ModeError, match="eval"):
             path_patch(model, ds, progress=False)
-        with pytest.raises(factlens.ModeError):
-            path_patch_reference(model, ds)
     finally:
         model.eval()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import factlens
-from factlens.recall.mitigate import _paper_model
+from factlens.recall.mitigation import _paper_model
 from factlens.recall.report import analyze
 from factlens.recall.report_html import render_html
 

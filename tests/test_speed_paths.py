@@ -1,4 +1,4 @@
-"""Fast paths give the same answers as the slow ones (issue 19).
+"""Fast paths give the same answers as the slow ones, and analyze's shared pass gives what each step gives alone.
 
 - OPT bridges take SDPA when no pattern/score hook is attached, the explicit path (with TL's hooks taking
   effect) when one is, layer by layer.
@@ -11,6 +11,7 @@ import torch
 
 import factlens
 from factlens.attention import PATH_COUNTS
+from factlens.recall import analyze
 
 
 @pytest.fixture(scope="module")
@@ -135,34 +136,37 @@ def test_backward_hook_on_pattern_takes_explicit_path(opt, tokens):
 # ------------------------------------------------------------------------------------ the shared analysis pass
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
 def test_analyze_shared_pass_equals_separate_passes(arch):
-    from factlens.recall.report import analyze
+    """analyze's one shared clean pass and two-pass mitigation table give what every step gives on its own passes
+    (tests/reference_recall.py: each analysis without run=, the mitigation table one hooked pass per method/fold)."""
+    from reference_recall import analyze_unshared, mitigation_reference
+
+    from factlens.recall.regression import fit_decomposition
 
     model = factlens.tiny(arch, compat=True)
-    kw = dict(n=60, folds=3, progress=False)
-    new = analyze(model, share=True, **kw)
-    old = analyze(model, share=False, **kw)
+    new = analyze(model, n=60, folds=3, progress=False)
+    old = analyze_unshared(model, new.dataset)
+    ref_frames, ref_intercepts = mitigation_reference(model, n=60, folds=3)
 
     def close(a, b):
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), atol=1e-5, rtol=1e-4, equal_nan=True)
 
-    close(new.lens.prob, old.lens.prob)
-    close(new.lens.rank, old.lens.rank)
-    close(new.path_patching.values, old.path_patching.values)
-    close(new.path_patching.mlp, old.path_patching.mlp)
-    close(new.movers.r, old.movers.r)
-    close(new.movers.attention, old.movers.attention)
-    assert new.top_mover == old.top_mover
-    assert new.decompositions.keys() == old.decompositions.keys()
-    for key in new.decompositions:
-        close(new.decompositions[key].beta, old.decompositions[key].beta)
-        close(new.decompositions[key].intercept, old.decompositions[key].intercept)
-    close(new.final_layer.dla, old.final_layer.dla)
-    close(new.final_layer.prob_before, old.final_layer.prob_before)
-    a, b = new.mitigation.per_prompt, old.mitigation.per_prompt
-    assert list(a[["method", "prompt_idx", "fold"]].itertuples(index=False)) == \
-        list(b[["method", "prompt_idx", "fold"]].itertuples(index=False))
-    close(a["prob"].to_numpy().copy(), b["prob"].to_numpy().copy())
-    assert (a["rank"] == b["rank"]).mean() > 0.95  # ranks may swap on exact-tie rounding only
-    close(new.mitigation.rows["mean_prob"].to_numpy().copy(), old.mitigation.rows["mean_prob"].to_numpy().copy())
-    for key in new.mitigation.intercepts:
-        close(new.mitigation.intercepts[key], old.mitigation.intercepts[key])
+    close(new.lens.prob, old["lens"].prob)
+    close(new.lens.rank, old["lens"].rank)
+    close(new.path_patching.values, old["path_patching"].values)
+    close(new.path_patching.mlp, old["path_patching"].mlp)
+    close(new.movers.r, old["movers"].r)
+    close(new.movers.attention, old["movers"].attention)
+    for key, dec in new.decompositions.items():
+        if key.endswith("/pooled"):
+            acts = old["acts"][dec.layer]
+            close(dec.beta, fit_decomposition(acts.target, acts.regressors).beta)
+    close(new.final_layer.dla, old["final_layer"].dla)
+    close(new.final_layer.prob_before, old["final_layer"].prob_before)
+    per = new.mitigation.per_prompt
+    for method, ref in ref_frames.items():
+        got = per[per["method"] == method].set_index("prompt_idx").sort_index()
+        assert list(got["fold"]) == list(ref["fold"])
+        close(got["prob"].to_numpy().copy(), ref["prob"].to_numpy().copy())
+        assert (got["rank"].to_numpy() == ref["rank"].to_numpy()).mean() > 0.95  # ranks may swap on exact ties only
+    for fold, c in ref_intercepts.items():
+        close(new.mitigation.intercepts[(0, fold)], c)

@@ -8,7 +8,7 @@ twins of them):
   (:mod:`factlens.bios`, its patching in :mod:`factlens.bios.patching`).
 - Lv et al. 2024, *Interpreting key mechanisms of factual recall*: the country→capital analysis, MLP-output
   decomposition and the final-layer anti-overconfidence mitigations (:mod:`factlens.recall.relations`,
-  :mod:`factlens.recall.decompose`, :mod:`factlens.capitals`).
+  :mod:`factlens.recall`, :mod:`factlens.capitals`).
 
 Example:
     >>> import factlens
@@ -60,7 +60,7 @@ _LAZY = {
     "plot": ("factlens.plot", None),
     "recall": ("factlens.recall", None),
     "testbeds": ("factlens.testbeds", None),
-    "mitigate": ("factlens.recall.mitigate", "mitigate"),
+    "mitigate": ("factlens.recall.mitigation", "mitigate"),
 }
 
 

@@ -44,7 +44,7 @@ def model_names(requested: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from factlens.recall.mitigate import mitigation_table
+    from factlens.recall.mitigation import mitigation_table
     from factlens.recall.report import analyze
 
     out = Path(args.out)

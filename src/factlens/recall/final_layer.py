@@ -1,4 +1,9 @@
-"""Split the last layer's effect on the answer into parts that add up exactly (Lv et al. 2024 §6; Stolfo et al. 2024).
+"""What the last layer does to the answer (Lv et al. 2024 §6 detection; Stolfo et al. 2024): its effects and their exact split.
+
+:func:`final_layer_effect` is Lv et al.'s detection: P and rank of the answer before (logit lens after layer
+L−2) and after the last layer, each last-layer component's direct effect on the answer logit, and the tokens
+the last layer promotes. :func:`final_layer_split` splits the same change into parts that add up exactly.
+Both read the direct effects from one computation (:func:`last_layer_components`, :func:`direct_effects`).
 
 The last layer turns the residual entering it, ``x_b = blocks.{L-1}.hook_resid_pre`` at ``end`` (what the
 logit lens reads "before the last layer"), into the final residual ``x_a = x_b + Σ_h head_h + b_attn + mlp``.
@@ -21,8 +26,10 @@ parts), refined until the parts add up to ``ΔP`` to ``tol`` (1e-10 by default; 
 exactly; with ``neurons=True`` the MLP's part is split further over its neurons (``act_i · W_out[i]`` plus
 ``b_out``), direct and scale, to find entropy-neuron-like units.
 
-Works with and without TransformerLens compatibility mode on GPT-2 and OPT (pre-norm LayerNorm models); the
-function checks its reconstruction of the model's own logits and raises if it does not hold.
+Needs a model in TransformerLens compatibility mode, like every Lv analysis (``factlens.tiny(...,
+compat=True)``, ``factlens.load(..., compat=True)``; otherwise :class:`~factlens.errors.ModeError`), on GPT-2 or
+OPT (pre-norm LayerNorm models); :func:`final_layer_split` checks its reconstruction of the model's own logits
+and raises if it does not hold.
 
 Example:
     >>> import factlens
@@ -42,19 +49,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 
+from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.metrics import EndRun, head_outputs, require_eval, run_at_end, unembed_params
+from factlens.recall.forward import EndRun, center, head_outputs, require_eval, reuse_run, unembed_params
+from factlens.recall.metrics import answer_prob, answer_rank
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
-
-
-def _centre(x: torch.Tensor) -> torch.Tensor:
-    return x - x.mean(-1, keepdim=True)
 
 
 def _ln_eps(model) -> float:
@@ -66,6 +73,134 @@ def _ln_eps(model) -> float:
         raise ConfigError("cannot find the final LayerNorm's eps (ln_final.original_component.eps or cfg.eps); "
                           "final_layer_split supports LayerNorm models such as GPT-2 and OPT")
     return float(eps)
+
+
+def final_layer_hooks(model: TransformerBridge, neurons: bool = False) -> list[str]:
+    """The hooks :func:`final_layer_effect` and :func:`final_layer_split` read at ``end`` (plus the logits).
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.final_layer import final_layer_hooks
+        >>> final_layer_hooks(factlens.tiny("gpt2"))[0]
+        'blocks.1.hook_resid_pre'
+    """
+    last = model.cfg.n_layers - 1
+    return ([f"blocks.{last}.hook_resid_pre", f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_attn_out",
+             f"blocks.{last}.hook_mlp_out", "ln_final.hook_scale"] + ([f"blocks.{last}.mlp.hook_post"] if neurons else []))
+
+
+def last_layer_components(model: TransformerBridge, run: EndRun, dtype: torch.dtype | None = None
+                          ) -> tuple[Float[torch.Tensor, "n d_model"], Float[torch.Tensor, "n component d_model"]]:
+    """``(x_b, components)`` at ``end``: the residual entering the last layer and what each of its parts writes.
+
+    Components, in order: each head's own output (``z·W_O[h]``), the attention biases (``hook_attn_out`` minus
+    the heads), the MLP; ``x_b + components.sum(1)`` is the final residual.
+    """
+    last = model.cfg.n_layers - 1
+    x_b, z, attn, mlp = (run[name] if dtype is None else run[name].to(dtype) for name in final_layer_hooks(model)[:4])
+    heads = head_outputs(model, last, z)  # [n, H, d]
+    return x_b, torch.cat([heads, (attn - heads.sum(1))[:, None], mlp[:, None]], 1)  # [n, H+2, d]
+
+
+def direct_effects(components: Float[torch.Tensor, "n component d_model"], u: Float[torch.Tensor, "n d_model"],
+                   scale: Float[torch.Tensor, " n"]) -> Float[torch.Tensor, "n component"]:
+    """Each component's direct effect on the answer logit: ``⟨centre(component), u⟩ / scale``.
+
+    ``u``: each prompt's answer column of :func:`~factlens.recall.forward.unembed_params`'s ``W_eff``;
+    ``scale``: the final LayerNorm's scale of the final residual (``ln_final.hook_scale``).
+
+    Example:
+        >>> import torch
+        >>> from factlens.recall.final_layer import direct_effects
+        >>> comps = torch.tensor([[[1.0, 3.0], [2.0, 2.0]]])            # [n=1, component=2, d=2]
+        >>> direct_effects(comps, torch.tensor([[0.0, 1.0]]), torch.tensor([2.0]))
+        tensor([[0.5000, 0.0000]])
+    """
+    return (center(components) * u[:, None]).sum(-1) / scale[:, None]  # [n, component]
+
+
+@dataclass
+class FinalLayerEffect(ResultDisplay):
+    """What the last layer does to the answer at ``end``.
+
+    Attributes:
+        prob_before / prob_after: ``[n]`` P(answer) after layer L−2 (logit lens) and the model's output.
+        rank_before / rank_after: ``[n]`` 0-based ranks.
+        dla: ``[n, component]`` direct effect on the answer logit (through the real final LN scale) of each
+            last-layer head, the attention bias ``b_O`` and the last MLP.
+        components: Component names (``L11H0``..., ``b_O``, ``MLP11``).
+        promoted: Tokens with the largest mean change in log-probability across the last layer (and the most
+            demoted, ``direction`` column).
+    """
+
+    prob_before: Float[torch.Tensor, " n"]
+    prob_after: Float[torch.Tensor, " n"]
+    rank_before: torch.Tensor
+    rank_after: torch.Tensor
+    dla: Float[torch.Tensor, "n component"]
+    components: list[str]
+    promoted: pd.DataFrame
+
+    def summary(self) -> dict[str, float]:
+        """Mean P and rank before/after the last layer."""
+        return {"prob_before": float(self.prob_before.mean()), "prob_after": float(self.prob_after.mean()),
+                "delta_prob": float((self.prob_after - self.prob_before).mean()),
+                "rank_before": float(self.rank_before.float().mean()), "rank_after": float(self.rank_after.float().mean())}
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per component: mean and std over prompts of its direct effect on the answer logit."""
+        return pd.DataFrame({"component": self.components, "mean_dla": self.dla.mean(0).tolist(),
+                             "std_dla": (self.dla.std(0) if len(self.dla) > 1 else self.dla[0] * 0).tolist()})
+
+    def plot(self, title: str | None = None) -> go.Figure:
+        """Bar chart of each last-layer component's mean direct effect on the answer logit."""
+        df = self.to_dataframe()
+        s = self.summary()
+        fig = go.Figure(go.Bar(x=df["component"], y=df["mean_dla"], error_y={"array": df["std_dla"].tolist()},
+                               hovertemplate="%{x}: %{y:.4g} logits<extra></extra>"))
+        fig.update_layout(title=title or (f"Final layer: P(answer) {s['prob_before']:.3g} → {s['prob_after']:.3g}; "
+                                          "direct effect on the answer logit"),
+                          xaxis_title="last-layer component", yaxis_title="direct logit attribution (logits)")
+        return fig
+
+
+def final_layer_effect(model: TransformerBridge, dataset: RelationDataset, *, k: int = 10, max_batch: int = 64,
+                       progress: bool = False, run: EndRun | None = None) -> FinalLayerEffect:
+    """Answer P/rank before and after the last layer, per-component direct effects and promoted tokens.
+
+    ``run``: a shared :class:`~factlens.recall.forward.EndRun` holding :func:`final_layer_hooks` and the logits.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall import dataset_for, final_layer_effect
+        >>> model = factlens.tiny("gpt2", compat=True)
+        >>> ds = dataset_for(model)
+        >>> eff = final_layer_effect(model, ds)
+        >>> eff.summary()["delta_prob"] < 0          # anti-overconfidence           # doctest: +SKIP
+    """
+    require_eval(model, "final_layer_effect")
+    H, last = model.cfg.n_heads, model.cfg.n_layers - 1
+    run = reuse_run(model, dataset, run, final_layer_hooks(model), logits=True, max_batch=max_batch,
+                    progress=progress, desc="final layer")
+    with torch.no_grad():
+        x_b, comps = last_layer_components(model, run)  # [n, d], [n, H+2, d]
+        before = model.unembed(model.ln_final(x_b[:, None]))[:, 0]  # [n, vocab]
+        after = run.logits
+        W_eff, _ = unembed_params(model)
+        u = W_eff[:, dataset.answer_ids.to(W_eff.device)].T  # [n, d]
+        dla = direct_effects(comps, u, run["ln_final.hook_scale"].reshape(-1))  # [n, H+2]
+        delta = (torch.log_softmax(after.float(), -1) - torch.log_softmax(before.float(), -1)).mean(0)  # [vocab]
+        tok = dataset.tokenizer
+        rows = []
+        for direction, vals in (("promoted", torch.topk(delta, k)), ("demoted", torch.topk(-delta, k))):
+            for rank, (i, v) in enumerate(zip(vals.indices.tolist(), vals.values.tolist())):
+                rows.append({"direction": direction, "rank": rank, "token_id": i, "token": tok.decode([i]),
+                             "mean_delta_logprob": v if direction == "promoted" else -v})
+    return FinalLayerEffect(
+        prob_before=answer_prob(before, dataset).cpu(), prob_after=answer_prob(after, dataset).cpu(),
+        rank_before=answer_rank(before, dataset).cpu(), rank_after=answer_rank(after, dataset).cpu(),
+        dla=dla.cpu(), components=[f"L{last}H{h}" for h in range(H)] + ["b_O", f"MLP{last}"],
+        promoted=pd.DataFrame(rows))
 
 
 @dataclass
@@ -228,46 +363,32 @@ def final_layer_split(model: TransformerBridge, dataset: RelationDataset, *, neu
     require_eval(model, "final_layer_split")
     if tol <= 0:
         raise ConfigError(f"tol={tol}; pass a positive tolerance such as 1e-10")
-    run = run_at_end(model, dataset, final_layer_names(model, neurons), max_batch=max_batch, progress=progress,
-                     desc="final layer split")
+    run = reuse_run(model, dataset, None, final_layer_hooks(model, neurons), logits=True, max_batch=max_batch,
+                    progress=progress, desc="final layer split")
     return split_from_run(model, dataset, run, neurons=neurons, tol=tol, chunk=chunk)
-
-
-def final_layer_names(model: TransformerBridge, neurons: bool = False) -> list[str]:
-    """The hooks :func:`split_from_run` needs at ``end`` (plus the logits)."""
-    last = model.cfg.n_layers - 1
-    return ([f"blocks.{last}.hook_resid_pre", f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_attn_out",
-             f"blocks.{last}.hook_mlp_out", "ln_final.hook_scale"] + ([f"blocks.{last}.mlp.hook_post"] if neurons else []))
 
 
 def split_from_run(model: TransformerBridge, dataset: RelationDataset, run: EndRun, *, neurons: bool = False, tol: float = 1e-10,
                    chunk: int | None = None) -> FinalLayerSplit:
-    """:func:`final_layer_split` on an :class:`~factlens.recall.metrics.EndRun` that captured
-    :func:`final_layer_names` and the logits (so one forward pass can serve several analyses)."""
+    """:func:`final_layer_split` on an :class:`~factlens.recall.forward.EndRun` that captured
+    :func:`final_layer_hooks` and the logits (so one forward pass can serve several analyses)."""
     if tol <= 0:
         raise ConfigError(f"tol={tol}; pass a positive tolerance such as 1e-10")
-    if run.logits is None:
-        raise ConfigError("the run has no logits; capture it with run_at_end(..., logits=True)")
-    names = final_layer_names(model, neurons)
-    for name in names:
-        run[name]  # ConfigError naming the missing hook
+    names = final_layer_hooks(model, neurons)
+    run = reuse_run(model, dataset, run, names, logits=True, desc="final_layer_split")
     L, H, d = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model
     last = L - 1
     f64 = torch.float64
     W_eff, b_eff = (t.double() for t in unembed_params(model))  # [d, V], [V]
     with torch.no_grad():
-        x_b = run[names[0]].double()  # [n, d]
-        heads = head_outputs(model, last, run[names[1]].double())  # [n, H, d]
-        attn = run[names[2]].double()  # [n, d]
-        mlp = run[names[3]].double()  # [n, d]
-        comps = torch.cat([heads, (attn - heads.sum(1))[:, None], mlp[:, None]], 1)  # [n, H+2, d]
-        x_a = x_b + attn + mlp  # [n, d]
+        x_b, comps = last_layer_components(model, run, f64)  # [n, d], [n, H+2, d]
+        x_a = x_b + comps.sum(1)  # [n, d]
         eps = _ln_eps(model)
-        s_b = (_centre(x_b).pow(2).mean(-1) + eps).sqrt()  # [n]
-        s_a = (_centre(x_a).pow(2).mean(-1) + eps).sqrt()
+        s_b = (center(x_b).pow(2).mean(-1) + eps).sqrt()  # [n]
+        s_a = (center(x_a).pow(2).mean(-1) + eps).sqrt()
         hooked = run["ln_final.hook_scale"].reshape(-1).double()
-        logits_b = (_centre(x_b) / s_b[:, None]) @ W_eff + b_eff  # [n, V]
-        logits_a = (_centre(x_a) / s_a[:, None]) @ W_eff + b_eff
+        logits_b = (center(x_b) / s_b[:, None]) @ W_eff + b_eff  # [n, V]
+        logits_a = (center(x_a) / s_a[:, None]) @ W_eff + b_eff
         model_logits = run.logits.double().to(logits_a.device)
         err = float((logits_a - model_logits).abs().max())
         bound = 1e-3 * max(1.0, float(model_logits.abs().max()))
@@ -278,12 +399,12 @@ def split_from_run(model: TransformerBridge, dataset: RelationDataset, run: EndR
         ans = dataset.answer_ids.to(W_eff.device)
         rows = torch.arange(len(ans), device=W_eff.device)
         u = W_eff[:, ans].T  # [n, d]
-        direct = (_centre(comps) * u[:, None]).sum(-1) / s_a[:, None]  # [n, H+2]
+        direct = direct_effects(comps, u, s_a)  # [n, H+2]
         lb, la = logits_b[rows, ans], logits_a[rows, ans]
         scale_part = (lb - b_eff[ans]) * (s_b / s_a - 1)  # [n]
         logit = torch.cat([direct, scale_part[:, None]], 1)  # [n, H+3]
-        both = _centre(x_a + x_b)  # [n, d]
-        scale_sq = (_centre(comps) * both[:, None]).sum(-1) / d  # [n, H+2]
+        both = center(x_a + x_b)  # [n, d]
+        scale_sq = (center(comps) * both[:, None]).sum(-1) / d  # [n, H+2]
 
         V = W_eff.shape[1]
         K = H + 3
@@ -295,7 +416,7 @@ def split_from_run(model: TransformerBridge, dataset: RelationDataset, run: EndR
         nodes, worst = 16, float("inf")
         for start in range(0, len(ans), chunk):
             sl = slice(start, start + chunk)
-            D = torch.cat([(_centre(comps[sl]) / s_a[sl, None, None]) @ W_eff,
+            D = torch.cat([(center(comps[sl]) / s_a[sl, None, None]) @ W_eff,
                            ((logits_b[sl] - b_eff) * (s_b[sl] / s_a[sl] - 1)[:, None])[:, None]], 1)  # [c, K, V]
             while True:
                 pr, lp = _path_integrals(logits_b[sl], D, ans[sl], nodes)
@@ -313,7 +434,7 @@ def split_from_run(model: TransformerBridge, dataset: RelationDataset, run: EndR
         if neurons:
             W_out = model.blocks[last].mlp.W_out.detach().double()  # [m, d]
             act = run[names[5]].double()  # [n, m]
-            w_c = _centre(W_out)  # [m, d]
+            w_c = center(W_out)  # [m, d]
             neuron_logit = act * (u @ w_c.T) / s_a[:, None]  # [n, m]
             neuron_sq = act * (both @ w_c.T) / d
     return FinalLayerSplit(
@@ -325,4 +446,5 @@ def split_from_run(model: TransformerBridge, dataset: RelationDataset, run: EndR
         prob_error=0.0 if worst == float("inf") else worst, nodes=nodes)
 
 
-__all__ = ["FinalLayerSplit", "final_layer_names", "final_layer_split", "split_from_run"]
+__all__ = ["FinalLayerEffect", "FinalLayerSplit", "direct_effects", "final_layer_effect", "final_layer_hooks",
+           "final_layer_split", "last_layer_components", "split_from_run"]

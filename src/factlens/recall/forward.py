@@ -1,34 +1,37 @@
-"""Recall metrics read at ``end`` (Lv et al. 2024 §2.3, §6 detection) and the shared forward-pass helper.
+"""The forward pass every :mod:`factlens.recall` analysis reads: activations at each prompt's ``end`` only.
 
-Every metric takes logits of a whole dataset, either ``[n, pos, vocab]`` (the model's output, read at each
-prompt's ``dataset.end``) or ``[n, vocab]`` (already at ``end``), and returns one value per prompt. Ranks
-are 0-based (0 = the answer is the argmax), as in :mod:`factlens.recall.decompose`.
-
-The module also holds the forward-pass helper the other :mod:`factlens.recall` modules share:
 :func:`run_at_end` runs a dataset in chunks and keeps **only** the ``end`` position of the logits and of the
-hooked activations, so full-size models on a few hundred prompts fit comfortably in memory.
+hooked activations (an :class:`EndRun`), so full-size models on a few hundred prompts fit comfortably in
+memory. Each analysis declares the hooks it reads (``*_hooks(model)``); given a shared ``run=``, it reads them
+through :func:`reuse_run`, which refuses a run that lacks one or was made on other prompts, so one cached pass
+can serve several analyses (:func:`factlens.recall.report.analyze`) and never silently falls back to another.
+
+The module also reads the model's parameters the way the analyses need them: :func:`unembed_params` (the
+unembedding with the final LayerNorm's weight folded in), :func:`center` (LayerNorm's centring) and
+:func:`head_outputs` (each head's own output).
 
 Example:
-    >>> import torch, factlens
-    >>> from factlens.recall import metrics as recall
+    >>> import factlens
     >>> from factlens.recall.datasets import dataset_for
+    >>> from factlens.recall.forward import run_at_end
     >>> model = factlens.tiny("gpt2")
     >>> ds = dataset_for(model)
-    >>> run = recall.run_at_end(model, ds)
-    >>> recall.answer_prob(run.logits, ds).shape
-    torch.Size([225])
+    >>> run = run_at_end(model, ds, ["blocks.1.hook_mlp_out"])
+    >>> run.logits.shape, run["blocks.1.hook_mlp_out"].shape
+    (torch.Size([225, 50257]), torch.Size([225, 64]))
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 
-from factlens.errors import ConfigError, HookDidNotFireError, ModeError, ShapeError
+from factlens.errors import ConfigError, HookDidNotFireError, ModeError
 from factlens.hooks import Intervention, OnNoEffect, intervene
 from factlens.loading import require_compat
 from factlens.recall.datasets import RelationDataset
@@ -37,13 +40,10 @@ from factlens.resources import track
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-LogitDiffVariant = Literal["iw", "n", "iw-n"]
-METRIC_KINDS = ("iw", "n", "iw-n", "prob", "logprob", "logit")
-Metric = Callable[[torch.Tensor], torch.Tensor]
 InterventionFactory = Callable[[Int[torch.Tensor, " b"], Int[torch.Tensor, " b"]], Sequence[Intervention]]
 
 
-# ---------------------------------------------------------------------------------------------- model helpers
+# ---------------------------------------------------------------------------------------------- model reading
 def require_eval(model: TransformerBridge, operation: str = "this analysis") -> None:
     """Raise :class:`~factlens.errors.ModeError` when any submodule of ``model`` is in training mode, or when the
     model is not in compatibility mode (every Lv analysis calls this: :func:`factlens.loading.require_compat`)."""
@@ -107,10 +107,12 @@ class EndRun:
         acts: TL hook name → activation at ``end``: ``[n, ...]`` with the position axis removed; attention
             hooks (``hook_pattern``/``hook_attn_scores``) keep ``[n, head, key]`` for the query at ``end``, over
             the dataset's full width (keys past a prompt's chunk: pattern 0, scores ``finfo.min``).
+        dataset_key: :func:`dataset_key` of the prompts it was run on (None: unknown, e.g. built by hand).
     """
 
     logits: Float[torch.Tensor, "n vocab"] | None
     acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    dataset_key: str | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.acts:
@@ -120,6 +122,50 @@ class EndRun:
     def stack(self, template: str, n_layers: int) -> torch.Tensor:
         """``template.format(layer)`` for every layer stacked on axis 1, e.g. ``[n, layer, head, d_head]``."""
         return torch.stack([self[template.format(layer)] for layer in range(n_layers)], dim=1)
+
+
+def dataset_key(dataset: RelationDataset) -> str:
+    """A digest of a dataset's tokens and ``end`` positions: which prompts an :class:`EndRun` holds."""
+    digest = hashlib.sha256()
+    for t in (dataset.tokens, dataset.end):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def reuse_run(model: TransformerBridge, dataset: RelationDataset, run: EndRun | None, names: Iterable[str], *,
+              logits: bool = False, max_batch: int = 64, progress: bool = False, desc: str = "forward") -> EndRun:
+    """``run`` when it holds every hook in ``names`` (and logits if asked) for ``dataset``; a new
+    :func:`run_at_end` pass when ``run`` is None.
+
+    Every analysis reads its declared hooks through this, so a shared run either serves it or is refused.
+
+    Raises:
+        ConfigError: ``run`` lacks a hook or the logits (names them and the fix), or holds other prompts.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.datasets import dataset_for
+        >>> from factlens.recall.forward import reuse_run, run_at_end
+        >>> model = factlens.tiny("gpt2")
+        >>> ds = dataset_for(model, n=8)
+        >>> run = run_at_end(model, ds, ["ln_final.hook_scale"])
+        >>> reuse_run(model, ds, run, ["ln_final.hook_scale"], logits=True) is run
+        True
+    """
+    names = list(dict.fromkeys(names))
+    if run is None:
+        return run_at_end(model, dataset, names, logits=logits, max_batch=max_batch, progress=progress, desc=desc)
+    missing = [name for name in names if name not in run.acts]
+    if missing or (logits and run.logits is None):
+        what = missing + (["the logits"] if logits and run.logits is None else [])
+        raise ConfigError(f"the shared run lacks {what} that {desc} reads; capture them: run_at_end(model, dataset, "
+                          "names) with the analysis's declared hooks (e.g. report.shared_hooks(model)), or pass run=None")
+    rows = next(iter(run.acts.values())).shape[0] if run.acts else len(run.logits)
+    if rows != len(dataset) or (run.dataset_key is not None and run.dataset_key != dataset_key(dataset)):
+        raise ConfigError(f"the shared run was made on other prompts ({rows} rows) than this dataset "
+                          f"({len(dataset)} prompts) for {desc}; pass the run of the same dataset, or run=None")
+    return run
 
 
 def _at_end(name: str, t: torch.Tensor, ends: torch.Tensor, width: int) -> torch.Tensor:
@@ -199,125 +245,9 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
     back = torch.empty_like(order)
     back[order] = torch.arange(n)  # chunk order -> dataset order
     acts = {name: torch.cat(chunks)[back.to(chunks[0].device)] for name, chunks in stored.items()}
-    return EndRun(torch.cat(out_logits)[back.to(out_logits[0].device)] if logits else None, acts)
+    return EndRun(torch.cat(out_logits)[back.to(out_logits[0].device)] if logits else None, acts,
+                  dataset_key(dataset))
 
 
-# --------------------------------------------------------------------------------------------------- metrics
-def end_logits(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Float[torch.Tensor, "n vocab"]:
-    """Logits at ``end``: ``[n, pos, vocab]`` is indexed at ``dataset.end``; ``[n, vocab]`` is returned as is."""
-    if logits.ndim not in (2, 3) or logits.shape[0] != len(dataset):
-        raise ShapeError(f"logits of shape {tuple(logits.shape)} for a dataset of {len(dataset)} prompts; pass "
-                         "[n, pos, vocab] model output or [n, vocab] logits at end, in dataset order")
-    if logits.ndim == 2:
-        return logits
-    ends = dataset.end.to(logits.device)
-    if int(ends.max()) >= logits.shape[1]:
-        raise ShapeError(f"dataset.end reaches {int(ends.max())} but logits have {logits.shape[1]} positions; run "
-                         "the model on dataset.tokens")
-    return logits[torch.arange(logits.shape[0], device=logits.device), ends]
-
-
-def _ids(ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return ids.to(like.device)[:, None]
-
-
-def answer_logprob(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Float[torch.Tensor, " n"]:
-    """log P(first answer token) at ``end``."""
-    lp = torch.log_softmax(end_logits(logits, dataset).float(), dim=-1)
-    return lp.gather(1, _ids(dataset.answer_ids, lp))[:, 0]
-
-
-def answer_prob(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Float[torch.Tensor, " n"]:
-    """P(first answer token) at ``end`` (Lv et al.'s ``probs(type="IW")`` before averaging).
-
-    Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
-        >>> from factlens.recall.datasets import dataset_for
-        >>> ds = dataset_for(model)
-        >>> p = answer_prob(model(ds.tokens), ds).mean()   # the paper's "correct-answer probability"
-    """
-    return answer_logprob(logits, dataset).exp()
-
-
-def answer_rank(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Int[torch.Tensor, " n"]:
-    """Rank of the answer token at ``end`` (0 = argmax; ties are not counted against it)."""
-    el = end_logits(logits, dataset)
-    a = el.gather(1, _ids(dataset.answer_ids, el))
-    return (el > a).sum(-1)
-
-
-def is_correct(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> torch.Tensor:
-    """Whether the answer token is the argmax at ``end`` (``answer_rank == 0``)."""
-    return answer_rank(logits, dataset) == 0
-
-
-def logit_diff(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset,
-               variant: LogitDiffVariant = "iw") -> Float[torch.Tensor, " n"]:
-    """Lv et al.'s ``logit_diff`` at ``end``: ``'iw'`` answer − mean logit, ``'n'`` subject − mean logit,
-    ``'iw-n'`` answer − subject.
-
-    Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
-        >>> from factlens.recall.datasets import dataset_for
-        >>> ds = dataset_for(model)
-        >>> logit_diff(model(ds.tokens), ds, "iw-n").shape
-        torch.Size([225])
-    """
-    el = end_logits(logits, dataset).float()
-    ans = el.gather(1, _ids(dataset.answer_ids, el))[:, 0]
-    subj = el.gather(1, _ids(dataset.subject_ids, el))[:, 0]
-    if variant == "iw":
-        return ans - el.mean(-1)
-    if variant == "n":
-        return subj - el.mean(-1)
-    if variant == "iw-n":
-        return ans - subj
-    raise ConfigError(f"unknown logit_diff variant {variant!r}; use 'iw', 'n' or 'iw-n'")
-
-
-def per_prompt(kind: str, logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Float[torch.Tensor, " n"]:
-    """Metric ``kind`` (one of :data:`METRIC_KINDS`) per prompt."""
-    if kind in ("iw", "n", "iw-n"):
-        return logit_diff(logits, dataset, kind)  # type: ignore[arg-type]
-    if kind == "prob":
-        return answer_prob(logits, dataset)
-    if kind == "logprob":
-        return answer_logprob(logits, dataset)
-    if kind == "logit":
-        el = end_logits(logits, dataset).float()
-        return el.gather(1, _ids(dataset.answer_ids, el))[:, 0]
-    raise ConfigError(f"unknown metric {kind!r}; use one of {METRIC_KINDS} or pass a callable")
-
-
-def metric(dataset: RelationDataset, kind: str = "iw", reduce: Literal["mean", "none"] = "mean") -> Metric:
-    """A TransformerLens-style metric ``logits -> scalar`` (``reduce="mean"``) or ``-> [n]`` (``"none"``).
-
-    The callable accepts ``[n, pos, vocab]`` or ``[n, vocab]`` logits of ``dataset``'s prompts, in order,
-    so it works with ``transformer_lens.patching`` and with :func:`factlens.capitals.path_patch`.
-
-    Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
-        >>> from factlens.recall.datasets import dataset_for
-        >>> ds = dataset_for(model)
-        >>> m = metric(ds, "iw")
-        >>> float(m(model(ds.tokens)))                                     # doctest: +SKIP
-    """
-    if kind not in METRIC_KINDS:
-        raise ConfigError(f"unknown metric {kind!r}; use one of {METRIC_KINDS}")
-    if reduce not in ("mean", "none"):
-        raise ConfigError(f"reduce={reduce!r}; use 'mean' or 'none'")
-
-    def fn(logits: Float[torch.Tensor, "n *pos vocab"]) -> torch.Tensor:
-        values = per_prompt(kind, logits, dataset)
-        return values.mean() if reduce == "mean" else values
-
-    fn.__name__ = f"metric_{kind}"
-    return fn
-
-
-__all__ = ["METRIC_KINDS", "EndRun", "answer_logprob", "answer_prob", "answer_rank",
-           "center", "end_logits", "head_outputs", "is_correct", "logit_diff", "metric",
-           "per_prompt", "require_eval", "run_at_end", "unembed_params"]
+__all__ = ["EndRun", "center", "dataset_key", "head_outputs", "require_eval", "reuse_run", "run_at_end",
+           "unembed_params"]

@@ -1,205 +1,39 @@
-"""Recall metrics read at ``end`` (Lv et al. 2024 §2.3, §6 detection) and the shared forward-pass helper.
+"""Recall metrics read at ``end`` (Lv et al. 2024 §2.3, §6 detection): the one definition of each metric kind.
 
 Every metric takes logits of a whole dataset, either ``[n, pos, vocab]`` (the model's output, read at each
 prompt's ``dataset.end``) or ``[n, vocab]`` (already at ``end``), and returns one value per prompt. Ranks
-are 0-based (0 = the answer is the argmax), as in :mod:`factlens.recall.decompose`.
+are 0-based (0 = the answer is the argmax), as in :mod:`factlens.recall.regression`.
 
-The module also holds the forward-pass helper the other :mod:`factlens.recall` modules share:
-:func:`run_at_end` runs a dataset in chunks and keeps **only** the ``end`` position of the logits and of the
-hooked activations, so full-size models on a few hundred prompts fit comfortably in memory.
+The metric kinds (:data:`METRIC_KINDS`) are defined once, in :func:`kind_values`; :func:`linear_kind` is the
+part of it for the kinds linear in the logits (``iw``, ``n``, ``iw-n``, ``logit``), which path patching
+evaluates from three unembedding columns instead of the whole vocabulary.
 
 Example:
-    >>> import torch, factlens
-    >>> from factlens.recall import metrics as recall
+    >>> import factlens
     >>> from factlens.recall.datasets import dataset_for
+    >>> from factlens.recall.forward import run_at_end
+    >>> from factlens.recall.metrics import answer_prob
     >>> model = factlens.tiny("gpt2")
     >>> ds = dataset_for(model)
-    >>> run = recall.run_at_end(model, ds)
-    >>> recall.answer_prob(run.logits, ds).shape
+    >>> answer_prob(run_at_end(model, ds).logits, ds).shape
     torch.Size([225])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 
-from factlens.errors import ConfigError, HookDidNotFireError, ModeError, ShapeError
-from factlens.hooks import Intervention, OnNoEffect, intervene
-from factlens.loading import require_compat
+from factlens.errors import ConfigError, ShapeError
 from factlens.recall.datasets import RelationDataset
-from factlens.resources import track
-
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
 
 LogitDiffVariant = Literal["iw", "n", "iw-n"]
+LINEAR_KINDS = ("iw", "n", "iw-n", "logit")
 METRIC_KINDS = ("iw", "n", "iw-n", "prob", "logprob", "logit")
 Metric = Callable[[torch.Tensor], torch.Tensor]
-InterventionFactory = Callable[[Int[torch.Tensor, " b"], Int[torch.Tensor, " b"]], Sequence[Intervention]]
-
-
-# ---------------------------------------------------------------------------------------------- model helpers
-def require_eval(model: TransformerBridge, operation: str = "this analysis") -> None:
-    """Raise :class:`~factlens.errors.ModeError` when any submodule of ``model`` is in training mode, or when the
-    model is not in compatibility mode (every Lv analysis calls this: :func:`factlens.loading.require_compat`)."""
-    roots = [model, getattr(model, "original_model", None)]
-    for root in roots:
-        if isinstance(root, torch.nn.Module):
-            for name, module in root.named_modules():
-                if module.training:
-                    raise ModeError(f"{operation} needs the model in eval mode, but {name or '<root>'!r} is in "
-                                    "training mode (dropout would make runs disagree); call model.eval() first.")
-    require_compat(model, operation)
-
-
-
-
-def unembed_params(model: TransformerBridge) -> tuple[Float[torch.Tensor, "d vocab"], Float[torch.Tensor, " vocab"]]:
-    """``(W_eff, b_eff)`` with ``logits = normalized @ W_eff + b_eff`` for the centred, scaled residual.
-
-    ``normalized = (x − mean x) / ln_final.hook_scale``. The final LayerNorm's own weight and bias are folded
-    in, so the same formula holds with and without TL compatibility mode. Used for direct logit attribution
-    and for reading vectors (intercepts) through the unembedding.
-    """
-    ln = model.ln_final
-    comp = getattr(ln, "original_component", None)
-    W_U = model.W_U  # [d, vocab]
-    w = getattr(comp, "weight", None)
-    b = getattr(comp, "bias", None)
-    W_eff = W_U if w is None else w[:, None] * W_U
-    b_eff = model.b_U if b is None else b @ W_U + model.b_U
-    return W_eff.detach(), b_eff.detach()
-
-
-def center(x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
-    """Remove the all-ones component (what LayerNorm's centring removes)."""
-    return x - x.mean(-1, keepdim=True)
-
-
-def head_outputs(model: TransformerBridge, layer: int, z: Float[torch.Tensor, "n head d_head"]) -> Float[torch.Tensor, "n head d_model"]:
-    """Each head's own output ``z·W_O[h]`` at ``layer``, **without** ``b_O`` (the shared bias belongs to no head).
-
-    Summed over heads and plus ``b_O``, this is ``hook_attn_out``; it works on GPT-2 and OPT without
-    ``set_use_attn_result``.
-
-    Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2")
-        >>> _, cache = model.run_with_cache(model.to_tokens("The capital of France is"))
-        >>> out = head_outputs(model, 0, cache["blocks.0.attn.hook_z"][0])          # [pos, head, d_model]
-        >>> bool(torch.allclose(out.sum(1) + model.blocks[0].attn.b_O, cache["blocks.0.hook_attn_out"][0], atol=1e-5))
-        True
-    """
-    return torch.einsum("nhk,hkd->nhd", z, model.blocks[layer].attn.W_O.detach().to(z.dtype))  # [n, H, d]
-
-
-@dataclass
-class EndRun:
-    """Logits and hooked activations of a dataset, at each prompt's ``end`` only.
-
-    Attributes:
-        logits: ``[n, vocab]`` at ``end`` (None when not requested).
-        acts: TL hook name → activation at ``end``: ``[n, ...]`` with the position axis removed; attention
-            hooks (``hook_pattern``/``hook_attn_scores``) keep ``[n, head, key]`` for the query at ``end``, over
-            the dataset's full width (keys past a prompt's chunk: pattern 0, scores ``finfo.min``).
-    """
-
-    logits: Float[torch.Tensor, "n vocab"] | None
-    acts: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.acts:
-            raise ConfigError(f"{name!r} was not captured; pass it in names= (captured: {sorted(self.acts)})")
-        return self.acts[name]
-
-    def stack(self, template: str, n_layers: int) -> torch.Tensor:
-        """``template.format(layer)`` for every layer stacked on axis 1, e.g. ``[n, layer, head, d_head]``."""
-        return torch.stack([self[template.format(layer)] for layer in range(n_layers)], dim=1)
-
-
-def _at_end(name: str, t: torch.Tensor, ends: torch.Tensor, width: int) -> torch.Tensor:
-    rows = torch.arange(t.shape[0], device=t.device)
-    if name.endswith(("hook_pattern", "hook_attn_scores")):  # [b, h, q, k] -> [b, h, width]
-        row = t[rows, :, ends.to(t.device)]
-        fill = 0.0 if name.endswith("hook_pattern") else torch.finfo(t.dtype).min  # keys past the chunk
-        return torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=fill)
-    return t[rows, ends.to(t.device)]
-
-
-def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterable[str] = (), *,
-               interventions: Sequence[Intervention] | InterventionFactory | None = None,
-               logits: bool = True, max_batch: int = 64, progress: bool = False,
-               on_no_effect: OnNoEffect = "raise", desc: str = "forward") -> EndRun:
-    """Run ``dataset`` in chunks and keep logits and ``names`` activations at each prompt's ``end`` only.
-
-    Args:
-        names: TL hook names to capture (``blocks.3.attn.hook_z``, ``ln_final.hook_scale``...).
-        interventions: factlens interventions active during the runs, or a factory
-            ``(rows, ends) -> interventions`` called per chunk (``rows``: prompt indices, ``ends``: their
-            ``end`` positions), for edits whose positions depend on the prompts (``positions=ends``).
-        logits: compute logits (only at the ``end`` positions, via ``logits_to_keep``).
-        max_batch: prompts per forward pass. Chunks group prompts of similar length (sorted by ``end``), so a
-            chunk's ``rows`` are not a contiguous range; the results are in dataset order.
-        on_no_effect: passed to :func:`factlens.intervene`.
-
-    Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
-        >>> from factlens.recall.datasets import dataset_for
-        >>> ds = dataset_for(model)
-        >>> run = run_at_end(model, ds, ["blocks.1.hook_mlp_out"])
-        >>> run["blocks.1.hook_mlp_out"].shape
-        torch.Size([225, 64])
-    """
-    require_eval(model, "run_at_end")
-    names = list(dict.fromkeys(names))
-    if max_batch < 1:
-        raise ConfigError(f"max_batch={max_batch}; pass max_batch >= 1")
-    known = model.hook_dict
-    for name in names:
-        if name not in known:
-            raise HookDidNotFireError(f"{name!r} is not a hook point of this model; build names with "
-                                      "transformer_lens.utilities.get_act_name")
-    device = model.cfg.device
-    n = len(dataset)
-    stored: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    out_logits: list[torch.Tensor] = []
-    # chunks of prompts of similar length: each chunk is trimmed after its longest prompt (less padding to run)
-    # and keeps logits at few distinct ``end`` columns; results go back to dataset order below
-    order = torch.argsort(dataset.end, stable=True)
-    starts = range(0, n, max_batch)
-    for start in track(starts, device=device, desc=desc, disable=not progress, leave=False):
-        rows = order[start : start + max_batch]
-        ends = dataset.end[rows]
-        tokens = dataset.tokens[rows, : int(ends.max()) + 1].to(device)  # right padding: trimming is safe
-        calls = dict.fromkeys(names, 0)
-
-        def capture(t: torch.Tensor, hook, name: str, ends=ends, calls=calls) -> None:
-            stored[name].append(_at_end(name, t, ends, dataset.tokens.shape[1]).detach())
-            calls[name] += 1
-
-        fwd = [(name, lambda t, hook, name=name: capture(t, hook, name)) for name in names]
-        ivs = list(interventions(rows, ends) if callable(interventions) else (interventions or ()))
-        keep = torch.unique(ends)
-        # without logits, the unembedding still runs in HF's forward: on one position instead of all of them
-        kwargs = {"logits_to_keep": keep.to(device)} if logits else {"return_type": None, "logits_to_keep": 1}
-        with torch.no_grad(), intervene(model, *ivs, on_no_effect=on_no_effect), model.hooks(fwd_hooks=fwd):
-            out = model(tokens, **kwargs)
-        for name, c in calls.items():
-            if c != 1:
-                raise HookDidNotFireError(f"capture hook {name!r} fired {c} times in one forward pass (expected 1)")
-        if logits:
-            col = torch.searchsorted(keep, ends).to(out.device)
-            out_logits.append(out[torch.arange(len(rows), device=out.device), col])
-    back = torch.empty_like(order)
-    back[order] = torch.arange(n)  # chunk order -> dataset order
-    acts = {name: torch.cat(chunks)[back.to(chunks[0].device)] for name, chunks in stored.items()}
-    return EndRun(torch.cat(out_logits)[back.to(out_logits[0].device)] if logits else None, acts)
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -223,8 +57,7 @@ def _ids(ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def answer_logprob(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Float[torch.Tensor, " n"]:
     """log P(first answer token) at ``end``."""
-    lp = torch.log_softmax(end_logits(logits, dataset).float(), dim=-1)
-    return lp.gather(1, _ids(dataset.answer_ids, lp))[:, 0]
+    return per_prompt("logprob", logits, dataset)
 
 
 def answer_prob(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Float[torch.Tensor, " n"]:
@@ -237,7 +70,7 @@ def answer_prob(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDa
         >>> ds = dataset_for(model)
         >>> p = answer_prob(model(ds.tokens), ds).mean()   # the paper's "correct-answer probability"
     """
-    return answer_logprob(logits, dataset).exp()
+    return per_prompt("prob", logits, dataset)
 
 
 def answer_rank(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Int[torch.Tensor, " n"]:
@@ -265,37 +98,66 @@ def logit_diff(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDat
         >>> logit_diff(model(ds.tokens), ds, "iw-n").shape
         torch.Size([225])
     """
-    el = end_logits(logits, dataset).float()
-    ans = el.gather(1, _ids(dataset.answer_ids, el))[:, 0]
-    subj = el.gather(1, _ids(dataset.subject_ids, el))[:, 0]
-    if variant == "iw":
-        return ans - el.mean(-1)
-    if variant == "n":
-        return subj - el.mean(-1)
-    if variant == "iw-n":
-        return ans - subj
-    raise ConfigError(f"unknown logit_diff variant {variant!r}; use 'iw', 'n' or 'iw-n'")
+    if variant not in ("iw", "n", "iw-n"):
+        raise ConfigError(f"unknown logit_diff variant {variant!r}; use 'iw', 'n' or 'iw-n'")
+    return per_prompt(variant, logits, dataset)
+
+
+def linear_kind(kind: str, answer: Float[torch.Tensor, " r"], subject: Float[torch.Tensor, " r"],
+                mean: Float[torch.Tensor, " r"]) -> Float[torch.Tensor, " r"]:
+    """A kind linear in the logits, from the answer's and the subject's logit and the mean logit.
+
+    ``'iw'`` answer − mean, ``'n'`` subject − mean, ``'iw-n'`` answer − subject, ``'logit'`` the answer's logit.
+
+    Example:
+        >>> import torch
+        >>> from factlens.recall.metrics import linear_kind
+        >>> float(linear_kind("iw-n", torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([0.5]))[0])
+        2.0
+    """
+    if kind == "iw":
+        return answer - mean
+    if kind == "n":
+        return subject - mean
+    if kind == "iw-n":
+        return answer - subject
+    if kind == "logit":
+        return answer
+    raise ConfigError(f"{kind!r} is not one of the linear metric kinds {LINEAR_KINDS}")
+
+
+def kind_values(kind: str, logits: Float[torch.Tensor, "r vocab"], answer_ids: Int[torch.Tensor, " r"],
+                subject_ids: Int[torch.Tensor, " r"]) -> Float[torch.Tensor, " r"]:
+    """Metric ``kind`` (one of :data:`METRIC_KINDS`) of rows of logits at ``end``, given each row's token ids.
+
+    Example:
+        >>> import torch
+        >>> from factlens.recall.metrics import kind_values
+        >>> logits = torch.tensor([[0.0, 2.0, 1.0]])
+        >>> float(kind_values("iw", logits, torch.tensor([1]), torch.tensor([2]))[0])
+        1.0
+    """
+    if kind not in METRIC_KINDS:
+        raise ConfigError(f"unknown metric {kind!r}; use one of {METRIC_KINDS} or pass a callable")
+    el = logits.float()
+    if kind in ("prob", "logprob"):
+        lp = torch.log_softmax(el, dim=-1).gather(1, _ids(answer_ids, el))[:, 0]
+        return lp.exp() if kind == "prob" else lp
+    answer = el.gather(1, _ids(answer_ids, el))[:, 0]
+    subject = el.gather(1, _ids(subject_ids, el))[:, 0]
+    return linear_kind(kind, answer, subject, el.mean(-1))
 
 
 def per_prompt(kind: str, logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDataset) -> Float[torch.Tensor, " n"]:
-    """Metric ``kind`` (one of :data:`METRIC_KINDS`) per prompt."""
-    if kind in ("iw", "n", "iw-n"):
-        return logit_diff(logits, dataset, kind)  # type: ignore[arg-type]
-    if kind == "prob":
-        return answer_prob(logits, dataset)
-    if kind == "logprob":
-        return answer_logprob(logits, dataset)
-    if kind == "logit":
-        el = end_logits(logits, dataset).float()
-        return el.gather(1, _ids(dataset.answer_ids, el))[:, 0]
-    raise ConfigError(f"unknown metric {kind!r}; use one of {METRIC_KINDS} or pass a callable")
+    """Metric ``kind`` (one of :data:`METRIC_KINDS`) per prompt of ``dataset``."""
+    return kind_values(kind, end_logits(logits, dataset), dataset.answer_ids, dataset.subject_ids)
 
 
 def metric(dataset: RelationDataset, kind: str = "iw", reduce: Literal["mean", "none"] = "mean") -> Metric:
     """A TransformerLens-style metric ``logits -> scalar`` (``reduce="mean"``) or ``-> [n]`` (``"none"``).
 
     The callable accepts ``[n, pos, vocab]`` or ``[n, vocab]`` logits of ``dataset``'s prompts, in order,
-    so it works with ``transformer_lens.patching`` and with :func:`factlens.capitals.path_patch`.
+    so it works with ``transformer_lens.patching`` and with :func:`factlens.recall.path_patch`.
 
     Example:
         >>> import torch, factlens
@@ -318,6 +180,5 @@ def metric(dataset: RelationDataset, kind: str = "iw", reduce: Literal["mean", "
     return fn
 
 
-__all__ = ["METRIC_KINDS", "EndRun", "answer_logprob", "answer_prob", "answer_rank",
-           "center", "end_logits", "head_outputs", "is_correct", "logit_diff", "metric",
-           "per_prompt", "require_eval", "run_at_end", "unembed_params"]
+__all__ = ["LINEAR_KINDS", "METRIC_KINDS", "answer_logprob", "answer_prob", "answer_rank", "end_logits",
+           "is_correct", "kind_values", "linear_kind", "logit_diff", "metric", "per_prompt"]

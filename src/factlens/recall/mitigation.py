@@ -1,10 +1,6 @@
-"""Lv et al.'s final-layer anti-overconfidence mechanism: detection and the two mitigations (§6).
+"""Lv et al.'s two mitigations of the final-layer anti-overconfidence mechanism (§6) and their table.
 
-Detection: :func:`final_layer_effect` reads P and rank of the answer before (logit lens after layer L−2)
-and after the last layer, the direct effect of each last-layer head, the attention bias and the last MLP on
-the answer logit, and the tokens the last layer promotes.
-
-Mitigations, applied at each prompt's ``end`` in the last layer only:
+The mechanism itself is detected in :mod:`factlens.recall.final_layer`. Mitigations, applied at each prompt's ``end`` in the last layer only:
 
 - **(a)** every (or the chosen) last-layer head attends only to its own position:
   ``factlens.attend_to_self(model, layers=-1, positions=dataset.end, heads=heads)``;
@@ -14,12 +10,13 @@ Mitigations, applied at each prompt's ``end`` in the last layer only:
   nothing, because ``ln_final`` subtracts the mean; factlens warns.
 
 :func:`mitigation_table` fits c and evaluates on **disjoint** prompts (k folds split by template) and reports
-mean P(first answer token), accuracy and mean rank for baseline, (a), (b) and (a)+(b).
-:func:`mitigate` is the same edit as a context manager around any forward or ``model.generate``.
+mean P(first answer token), accuracy and mean rank for baseline, (a), (b) and (a)+(b), from two forward
+passes per setting (clean and (a)); (b) reaches the logits only through the final residual at ``end``, so it is
+applied to theirs. :func:`mitigate` is the same edit as a context manager around any forward or ``model.generate``.
 
 Example:
     >>> import factlens
-    >>> from factlens.capitals import fit_intercept, mitigate, dataset_for
+    >>> from factlens.recall import fit_intercept, mitigate, dataset_for
     >>> model = factlens.tiny("gpt2")
     >>> c = fit_intercept(model, dataset_for(model))
     >>> tokens = model.to_tokens("The capital of France is", prepend_bos=False)
@@ -50,19 +47,10 @@ from factlens.indices import check_index
 from factlens.loading import is_twin
 from factlens.models import SUPPORTED, family_of
 from factlens.recall.datasets import RelationDataset, dataset_for
-from factlens.recall.decompose import fit_decomposition, fit_per_group
-from factlens.recall.logit_lens import covers
-from factlens.recall.metrics import (
-    EndRun,
-    answer_prob,
-    answer_rank,
-    center,
-    head_outputs,
-    require_eval,
-    run_at_end,
-    unembed_params,
-)
-from factlens.recall.mlp_decomposition import MLPActivations, capture_mlp_activations
+from factlens.recall.forward import EndRun, center, require_eval, reuse_run, run_at_end
+from factlens.recall.metrics import answer_prob, answer_rank
+from factlens.recall.mlp_decomposition import MLPActivations, capture_mlp_activations, mlp_activation_hooks
+from factlens.recall.regression import fit_decomposition, fit_per_group
 from factlens.recall.relations import CAPITALS, Relation
 from factlens.resources import memory_usage, track
 from factlens.storage import atomic_write
@@ -74,95 +62,6 @@ Intercept = Float[torch.Tensor, " d"] | Float[torch.Tensor, "n d"] | Mapping[str
 METHODS = {"baseline": "baseline", "a": "(a) attend to self", "b": "(b) − intercept", "a+b": "(a) + (b)"}
 #: Lv et al.'s published mean P(first answer token), GPT-2 small zero-shot (lv2024.md §6; from a summary).
 PAPER_REFERENCE: dict[tuple[str, int, str], float] = {("gpt2", 0, "baseline"): 0.1551, ("gpt2", 0, "a+b"): 0.2593}
-
-
-# --------------------------------------------------------------------------------------------------- detection
-@dataclass
-class FinalLayerEffect(ResultDisplay):
-    """What the last layer does to the answer at ``end``.
-
-    Attributes:
-        prob_before / prob_after: ``[n]`` P(answer) after layer L−2 (logit lens) and the model's output.
-        rank_before / rank_after: ``[n]`` 0-based ranks.
-        dla: ``[n, component]`` direct effect on the answer logit (through the real final LN scale) of each
-            last-layer head, the attention bias ``b_O`` and the last MLP.
-        components: Component names (``L11H0``..., ``b_O``, ``MLP11``).
-        promoted: Tokens with the largest mean change in log-probability across the last layer (and the most
-            demoted, ``direction`` column).
-    """
-
-    prob_before: Float[torch.Tensor, " n"]
-    prob_after: Float[torch.Tensor, " n"]
-    rank_before: torch.Tensor
-    rank_after: torch.Tensor
-    dla: Float[torch.Tensor, "n component"]
-    components: list[str]
-    promoted: pd.DataFrame
-
-    def summary(self) -> dict[str, float]:
-        """Mean P and rank before/after the last layer."""
-        return {"prob_before": float(self.prob_before.mean()), "prob_after": float(self.prob_after.mean()),
-                "delta_prob": float((self.prob_after - self.prob_before).mean()),
-                "rank_before": float(self.rank_before.float().mean()), "rank_after": float(self.rank_after.float().mean())}
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """One row per component: mean and std over prompts of its direct effect on the answer logit."""
-        return pd.DataFrame({"component": self.components, "mean_dla": self.dla.mean(0).tolist(),
-                             "std_dla": (self.dla.std(0) if len(self.dla) > 1 else self.dla[0] * 0).tolist()})
-
-    def plot(self, title: str | None = None) -> go.Figure:
-        """Bar chart of each last-layer component's mean direct effect on the answer logit."""
-        df = self.to_dataframe()
-        s = self.summary()
-        fig = go.Figure(go.Bar(x=df["component"], y=df["mean_dla"], error_y={"array": df["std_dla"].tolist()},
-                               hovertemplate="%{x}: %{y:.4g} logits<extra></extra>"))
-        fig.update_layout(title=title or (f"Final layer: P(answer) {s['prob_before']:.3g} → {s['prob_after']:.3g}; "
-                                          "direct effect on the answer logit"),
-                          xaxis_title="last-layer component", yaxis_title="direct logit attribution (logits)")
-        return fig
-
-
-def final_layer_effect(model: TransformerBridge, dataset: RelationDataset, *, k: int = 10, max_batch: int = 64,
-                       progress: bool = False, run: EndRun | None = None) -> FinalLayerEffect:
-    """Answer P/rank before and after the last layer, per-component direct effects and promoted tokens.
-
-    Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
-        >>> from factlens.recall.datasets import dataset_for
-        >>> ds = dataset_for(model)
-        >>> eff = final_layer_effect(model, ds)
-        >>> eff.summary()["delta_prob"] < 0          # anti-overconfidence           # doctest: +SKIP
-    """
-    require_eval(model, "final_layer_effect")
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    last = L - 1
-    names = [f"blocks.{last}.hook_resid_pre", f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_attn_out",
-             f"blocks.{last}.hook_mlp_out", "ln_final.hook_scale"]
-    if not covers(run, names, logits=True):
-        run = run_at_end(model, dataset, names, max_batch=max_batch, progress=progress, desc="final layer")
-    with torch.no_grad():
-        before = model.unembed(model.ln_final(run[names[0]][:, None]))[:, 0]  # [n, vocab]
-        after = run.logits
-        W_eff, _ = unembed_params(model)
-        w_ans = W_eff[:, dataset.answer_ids.to(W_eff.device)].T  # [n, d]
-        scale = run["ln_final.hook_scale"].reshape(-1, 1)  # [n, 1]
-        heads = head_outputs(model, last, run[names[1]])  # [n, H, d]
-        bias = run[names[2]] - heads.sum(1)  # [n, d]
-        comps = torch.cat([heads, bias[:, None], run[names[3]][:, None]], 1)  # [n, H+2, d]
-        dla = (center(comps) / scale[:, None] * w_ans[:, None]).sum(-1)  # [n, H+2]
-        delta = (torch.log_softmax(after.float(), -1) - torch.log_softmax(before.float(), -1)).mean(0)  # [vocab]
-        tok = dataset.tokenizer
-        rows = []
-        for direction, vals in (("promoted", torch.topk(delta, k)), ("demoted", torch.topk(-delta, k))):
-            for rank, (i, v) in enumerate(zip(vals.indices.tolist(), vals.values.tolist())):
-                rows.append({"direction": direction, "rank": rank, "token_id": i, "token": tok.decode([i]),
-                             "mean_delta_logprob": v if direction == "promoted" else -v})
-    return FinalLayerEffect(
-        prob_before=answer_prob(before, dataset).cpu(), prob_after=answer_prob(after, dataset).cpu(),
-        rank_before=answer_rank(before, dataset).cpu(), rank_after=answer_rank(after, dataset).cpu(),
-        dla=dla.cpu(), components=[f"L{last}H{h}" for h in range(H)] + ["b_O", f"MLP{last}"],
-        promoted=pd.DataFrame(rows))
 
 
 # ------------------------------------------------------------------------------------------------- intercepts
@@ -320,24 +219,35 @@ def _final_logits(model: TransformerBridge, resid: torch.Tensor) -> torch.Tensor
         return model.unembed(model.ln_final(resid[:, None]))[:, 0]
 
 
-def _shared_mitigations(model, ds, splits, *, heads, coeff, pooled, ridge, max_batch, clean):
-    """The four methods from two passes: clean (shared) and (a); (b) is applied to their cached final residual.
+def mitigation_hooks(model: TransformerBridge) -> list[str]:
+    """The hooks :func:`mitigation_table` reads at ``end`` from a setting's clean run (plus the logits).
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.mitigation import mitigation_hooks
+        >>> mitigation_hooks(factlens.tiny("gpt2"))[-1]
+        'blocks.1.hook_resid_post'
+    """
+    return [*mlp_activation_hooks(model, -1), f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+
+
+def _setting(model, ds, splits, *, heads, coeff, pooled, ridge, max_batch, progress, clean):
+    """One setting's four methods from two passes: clean (shared) and (a); (b) is applied to their cached final
+    residual.
 
     (b) subtracts ``coeff·c`` from the last MLP's output at ``end``, which reaches the logits only through
     ``blocks.{L-1}.hook_resid_post`` at ``end``: ``logits = unembed(ln_final(resid_post − coeff·c))``. So every
     fold's (b) and (a)+(b) reuse the two passes' residuals instead of running the model again.
     """
-    last = model.cfg.n_layers - 1
-    resid_name = f"blocks.{last}.hook_resid_post"
-    names = [f"blocks.{last}.hook_mlp_out", "ln_final.hook_scale", f"blocks.{last}.attn.hook_z", resid_name]
-    if not covers(clean, names, logits=True) or len(clean.logits) != len(ds):
-        clean = run_at_end(model, ds, names, max_batch=max_batch, desc="mitigation (clean)")
+    resid_name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    clean = reuse_run(model, ds, clean, mitigation_hooks(model), logits=True, max_batch=max_batch, progress=progress,
+                      desc="mitigation (clean)")
     acts = capture_mlp_activations(model, ds, -1, run=clean)
 
     def attention(rows, ends):
         return interventions_for(model, attention=True, heads=heads, positions=ends)
 
-    attended = run_at_end(model, ds, [resid_name], interventions=attention, max_batch=max_batch,
+    attended = run_at_end(model, ds, [resid_name], interventions=attention, max_batch=max_batch, progress=progress,
                           desc="mitigation (a)")
     results = {"baseline": _frame(ds, clean.logits), "a": _frame(ds, attended.logits)}
     for m in ("baseline", "a"):
@@ -467,9 +377,12 @@ class MitigationTable(ResultDisplay):
 def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, shots: Sequence[int] = (0, 1, 2), folds: int = 5,
                      heads: int | Sequence[int] | None = None, coeff: float = 1.0, *, pooled: bool = True,
                      seed: int = 0, n: int | None = None, ridge: float = 0.0, max_batch: int = 64,
-                     progress: bool = True, reuse: bool = True,
-                     runs: Mapping[int, EndRun] | None = None) -> MitigationTable:
+                     progress: bool = True, runs: Mapping[int, EndRun] | None = None) -> MitigationTable:
     """Baseline, (a), (b) and (a)+(b) with c fitted and evaluated on disjoint prompts (k folds by template).
+
+    Two forward passes per setting (clean and (a)); every fold's (b) and (a)+(b) are read from their final
+    residual at ``end``. The tests check this against one hooked forward pass per method and fold
+    (:func:`evaluate`, ``tests/reference_recall.py``).
 
     Args:
         relation: The relation (default :data:`~factlens.recall.relations.CAPITALS`).
@@ -479,14 +392,13 @@ def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, sh
         coeff: α in ``−α c``.
         pooled: One intercept over all subjects (True) or one per subject (an oracle: needs the subject).
         n: Prompts per setting (None: all).
-        reuse: Two forward passes per setting (clean and (a)), with (b) applied to their cached final residual
-            (the same numbers to float rounding); False evaluates every method and fold with its own hooked
-            forward pass (:func:`evaluate`).
-        runs: shots → a clean :class:`~factlens.recall.metrics.EndRun` of that setting's dataset to reuse
-            (what :func:`~factlens.recall.report.analyze` shares).
+        runs: shots → a clean :class:`~factlens.recall.forward.EndRun` of that setting's dataset holding
+            :func:`mitigation_hooks` and the logits, used as its clean pass (what
+            :func:`~factlens.recall.report.analyze` shares).
 
     Example:
-        >>> import torch, factlens
+        >>> import factlens
+        >>> from factlens.recall import mitigation_table
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> table = mitigation_table(model, shots=[0], folds=3, progress=False)
         >>> print(table.to_markdown())                                     # doctest: +SKIP
@@ -499,33 +411,10 @@ def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, sh
     rows, per_prompt, intercepts = [], [], {}
     for s in track(list(shots), device=model.cfg.device, desc="mitigation table", disable=not progress):
         ds = dataset_for(model, relation, shots=s, seed=seed, n=n)
-        splits = template_folds(ds, folds, seed)
-        if reuse:
-            results, fold_intercepts = _shared_mitigations(
-                model, ds, splits, heads=heads, coeff=coeff, pooled=pooled, ridge=ridge, max_batch=max_batch,
-                clean=(runs or {}).get(s))
-            intercepts.update({(s, f): c for f, c in fold_intercepts.items()})
-            splits = []
-        else:
-            acts = capture_mlp_activations(model, ds, -1, max_batch=max_batch)
-            results = {"baseline": evaluate(model, ds, max_batch=max_batch),
-                       "a": evaluate(model, ds, attention=True, heads=heads, max_batch=max_batch)}
-            for m in ("baseline", "a"):
-                results[m]["fold"] = -1
-        parts: dict[str, list[pd.DataFrame]] = {"b": [], "a+b": []}
-        for f, (fit_idx, eval_idx) in enumerate(splits):
-            c = _fit_from_acts(acts.select(fit_idx), pooled, ridge)
-            intercepts[(s, f)] = c
-            eval_ds = ds.select(eval_idx)
-            for m, attn in (("b", False), ("a+b", True)):
-                df = evaluate(model, eval_ds, attention=attn, intercept=c, heads=heads, coeff=coeff,
-                              max_batch=max_batch)
-                df.index = eval_idx
-                df["fold"] = f
-                parts[m].append(df)
-        for m in ("b", "a+b"):
-            if parts[m]:
-                results[m] = pd.concat(parts[m]).sort_index()
+        results, fold_intercepts = _setting(model, ds, template_folds(ds, folds, seed), heads=heads, coeff=coeff,
+                                            pooled=pooled, ridge=ridge, max_batch=max_batch, progress=False,
+                                            clean=(runs or {}).get(s))
+        intercepts.update({(s, f): c for f, c in fold_intercepts.items()})
         for m, df in results.items():
             assert len(df) == len(ds) and sorted(df.index) == list(range(len(ds))), "every prompt evaluated once"
             per_prompt.append(df.assign(shots=s, method=m, prompt_idx=df.index))
@@ -540,6 +429,5 @@ def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, sh
                            intercepts=intercepts, metadata=meta)
 
 
-__all__ = ["METHODS", "PAPER_REFERENCE", "FinalLayerEffect", "MitigationTable", "check_intercept", "evaluate",
-           "final_layer_effect", "fit_intercept", "interventions_for", "mitigate", "mitigation_table",
-           "template_folds"]
+__all__ = ["METHODS", "PAPER_REFERENCE", "MitigationTable", "check_intercept", "evaluate", "fit_intercept",
+           "interventions_for", "mitigate", "mitigation_hooks", "mitigation_table", "template_folds"]

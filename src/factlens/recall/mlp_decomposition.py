@@ -6,11 +6,12 @@ c ∈ R^d the intercept shared by the prompts in the fit set (pooled over subjec
 ``group_by="subject"``). The intercept is read through the final LayerNorm and the unembedding: its all-ones
 part is removed (LayerNorm's centring removes it), it is optionally divided by the mean
 ``ln_final.hook_scale`` at ``end``, and multiplied by ``W_U`` with the final LayerNorm weight folded in.
-The fit itself is :func:`factlens.recall.decompose.fit_decomposition`.
+This module is the model side (which activations, read how); the regression itself is
+:func:`factlens.recall.regression.fit_decomposition`, pure torch on any tensors.
 
 Example:
     >>> import factlens
-    >>> from factlens.capitals import decompose_mlp, dataset_for
+    >>> from factlens.recall import decompose_mlp, dataset_for
     >>> model = factlens.tiny("opt")
     >>> res = decompose_mlp(model, dataset_for(model), layer=1)
     >>> res.beta.shape, 0 <= res.r2 <= 1
@@ -33,7 +34,16 @@ from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.indices import check_index
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.decompose import (
+from factlens.recall.forward import (
+    EndRun,
+    center,
+    head_outputs,
+    require_eval,
+    reuse_run,
+    run_at_end,
+    unembed_params,
+)
+from factlens.recall.regression import (
     Decomposition,
     GroupedDecomposition,
     VocabProjection,
@@ -41,8 +51,6 @@ from factlens.recall.decompose import (
     fit_per_group,
     project_to_vocab,
 )
-from factlens.recall.logit_lens import covers
-from factlens.recall.metrics import EndRun, center, head_outputs, require_eval, run_at_end, unembed_params
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -97,19 +105,40 @@ def _regressor_list(model, layer: int, regressors: Regressors) -> list[tuple[int
     return pairs
 
 
+def mlp_activation_hooks(model: TransformerBridge, layer: int = -1, regressors: Regressors = "heads") -> list[str]:
+    """The hooks :func:`capture_mlp_activations` reads at ``end`` for the MLP of ``layer``.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.mlp_decomposition import mlp_activation_hooks
+        >>> mlp_activation_hooks(factlens.tiny("gpt2"), -1)
+        ['blocks.1.hook_mlp_out', 'ln_final.hook_scale', 'blocks.1.attn.hook_z']
+    """
+    layer = check_index(layer, model.cfg.n_layers, "layer", "layers")
+    layers = sorted({a for a, _ in _regressor_list(model, layer, regressors)})
+    return [f"blocks.{layer}.hook_mlp_out", "ln_final.hook_scale"] + [f"blocks.{a}.attn.hook_z" for a in layers]
+
+
 def capture_mlp_activations(model: TransformerBridge, dataset: RelationDataset, layer: int = -1, regressors: Regressors = "heads",
                             *, max_batch: int = 64, progress: bool = False, interventions=None,
                             run: EndRun | None = None) -> MLPActivations:
     """Cache ``hook_mlp_out``, the regressor heads' ``hook_z`` and ``ln_final.hook_scale``, at ``end`` only
-    (or read them from a shared ``run`` that holds them)."""
+    (:func:`mlp_activation_hooks`), or read them from a shared ``run`` that holds them.
+
+    ``interventions`` are active during the pass (a new pass: not with ``run``).
+    """
     require_eval(model, "the MLP decomposition")
     layer = check_index(layer, model.cfg.n_layers, "layer", "layers")
     pairs = _regressor_list(model, layer, regressors)
     layers = sorted({a for a, _ in pairs})
-    names = [f"blocks.{layer}.hook_mlp_out", "ln_final.hook_scale"] + [f"blocks.{a}.attn.hook_z" for a in layers]
-    if interventions is not None or not covers(run, names):
+    names = mlp_activation_hooks(model, layer, regressors)
+    if interventions is not None:
+        if run is not None:
+            raise ConfigError("capture_mlp_activations got both run= and interventions=; a shared run was made "
+                              "without the interventions: pass one of them")
         run = run_at_end(model, dataset, names, logits=False, max_batch=max_batch, progress=progress,
                          interventions=interventions, desc=f"MLP{layer} decomposition")
+    run = reuse_run(model, dataset, run, names, max_batch=max_batch, progress=progress, desc=f"MLP{layer} decomposition")
     outputs = {a: head_outputs(model, a, run[f"blocks.{a}.attn.hook_z"]) for a in layers}  # a -> [n, H, d]
     heads = [outputs[a][:, b] for a, b in pairs]  # [n, d] each
     return MLPActivations(layer=layer, target=run[f"blocks.{layer}.hook_mlp_out"],
@@ -123,9 +152,9 @@ class MLPDecompositionResult(ResultDisplay):
 
     Attributes:
         layer: The MLP's layer.
-        fit: A :class:`~factlens.recall.decompose.Decomposition` (pooled) or
-            :class:`~factlens.recall.decompose.GroupedDecomposition` (``group_by="subject"``).
-        projections: ``"pooled"`` or subject → the intercept's :class:`~factlens.recall.decompose.VocabProjection`.
+        fit: A :class:`~factlens.recall.regression.Decomposition` (pooled) or
+            :class:`~factlens.recall.regression.GroupedDecomposition` (``group_by="subject"``).
+        projections: ``"pooled"`` or subject → the intercept's :class:`~factlens.recall.regression.VocabProjection`.
         answer_ranks: One row per subject: its gold answer's rank (0 = top) and logit under the intercept
             (the pooled one, or the subject's own).
         group_by: None or ``"subject"``; ln_scale: whether the intercept was divided by the final LN scale.
@@ -227,7 +256,7 @@ def decompose_mlp(model: TransformerBridge, dataset: RelationDataset, layer: int
             datasets; needs several templates per subject).
         ln_scale: Divide the intercept by the mean ``ln_final.hook_scale`` at ``end`` before unembedding.
         k: Top tokens to report per intercept.
-        ridge: Relative ridge for :func:`~factlens.recall.decompose.fit_decomposition`.
+        ridge: Relative ridge for :func:`~factlens.recall.regression.fit_decomposition`.
 
     Example:
         >>> import torch, factlens
@@ -242,4 +271,4 @@ def decompose_mlp(model: TransformerBridge, dataset: RelationDataset, layer: int
 
 
 __all__ = ["MLPActivations", "MLPDecompositionResult", "capture_mlp_activations", "decompose_from_activations",
-           "decompose_mlp"]
+           "decompose_mlp", "mlp_activation_hooks"]

@@ -8,7 +8,7 @@ between x and y over prompts (the IOI name-mover check). The projection is onto 
 
 Example:
     >>> import factlens
-    >>> from factlens.capitals import mover_scores, dataset_for
+    >>> from factlens.recall import mover_scores, dataset_for
     >>> model = factlens.tiny("gpt2")
     >>> res = mover_scores(model, dataset_for(model))
     >>> res.r.shape
@@ -29,8 +29,7 @@ from jaxtyping import Float
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.logit_lens import covers
-from factlens.recall.metrics import EndRun, head_outputs, require_eval, run_at_end
+from factlens.recall.forward import EndRun, head_outputs, require_eval, reuse_run
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -126,12 +125,27 @@ class MoverResult(ResultDisplay):
         return fig
 
 
+def mover_hooks(model: TransformerBridge) -> list[str]:
+    """The hooks :func:`mover_scores` reads at ``end``: every head's pattern row and ``hook_z``.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.movers import mover_hooks
+        >>> len(mover_hooks(factlens.tiny("gpt2")))        # 2 layers x (pattern, z)
+        4
+    """
+    L = model.cfg.n_layers
+    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)] + [f"blocks.{layer}.attn.hook_z"
+                                                                          for layer in range(L)]
+
+
 def mover_scores(model: TransformerBridge, dataset: RelationDataset, *, position: str = "N", max_batch: int = 64,
                  progress: bool = False, run: EndRun | None = None) -> MoverResult:
     """Attention from ``end`` to ``position`` vs. the subject-token projection of every head's output.
 
     Caches only ``hook_pattern`` rows for the query at ``end`` and ``hook_z`` at ``end``. Per-head outputs
-    are ``z·W_O[h]`` (works on GPT-2 and OPT; no ``set_use_attn_result``).
+    are ``z·W_O[h]`` (works on GPT-2 and OPT; no ``set_use_attn_result``). ``run``: a shared
+    :class:`~factlens.recall.forward.EndRun` holding :func:`mover_hooks`.
 
     Example:
         >>> import torch, factlens
@@ -144,10 +158,7 @@ def mover_scores(model: TransformerBridge, dataset: RelationDataset, *, position
     require_eval(model, "the mover check")
     L = model.cfg.n_layers
     keys = dataset.position(position).to(model.cfg.device)  # [n]
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)] + [f"blocks.{layer}.attn.hook_z"
-                                                                           for layer in range(L)]
-    if not covers(run, names):
-        run = run_at_end(model, dataset, names, logits=False, max_batch=max_batch, progress=progress, desc="movers")
+    run = reuse_run(model, dataset, run, mover_hooks(model), max_batch=max_batch, progress=progress, desc="movers")
     rows = torch.arange(len(dataset), device=keys.device)
     W_U_subj = model.W_U.detach()[:, dataset.subject_ids.to(keys.device)].T  # [n, d]
     attention, projection = [], []
@@ -161,4 +172,4 @@ def mover_scores(model: TransformerBridge, dataset: RelationDataset, *, position
                        prompts=list(dataset.prompts), subjects=dataset.subjects)
 
 
-__all__ = ["MoverResult", "mover_scores", "pearson"]
+__all__ = ["MoverResult", "mover_hooks", "mover_scores", "pearson"]

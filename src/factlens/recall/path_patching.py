@@ -14,25 +14,20 @@ The effect is reported as ``100·(patched − clean)/clean`` (% Δ metric).
 
 Pass D only re-reads the receiver at ``end``, so its logits there are ``unembed(ln_final(receiver))``.
 
-:func:`path_patch_reference` is that procedure literally, one sender at a time (two full forward passes of
-the dataset per sender). :func:`path_patch` computes the same numbers much faster. With every head frozen,
-every attention output equals its clean value, plus the sender's own change, which is linear in ``z``:
+:func:`path_patch` computes the same numbers as that procedure, much faster. With every head frozen, every
+attention output equals its clean value, plus the sender's own change, which is linear in ``z``:
 ``(z̄ − z_clean)·W_O[h]``. MLPs act position by position, so pass C changes the residual at ``end`` only,
 through the MLPs. :func:`path_patch` therefore stacks copies of the batch, one per sender (a chunk of S
-senders is a batch of S·n rows), and per row:
-
-- ``engine="mlp"`` (the default when it applies): starts from the clean ``resid_mid`` of the sender's layer
-  at ``end`` plus the sender's change and runs only the model's own ``ln2``/MLP modules from there up, adding
-  the clean attention outputs. This is about 25× faster than a TransformerLens per-index sweep on full-size
-  GPT-2 (``benchmarks/bench_path_patching.py``). ``"auto"`` checks first that these modules reproduce the
-  cached clean MLP outputs, and falls back to ``"forward"`` if they do not;
-- ``engine="forward"``: a one-token forward pass of the whole model. factlens hooks set the residual entering
-  block 0 to the clean ``end`` residual and every ``hook_attn_out`` to its clean ``end`` value plus the row's
-  sender change. For MLP senders, and under ``freeze_mlps``, they also set ``hook_mlp_out``.
+senders is a batch of S·n rows), starts each row from the clean ``resid_mid`` of the sender's layer at ``end``
+plus the sender's change, and runs only the model's own ``ln2``/MLP weights from there up (with fused
+LayerNorm and activation kernels), adding the clean attention outputs. It first checks that these MLP
+functions reproduce the cached clean MLP outputs, and raises if they do not. This is about 25× faster than a
+TransformerLens per-index sweep on full-size GPT-2 (``benchmarks/bench_path_patching.py``, which checks the
+numbers equal TransformerLens's ``generic_activation_patch``); the tests check them against the literal
+procedure, one sender at a time (``tests/reference_path_patching.py``).
 
 For linear metrics (``iw``, ``n``, ``iw-n``, ``logit``), only the unembedding columns that are needed are
-computed. The tests check that both engines equal the reference on GPT-2 and OPT, and the benchmark checks
-they equal TransformerLens's ``generic_activation_patch``.
+computed.
 
 D_new's mean is taken at each D_new prompt's own ``end``. (The official code averages at the same absolute
 index; for :meth:`~factlens.recall.relations.RelationDataset.counterfactual` datasets with single-token subjects
@@ -40,7 +35,7 @@ the two coincide.)
 
 Example:
     >>> import factlens
-    >>> from factlens.capitals import path_patch, dataset_for
+    >>> from factlens.recall import path_patch, dataset_for
     >>> model = factlens.tiny("gpt2")
     >>> res = path_patch(model, dataset_for(model, n=16), progress=False)
     >>> res.values.shape, res.mlp.shape
@@ -64,12 +59,10 @@ from jaxtyping import Float
 
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, ShapeError
-from factlens.hooks import Intervention, hook, intervene
 from factlens.models import family_of
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.logit_lens import covers
-from factlens.recall.metrics import EndRun, Metric, end_logits, metric, require_eval, run_at_end
-from factlens.resources import run_with_cache as guarded_run_with_cache
+from factlens.recall.forward import EndRun, require_eval, reuse_run, run_at_end
+from factlens.recall.metrics import LINEAR_KINDS, Metric, kind_values, linear_kind, metric
 from factlens.resources import track
 
 if TYPE_CHECKING:
@@ -92,7 +85,7 @@ class PathPatchingResult(ResultDisplay):
         receiver: The receiver hook (at ``end``).
         freeze_mlps: Whether MLPs were frozen in pass C.
         n_prompts: Clean prompts; n_counterfactual: D_new prompts.
-        method: ``"batched"`` or ``"reference"``; seconds: wall time.
+        method: How it was computed (``"batched"``); seconds: wall time.
     """
 
     values: Float[torch.Tensor, "layer head"]
@@ -205,9 +198,10 @@ def _result(values: list[float], clean: float, L: int, H: int, **kw) -> PathPatc
 def _fused_mlp_fns(model) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
     """``x ↦ mlp(ln2(x))`` per layer on the wrapped HF modules, with fused LayerNorm and activation kernels.
 
-    The same function as :func:`_mlp_fns` (TL's LayerNorm bridge and HF's ``NewGELUActivation`` are several
-    element-wise passes each; ``F.layer_norm`` and ``F.gelu(approximate="tanh")`` are one), equal to float
-    rounding, which :func:`path_patch` checks against the clean MLP outputs before using it.
+    The function the bridge's ``ln2``/``mlp`` compute, with one kernel where TL's LayerNorm bridge and HF's
+    ``NewGELUActivation`` take several element-wise passes (``F.layer_norm``, ``F.gelu(approximate="tanh")``),
+    equal to float rounding, which :func:`path_patch` checks against the clean MLP outputs before using it.
+    None for an architecture it does not know.
     """
     from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 
@@ -237,23 +231,6 @@ def _fused_mlp_fns(model) -> list[Callable[[torch.Tensor], torch.Tensor]] | None
     return fns
 
 
-def _mlp_fns(model) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
-    """``x ↦ mlp(ln2(x))`` per layer through the bridge's own modules (None where not callable)."""
-    family = family_of(model)
-    fns = []
-    for blk in model.blocks:
-        if family == "gpt2":
-            fns.append(lambda x, blk=blk: blk.mlp(blk.ln2(x)))
-        elif family == "opt":  # TL's OPT MLPBridge is containerless: compose fc1 → activation → fc2
-            act = getattr(blk.original_component, "activation_fn", None)
-            if act is None:
-                return None
-            fns.append(lambda x, blk=blk, act=act: blk.mlp.out(act(getattr(blk.mlp, "in")(blk.ln2(x)))).reshape(x.shape))
-        else:
-            return None
-    return fns
-
-
 class _Scorer:
     """Turns rows' final residuals (or logits) into per-sender metric values, in sender-major row order."""
 
@@ -272,24 +249,15 @@ class _Scorer:
     def _column(self, ln: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return (ln * self.W_U[:, ids].T).sum(-1) + self.b_U[ids]  # [r]
 
-    def add(self, p_idx: torch.Tensor, *, logits: torch.Tensor | None = None, resid: torch.Tensor | None = None):
-        """Score rows (prompt indices ``p_idx``) from their final residual ``[r, d]`` or logits ``[r, vocab]``."""
-        ln = None if resid is None else self.model.ln_final(resid[:, None])[:, 0]  # [r, d]
-        if self.kind in ("iw", "n", "iw-n", "logit") and ln is not None:  # linear: a few columns suffice
+    def add(self, p_idx: torch.Tensor, resid: torch.Tensor) -> None:
+        """Score rows (prompt indices ``p_idx``) from their final residual at ``end``, ``[r, d]``."""
+        ln = self.model.ln_final(resid[:, None])[:, 0]  # [r, d]
+        if self.kind in LINEAR_KINDS:  # linear: three columns suffice
             a, sub = self._column(ln, self.ans[p_idx]), self._column(ln, self.subj[p_idx])
-            mean = ln @ self.W_mean + self.b_mean
-            vals = {"iw": a - mean, "n": sub - mean, "iw-n": a - sub, "logit": a}[self.kind]
-            return self._push_values(vals)
-        if logits is None:
-            logits = ln @ self.W_U + self.b_U  # [r, vocab]
+            return self._push_values(linear_kind(self.kind, a, sub, ln @ self.W_mean + self.b_mean))
+        logits = ln @ self.W_U + self.b_U  # [r, vocab]
         if self.kind is not None:
-            logits = logits.float()
-            a = logits.gather(1, self.ans[p_idx][:, None])[:, 0]
-            if self.kind in ("prob", "logprob"):
-                la = a - torch.logsumexp(logits, -1)
-                return self._push_values(la.exp() if self.kind == "prob" else la)
-            sub, mean = logits.gather(1, self.subj[p_idx][:, None])[:, 0], logits.mean(-1)
-            return self._push_values({"iw": a - mean, "n": sub - mean, "iw-n": a - sub, "logit": a}[self.kind])
+            return self._push_values(kind_values(self.kind, logits, self.ans[p_idx], self.subj[p_idx]))
         self.buffer.append(logits)  # callables see the whole dataset's [n, vocab] logits of one sender
         buf = torch.cat(self.buffer)
         while len(buf) >= self.n:
@@ -306,9 +274,24 @@ class _Scorer:
                 self.acc, self.count = 0.0, 0
 
 
+def path_patch_hooks(model: TransformerBridge) -> list[str]:
+    """The hooks :func:`path_patch` reads at ``end`` from the clean run (pass B; it also needs the logits).
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.path_patching import path_patch_hooks
+        >>> path_patch_hooks(factlens.tiny("gpt2"))[:2]
+        ['blocks.0.hook_resid_pre', 'blocks.0.attn.hook_z']
+    """
+    L = model.cfg.n_layers
+    return (["blocks.0.hook_resid_pre"]
+            + [f"blocks.{layer}.{name}" for name in ("attn.hook_z", "hook_attn_out", "hook_mlp_out", "hook_resid_mid")
+               for layer in range(L)])
+
+
 def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactual: RelationDataset | None = None, *,
                metric: MetricSpec = "iw", freeze_mlps: bool = False, max_batch: int = 1024, seed: int = 0,
-               engine: str = "auto", progress: bool = True, run: EndRun | None = None) -> PathPatchingResult:
+               progress: bool = True, run: EndRun | None = None) -> PathPatchingResult:
     """Batched path patching of every head and MLP → the final residual at ``end`` (% change of ``metric``).
 
     Args:
@@ -316,35 +299,30 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
         counterfactual: D_new (default ``dataset.counterfactual(seed)``: subject swapped at random).
         metric: ``"iw"`` (default; answer logit − mean logit), ``"n"``, ``"iw-n"``, ``"prob"``, ``"logprob"``,
             ``"logit"``, or a callable taking ``[n, vocab]`` logits at ``end`` (dataset order) and returning
-            a scalar or ``[n]`` (averaged), e.g. ``factlens.capitals.metric(dataset, "iw")``.
+            a scalar or ``[n]`` (averaged), e.g. ``factlens.recall.metric(dataset, "iw")``.
         freeze_mlps: Freeze every MLP too (direct paths only).
         max_batch: Rows (sender × prompt) per step; clean/counterfactual passes use ``min(max_batch, 64)``.
-        engine: ``"mlp"`` runs pass C on the ``end`` residual only, through the model's own ``ln2``/MLP
-            modules from the sender's layer upwards (fastest); ``"forward"`` runs each row as a one-token
-            forward pass of the whole model with factlens hooks; ``"auto"`` uses ``"mlp"`` when it
-            reproduces the clean MLP outputs, else ``"forward"``.
         progress: tqdm progress bar.
-        run: A shared clean :class:`~factlens.recall.metrics.EndRun` of ``dataset`` to use as pass B when it
-            holds the hooks pass B needs (``blocks.0.hook_resid_pre`` and every layer's ``hook_z``,
-            ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_mid``) and the logits.
+        run: A clean :class:`~factlens.recall.forward.EndRun` of ``dataset`` to use as pass B; it must hold
+            :func:`path_patch_hooks` and the logits.
 
     Returns:
         :class:`PathPatchingResult`.
 
     Raises:
         ModeError: The model is in training mode.
+        ConfigError: ``run`` lacks a hook, or the model's MLPs are not reproduced by ``mlp(ln2(resid_mid))`` at
+            ``end`` (an architecture other than pre-norm GPT-2/OPT).
 
     Example:
-        >>> import torch, factlens
+        >>> import factlens
+        >>> from factlens.recall import dataset_for, path_patch
         >>> model = factlens.tiny("gpt2", compat=True)
-        >>> from factlens.recall.datasets import dataset_for
-        >>> ds = dataset_for(model)
-        >>> res = path_patch(model, ds, metric="iw")
+        >>> ds = dataset_for(model, n=16)
+        >>> res = path_patch(model, ds, metric="iw", progress=False)
         >>> res.plot().write_html("path_patching.html")                    # doctest: +SKIP
     """
     require_eval(model, "path patching")
-    if engine not in ("auto", "mlp", "forward"):
-        raise ConfigError(f"engine={engine!r}; use 'auto', 'mlp' or 'forward'")
     if max_batch < 1:
         raise ConfigError(f"max_batch={max_batch}; pass max_batch >= 1")
     t0 = time.perf_counter()
@@ -354,12 +332,8 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     fwd_batch = min(max_batch, 64)
 
     z_mean, mlp_mean = _counterfactual_means(model, counterfactual, fwd_batch, progress)
-    names = (["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
-             + [f"blocks.{layer}.hook_attn_out" for layer in range(L)]
-             + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
-             + [f"blocks.{layer}.hook_resid_mid" for layer in range(L)])
-    clean = run if covers(run, names, logits=True) else run_at_end(model, dataset, names, max_batch=fwd_batch,
-                                                                    progress=progress, desc="pass B (clean)")
+    clean = reuse_run(model, dataset, run, path_patch_hooks(model), logits=True, max_batch=fwd_batch,
+                      progress=progress, desc="path patching (pass B, clean)")
     metric_fn, metric_name = _metric_fn(metric, dataset)
     clean_metric = metric_fn(clean.logits)
     z_clean = clean.stack("blocks.{}.attn.hook_z", L)  # [n, L, H, dh]
@@ -367,22 +341,7 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     mlp_clean = clean.stack("blocks.{}.hook_mlp_out", L)  # [n, L, d]
     mid_clean = clean.stack("blocks.{}.hook_resid_mid", L)  # [n, L, d]
     W_O = torch.stack([model.blocks[layer].attn.W_O.detach() for layer in range(L)])  # [L, H, dh, d]
-
-    mlp_fns, err = None, float("nan")
-    if engine != "forward":  # the fused fns first, then the bridge's own modules; each must reproduce pass B
-        for candidate in (_fused_mlp_fns(model), _mlp_fns(model)):
-            if candidate is None:
-                continue
-            with torch.no_grad():
-                err = max(float((fn(mid_clean[:, j : j + 1])[:, 0] - mlp_clean[:, j]).abs().max()) for j, fn in
-                          enumerate(candidate))
-            if err <= 1e-4 * max(1.0, float(mlp_clean.abs().max())):
-                mlp_fns = candidate
-                break
-        if mlp_fns is None and engine == "mlp":
-            raise ConfigError(f"engine='mlp' does not reproduce this model's MLP outputs (max error {err:.2e}) or "
-                              "is not available for this architecture; use engine='forward'")
-    use_mlp = mlp_fns is not None
+    mlp_fns = _checked_mlp_fns(model, mid_clean, mlp_clean)
 
     senders = _senders(L, H)
     # rows go sender by sender in layer order (heads, then the MLP, of layer 0, 1, ...), so that in a chunk the
@@ -393,7 +352,6 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
     s_layer = torch.tensor([s[1] for s in senders], device=device)
     scorer = _Scorer(model, dataset, metric, n)
     total = len(senders) * n
-    end_tokens = dataset.tokens[torch.arange(n), dataset.end].to(device)  # [n]
     for start in track(range(0, total, max_batch), device=device, desc="path patching (pass C/D)",
                        disable=not progress):
         flat = torch.arange(start, min(start + max_batch, total), device=device)
@@ -401,18 +359,31 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
         r_kind, r_layer = kind[s_idx], s_layer[s_idx]
         delta = _head_deltas(senders, s_idx, p_idx, z_mean, z_clean, W_O).to(attn_clean.dtype)  # [r, d]
         with torch.no_grad():
-            if use_mlp:
-                scorer.add(p_idx, resid=_pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean,
-                                                    mlp_clean, mlp_mean, freeze_mlps))
-            else:
-                scorer.add(p_idx, logits=_pass_c_forward(model, end_tokens, p_idx, r_kind, r_layer, delta, clean,
-                                                         attn_clean, mlp_clean, mlp_mean, freeze_mlps))
+            scorer.add(p_idx, _pass_c(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean, mlp_clean,
+                                      mlp_mean, freeze_mlps))
     values = [0.0] * len(senders)
     for pos, i in enumerate(order):  # back to the senders' own order (heads by layer, then MLPs)
         values[i] = scorer.sums[pos]
     return _result(values, clean_metric, L, H, metric=metric_name, receiver=f"blocks.{L - 1}.hook_resid_post",
-                   freeze_mlps=freeze_mlps, n_prompts=n, n_counterfactual=len(counterfactual),
-                   method=f"batched ({'mlp' if use_mlp else 'forward'} engine)", seconds=time.perf_counter() - t0)
+                   freeze_mlps=freeze_mlps, n_prompts=n, n_counterfactual=len(counterfactual), method="batched",
+                   seconds=time.perf_counter() - t0)
+
+
+def _checked_mlp_fns(model, mid_clean: Float[torch.Tensor, "n layer d_model"],
+                     mlp_clean: Float[torch.Tensor, "n layer d_model"]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """:func:`_fused_mlp_fns`, once they reproduce every layer's cached clean MLP output from its ``resid_mid``."""
+    fns = _fused_mlp_fns(model)
+    if fns is None:
+        raise ConfigError(f"path_patch recomputes the MLPs at end from ln2 and the MLP weights, which it knows for "
+                          f"pre-norm GPT-2 and OPT, not for {family_of(model)!r} ({model.cfg.model_name})")
+    with torch.no_grad():
+        err = max(float((fn(mid_clean[:, j : j + 1])[:, 0] - mlp_clean[:, j]).abs().max()) for j, fn in enumerate(fns))
+    tol = max(1e-4, 100 * torch.finfo(mlp_clean.dtype).eps) * max(1.0, float(mlp_clean.abs().max()))
+    if not err <= tol:
+        raise ConfigError(f"path_patch's MLP recomputation does not reproduce this model's MLP outputs at end (max "
+                          f"error {err:.2e} > {tol:.1e}): it supports pre-norm GPT-2 and OPT (not post-norm "
+                          "OPT-350m); load one of those")
+    return fns
 
 
 def _head_deltas(senders: list[tuple[str, int, int]], s_idx: torch.Tensor, p_idx: torch.Tensor,
@@ -435,7 +406,7 @@ def _head_deltas(senders: list[tuple[str, int, int]], s_idx: torch.Tensor, p_idx
     return delta
 
 
-def _pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean, mlp_clean, mlp_mean,
+def _pass_c(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean, mlp_clean, mlp_mean,
                 freeze_mlps) -> torch.Tensor:
     """Pass C on the ``end`` residual: from the sender's layer up, clean attention outputs, recomputed MLPs.
 
@@ -460,124 +431,4 @@ def _pass_c_mlp(mlp_fns, p_idx, r_kind, r_layer, delta, mid_clean, attn_clean, m
     return r
 
 
-def _pass_c_forward(model, end_tokens, p_idx, r_kind, r_layer, delta, clean, attn_clean, mlp_clean, mlp_mean,
-                    freeze_mlps) -> torch.Tensor:
-    """Pass C as one-token forward passes (the row's clean ``end`` residual enters block 0); logits [r, vocab]."""
-    L = attn_clean.shape[1]
-    resid0 = clean["blocks.0.hook_resid_pre"]
-    iv = Intervention("path patching (one-token rows)")
-    iv.add("blocks.0.hook_resid_pre", lambda t, hook: resid0[p_idx][:, None].to(t.dtype), copy_input=False)
-    for layer in range(L):
-        def set_attn(t, hook, layer=layer):
-            out = attn_clean[p_idx, layer] + torch.where((r_layer == layer)[:, None], delta, 0.0)
-            return out[:, None].to(t.dtype)
-
-        iv.add(f"blocks.{layer}.hook_attn_out", set_attn, copy_input=False,
-               expect_change=False)  # freezes: may be a no-op
-        msel = (r_kind == 1) & (r_layer == layer)
-        if freeze_mlps or bool(msel.any()):
-            def set_mlp(t, hook, layer=layer, msel=msel):
-                out = mlp_clean[p_idx, layer].clone() if freeze_mlps else t[:, 0].clone()  # [r, d]
-                out[msel] = mlp_mean[layer].to(out.dtype)
-                return out[:, None].to(t.dtype)
-
-            iv.add(f"blocks.{layer}.hook_mlp_out", set_mlp, copy_input=False, expect_change=False)
-    with intervene(model, iv):
-        return model(end_tokens[p_idx][:, None])[:, 0]
-
-
-# ------------------------------------------------------------------------------------------------ reference
-def path_patch_reference(model: TransformerBridge, dataset: RelationDataset, counterfactual: RelationDataset | None = None, *,
-                         metric: MetricSpec = "iw", freeze_mlps: bool = False, seed: int = 0,
-                         progress: bool = False) -> PathPatchingResult:
-    """The official four-pass procedure, one sender at a time, with full-sequence forward passes.
-
-    Slow (two forward passes of the whole dataset per sender); kept as the ground truth that
-    :func:`path_patch` is tested against. Same arguments and result as :func:`path_patch`.
-
-    Example:
-        >>> import torch, factlens
-        >>> model = factlens.tiny("gpt2", compat=True)
-        >>> from factlens.recall.datasets import dataset_for
-        >>> ds = dataset_for(model)
-        >>> ref = path_patch_reference(model, ds.select(range(8)))
-    """
-    require_eval(model, "path patching")
-    t0 = time.perf_counter()
-    counterfactual = dataset.counterfactual(seed) if counterfactual is None else counterfactual
-    metric_fn, metric_name = _metric_fn(metric, dataset)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    device = model.cfg.device
-    tokens = dataset.tokens.to(device)
-    ends = dataset.end.to(device)
-    rows = torch.arange(len(dataset), device=device)
-    receiver = f"blocks.{L - 1}.hook_resid_post"
-
-    with torch.no_grad():
-        # pass A: D_new means at each D_new prompt's end
-        want_new = [f"blocks.{layer}.{n}" for layer in range(L) for n in ("attn.hook_z", "hook_mlp_out")]
-        _, cache_new = guarded_run_with_cache(model, counterfactual.tokens.to(device), names_filter=want_new)
-        r_new, e_new = torch.arange(len(counterfactual), device=device), counterfactual.end.to(device)
-        z_mean = {layer: cache_new[f"blocks.{layer}.attn.hook_z"][r_new, e_new].mean(0) for layer in range(L)}
-        mlp_mean = {layer: cache_new[f"blocks.{layer}.hook_mlp_out"][r_new, e_new].mean(0) for layer in range(L)}
-        del cache_new
-        # pass B: clean cache
-        want = [f"blocks.{layer}.attn.hook_{act}" for layer in range(L) for act in "qkv"]
-        want += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)] if freeze_mlps else []
-        clean_logits, cache = guarded_run_with_cache(model, tokens, names_filter=want)
-        clean_metric = metric_fn(end_logits(clean_logits, dataset))
-
-    def frozen(name):
-        return lambda t, hook: cache[name].to(t.dtype)
-
-    freeze = Intervention("freeze q/k/v (and MLPs)")
-    for layer in range(L):
-        for act in ("q", "k", "v"):
-            name = f"blocks.{layer}.attn.hook_{act}"
-            freeze.add(name, frozen(name), copy_input=False)
-        if freeze_mlps:
-            name = f"blocks.{layer}.hook_mlp_out"
-            freeze.add(name, frozen(name), copy_input=False)
-
-    values = []
-    for kind, layer, head in track(_senders(L, H), device=device, desc="path patching (reference)",
-                                   disable=not progress):
-        if kind == "head":
-            def set_sender(t, hook, layer=layer, head=head):  # hook_z [b, p, H, dh]
-                out = t.clone()
-                out[rows, ends, head] = z_mean[layer][head].to(t.dtype)
-                return out
-
-            sender = hook(f"blocks.{layer}.attn.hook_z", set_sender, f"sender L{layer}H{head}")
-        else:
-            def set_sender(t, hook, layer=layer):  # hook_mlp_out [b, p, d]
-                out = t.clone()
-                out[rows, ends] = mlp_mean[layer].to(t.dtype)
-                return out
-
-            sender = hook(f"blocks.{layer}.hook_mlp_out", set_sender, f"sender MLP{layer}")
-        store = {}
-
-        def keep(t, hook, store=store):
-            store["r"] = t[rows, ends].clone()
-
-        # pass C: frozen heads, sender replaced at end; cache the receiver at end
-        with torch.no_grad(), intervene(model, freeze, on_no_effect="ignore"), intervene(model, sender), \
-                intervene(model, hook(receiver, keep), on_no_effect="ignore"):
-            model(tokens, return_type=None)
-
-        # pass D: clean run with the receiver at end overwritten
-        def set_receiver(t, hook, store=store):
-            out = t.clone()
-            out[rows, ends] = store["r"]
-            return out
-
-        with torch.no_grad(), intervene(model, hook(receiver, set_receiver), on_no_effect="ignore"):
-            patched_logits = model(tokens)
-        values.append(metric_fn(end_logits(patched_logits, dataset)))
-    return _result(values, clean_metric, L, H, metric=metric_name, receiver=receiver, freeze_mlps=freeze_mlps,
-                   n_prompts=len(dataset), n_counterfactual=len(counterfactual), method="reference",
-                   seconds=time.perf_counter() - t0)
-
-
-__all__ = ["PathPatchingResult", "path_patch", "path_patch_reference"]
+__all__ = ["PathPatchingResult", "path_patch", "path_patch_hooks"]

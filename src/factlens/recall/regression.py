@@ -1,6 +1,7 @@
-"""MLP-output decomposition (Lv et al. 2024 §5): ``m_i ≈ Σ_j β_j · h_ij + c`` with scalar β and vector c.
+"""The regression behind the MLP decomposition (Lv et al. 2024 §5): ``m_i ≈ Σ_j β_j · h_ij + c``, scalar β, vector c.
 
-Pure torch and model-agnostic: pass the MLP outputs at ``end`` as ``target`` ``[n, d]`` and the head outputs
+Pure torch and model-agnostic (the model side, which activations are fitted, is
+:mod:`factlens.recall.mlp_decomposition`): pass the MLP outputs at ``end`` as ``target`` ``[n, d]`` and the head outputs
 of the attention sub-layer before it as ``regressors`` ``[n, k, d]``. Each β_j is shared over the d
 coordinates: after the MLP, head j's share of the residual is (1 + β_j), so β ≈ −1 erases the head and
 β > 0 amplifies it. The intercept c ∈ R^d is the prompt-independent part (read as the task-aware "function
@@ -8,7 +9,7 @@ application" component); :func:`project_to_vocab` reads it through the unembeddi
 
 Example:
     >>> import torch
-    >>> from factlens.recall.decompose import fit_decomposition
+    >>> from factlens.recall.regression import fit_decomposition
     >>> g = torch.Generator().manual_seed(0)
     >>> h = torch.randn(20, 3, 8, generator=g, dtype=torch.float64)
     >>> c = torch.randn(8, generator=g, dtype=torch.float64)

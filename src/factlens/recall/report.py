@@ -5,9 +5,13 @@ the top path-patching heads → MLP decomposition at the layer after the top mov
 (pooled and per subject) → final-layer effect → mitigation table. Every step caches only ``end``, so
 full-size GPT-2 small on the 225 zero-shot prompts runs in a few minutes on two CPU cores.
 
+One clean pass serves every step: each analysis declares the hooks it reads (``logit_lens_hooks``,
+``path_patch_hooks``, ...), :func:`shared_hooks` is their union, and each step reads its hooks from the
+shared run (a step that read an undeclared hook would raise, not run a pass of its own).
+
 Example:
     >>> import tempfile, factlens
-    >>> from factlens.capitals import analyze
+    >>> from factlens.recall import analyze
     >>> report = analyze(factlens.tiny("gpt2"), out_dir=tempfile.mkdtemp(), folds=3, progress=False)
     >>> print(report.to_markdown())                                     # doctest: +SKIP
 """
@@ -25,16 +29,18 @@ import torch
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset, dataset_for
-from factlens.recall.logit_lens import LogitLensResult, logit_lens
-from factlens.recall.metrics import require_eval, run_at_end
-from factlens.recall.mitigate import FinalLayerEffect, MitigationTable, final_layer_effect, mitigation_table
+from factlens.recall.final_layer import FinalLayerEffect, final_layer_effect, final_layer_hooks
+from factlens.recall.forward import require_eval, run_at_end
+from factlens.recall.lens import LogitLensResult, logit_lens, logit_lens_hooks
+from factlens.recall.mitigation import MitigationTable, mitigation_hooks, mitigation_table
 from factlens.recall.mlp_decomposition import (
     MLPDecompositionResult,
     capture_mlp_activations,
     decompose_from_activations,
+    mlp_activation_hooks,
 )
-from factlens.recall.movers import MoverResult, mover_scores
-from factlens.recall.path_patching import PathPatchingResult, path_patch
+from factlens.recall.movers import MoverResult, mover_hooks, mover_scores
+from factlens.recall.path_patching import PathPatchingResult, path_patch, path_patch_hooks
 from factlens.recall.relations import CAPITALS, Relation
 from factlens.recall.report_html import model_info, render_html
 from factlens.storage import atomic_write
@@ -129,29 +135,41 @@ class CapitalsReport(ResultDisplay):
         return self.files
 
 
-def shared_hooks(n_layers: int) -> list[str]:
-    """The hooks of :func:`analyze`'s shared clean pass: everything its steps read at ``end``."""
-    per_layer = ("attn.hook_z", "attn.hook_pattern", "hook_attn_out", "hook_mlp_out", "hook_resid_mid",
-                 "hook_resid_post")
-    return (["blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_pre", "ln_final.hook_scale"]
-            + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in per_layer])
+def shared_hooks(model: TransformerBridge) -> list[str]:
+    """The hooks of :func:`analyze`'s shared clean pass: the union of the hooks its steps declare.
+
+    The MLP decomposition's layer is chosen from path patching's result, so every layer's MLP hooks are in.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.path_patching import path_patch_hooks
+        >>> from factlens.recall.report import shared_hooks
+        >>> model = factlens.tiny("gpt2")
+        >>> set(path_patch_hooks(model)) <= set(shared_hooks(model))
+        True
+    """
+    L = model.cfg.n_layers
+    declared = [logit_lens_hooks(model), path_patch_hooks(model), mover_hooks(model),
+                *(mlp_activation_hooks(model, layer) for layer in range(L)), final_layer_hooks(model),
+                mitigation_hooks(model)]
+    return list(dict.fromkeys(name for names in declared for name in names))
 
 
 def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int = 0, out_dir: str | Path | None = None, *,
             n: int | None = None, folds: int = 5, top_k: int = 3, seed: int = 0, max_batch: int = 64,
-            patch_batch: int = 1024, progress: bool = True, share: bool = True) -> CapitalsReport:
+            patch_batch: int = 1024, progress: bool = True) -> CapitalsReport:
     """Run the full analysis on ``model`` (see the module docstring); write it to ``out_dir`` if given.
 
+    One cached clean pass (:func:`shared_hooks` at ``end``) serves the logit lens, path patching's pass B, the
+    mover check, the decompositions, the final-layer effect and the mitigation baseline, and the mitigation
+    folds reuse it: three forward passes of the prompts. The tests check every result against each step run
+    on its own (``tests/reference_recall.py``).
+
     Args:
-        relation, shots, n, seed: The prompts (:func:`factlens.capitals.dataset_for`).
+        relation, shots, n, seed: The prompts (:func:`~factlens.recall.datasets.dataset_for`).
         folds: k of the mitigation table's template folds.
         top_k: Path-patching heads (most negative effect) checked as movers.
-        max_batch: Prompts per forward pass; patch_batch: one-token rows per path-patching forward pass.
-        share: One cached clean pass (:func:`shared_hooks` at ``end``) serves the logit lens, path patching's
-            pass B, the mover check, the decompositions, the final-layer effect and the mitigation baseline,
-            and the mitigation folds reuse it (:func:`~factlens.recall.mitigate.mitigation_table`
-            ``reuse=True``): three forward passes of the prompts instead of twelve. False runs every step on its
-            own (the same numbers to float rounding; ``tests/test_speed_paths.py``).
+        max_batch: Prompts per forward pass; patch_batch: rows (sender × prompt) per path-patching step.
 
     Example:
         >>> import factlens
@@ -169,10 +187,8 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
 
     L = model.cfg.n_layers
     ds = timed("dataset", dataset_for, model, relation, shots=shots, seed=seed, n=n)
-    clean = None
-    if share:  # one clean pass at end serves every analysis below
-        clean = timed("shared clean pass", run_at_end, model, ds, shared_hooks(L), max_batch=max_batch,
-                      progress=progress, desc="shared clean pass")
+    clean = timed("shared clean pass", run_at_end, model, ds, shared_hooks(model), max_batch=max_batch,
+                  progress=progress, desc="shared clean pass")  # serves every analysis below
     lens = timed("logit lens", logit_lens, model, ds, max_batch=max_batch, progress=progress, run=clean)
     pp = timed("path patching", path_patch, model, ds, metric="iw", max_batch=patch_batch, seed=seed,
                progress=progress, run=clean)
@@ -194,8 +210,7 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
     timings["MLP decomposition"] = time.perf_counter() - t0
     final = timed("final layer", final_layer_effect, model, ds, max_batch=max_batch, run=clean)
     table = timed("mitigation table", mitigation_table, model, relation, shots=[shots], folds=folds, seed=seed,
-                  n=n, max_batch=max_batch, progress=progress, reuse=share,
-                  runs={shots: clean} if clean is not None else None)
+                  n=n, max_batch=max_batch, progress=progress, runs={shots: clean})
     if torch.device(model.cfg.device).type == "cpu":
         notes.append(f"CPU, {torch.get_num_threads()} threads; timings in seconds: "
                      + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

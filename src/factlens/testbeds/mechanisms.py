@@ -49,12 +49,13 @@ from factlens.bios.metrics_log import METRICS
 from factlens.bios.phases import ratio_phases
 from factlens.bios.run import Run
 from factlens.errors import CheckpointError, ConfigError
-from factlens.recall.decompose import project_to_vocab
-from factlens.recall.final_layer import final_layer_names, split_from_run
-from factlens.recall.metrics import answer_prob, center, head_outputs, is_correct, run_at_end, unembed_params
+from factlens.recall.final_layer import final_layer_hooks, split_from_run
+from factlens.recall.forward import center, head_outputs, run_at_end, unembed_params
+from factlens.recall.metrics import answer_prob, is_correct
 from factlens.recall.mlp_decomposition import MLPActivations, decompose_from_activations
 from factlens.recall.movers import MoverResult, pearson
 from factlens.recall.path_patching import path_patch
+from factlens.recall.regression import project_to_vocab
 from factlens.resources import track
 from factlens.storage import atomic_write
 from factlens.testbeds.bios_recall import bios_relation_dataset
@@ -75,7 +76,7 @@ def type_purity(intercept: Float[torch.Tensor, " d"], W_U: Float[torch.Tensor, "
     """Share of the intercept's top-k vocabulary tokens that are in ``value_ids`` (k capped at their number).
 
     The intercept is centred first (the final LayerNorm removes its all-ones part) and read through ``W_U``
-    (pass :func:`~factlens.recall.metrics.unembed_params`'s ``W_eff`` to fold in the LayerNorm weight).
+    (pass :func:`~factlens.recall.forward.unembed_params`'s ``W_eff`` to fold in the LayerNorm weight).
 
     Example:
         >>> import torch
@@ -293,7 +294,7 @@ def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: in
     L, H = model.cfg.n_layers, model.cfg.n_heads
     last = L - 1
     names = ([f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
-             + [f"blocks.{layer}.attn.hook_z" for layer in range(L)] + final_layer_names(model))
+             + [f"blocks.{layer}.attn.hook_z" for layer in range(L)] + final_layer_hooks(model))
     run = run_at_end(model, ds, names)
     prob = float(answer_prob(run.logits, ds).mean())
     acc = float(is_correct(run.logits, ds).float().mean())

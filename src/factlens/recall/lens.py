@@ -3,7 +3,7 @@
 Example:
     >>> import torch, factlens
     >>> from factlens.recall.datasets import dataset_for
-    >>> from factlens.recall.logit_lens import logit_lens
+    >>> from factlens.recall.lens import logit_lens
     >>> model = factlens.tiny("gpt2")
     >>> lens = logit_lens(model, dataset_for(model))
     >>> bool(torch.allclose(lens.prob[-2], lens.prob[-1], atol=1e-5))   # last layer == the model's own P
@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,8 @@ from jaxtyping import Float, Int
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.recall.datasets import RelationDataset
-from factlens.recall.metrics import EndRun, answer_prob, answer_rank, run_at_end
+from factlens.recall.forward import EndRun, reuse_run
+from factlens.recall.metrics import answer_prob, answer_rank
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -98,13 +98,16 @@ class LogitLensResult(ResultDisplay):
         return fig
 
 
-def covers(run: EndRun | None, names: Iterable[str], logits: bool = False) -> bool:
-    """Whether a shared :class:`~factlens.recall.metrics.EndRun` holds ``names`` (and logits if asked).
+def logit_lens_hooks(model: TransformerBridge) -> list[str]:
+    """The hooks :func:`logit_lens` reads at ``end`` (every layer's ``hook_resid_post``; plus the logits).
 
-    The analyses take ``run=`` so that :func:`factlens.recall.report.analyze` serves them all from one cached
-    pass; each runs its own pass when the shared one lacks something.
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.lens import logit_lens_hooks
+        >>> logit_lens_hooks(factlens.tiny("gpt2"))
+        ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
     """
-    return run is not None and set(names) <= run.acts.keys() and (not logits or run.logits is not None)
+    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
 
 
 def logit_lens(model: TransformerBridge, dataset: RelationDataset, include_final: bool = True, *, max_batch: int = 64,
@@ -113,6 +116,8 @@ def logit_lens(model: TransformerBridge, dataset: RelationDataset, include_final
 
     Each layer's residual gets its own final-LayerNorm scale (the standard logit lens). Only ``end`` is
     cached (one ``[n, layer, d_model]`` tensor). The last layer's value equals the model's own probability.
+    ``run``: a shared :class:`~factlens.recall.forward.EndRun` holding :func:`logit_lens_hooks` (and the
+    logits with ``include_final``).
 
     Example:
         >>> import torch, factlens
@@ -123,10 +128,8 @@ def logit_lens(model: TransformerBridge, dataset: RelationDataset, include_final
         >>> lens.final_layer_effect()["delta_prob"]                        # doctest: +SKIP
     """
     L = model.cfg.n_layers
-    names = [f"blocks.{layer}.hook_resid_post" for layer in range(L)]
-    if not covers(run, names, include_final):
-        run = run_at_end(model, dataset, names, logits=include_final, max_batch=max_batch, progress=progress,
-                         desc="logit lens")
+    run = reuse_run(model, dataset, run, logit_lens_hooks(model), logits=include_final, max_batch=max_batch,
+                    progress=progress, desc="logit lens")
     resid = run.stack("blocks.{}.hook_resid_post", L)  # [n, L, d]
     probs, ranks = [], []
     with torch.no_grad():
@@ -142,5 +145,4 @@ def logit_lens(model: TransformerBridge, dataset: RelationDataset, include_final
     return LogitLensResult(torch.stack(probs).cpu(), torch.stack(ranks).cpu(), labels, dataset.subjects, L)
 
 
-
-__all__ = ["LogitLensResult", "logit_lens"]
+__all__ = ["LogitLensResult", "logit_lens", "logit_lens_hooks"]
