@@ -1,9 +1,10 @@
 """The whole ``capitals analyze`` on a full-size random twin: the shared-pass path vs the old one, side by side.
 
-New (``share=True``): one cached clean pass serves every analysis, the mitigation folds reuse it (3 forward
-passes of the prompts). Old (``share=False``): every step runs its own passes (12). Both paths run in the same
-process on the same model, alternating, and the script prints wall and CPU seconds per step, the ratios and the
-largest difference between their outputs. It counts the forward passes of the whole model.
+New (:func:`factlens.recall.analyze`): one cached clean pass serves every analysis, the mitigation folds reuse
+it (3 forward passes of the prompts). Old (the test references in ``tests/reference_recall.py``): every step
+runs its own passes and the mitigation table one hooked pass per method and fold (12). Both paths run in the
+same process on the same model, alternating, and the script prints wall and CPU seconds per step, the ratios and
+the largest difference between their outputs. It counts the forward passes of the whole model.
 
 Usage:
     python benchmarks/bench_analyze.py --model gpt2 --rounds 1
@@ -13,13 +14,20 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import factlens
+from factlens.recall.regression import fit_decomposition
 from factlens.recall.report import analyze
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_recall import analyze_unshared, mitigation_reference  # noqa: E402  (the slow twins live in tests)
 
 
 def count_forwards(model):
@@ -32,8 +40,22 @@ def count_forwards(model):
 def one(model, share: bool, calls, out: str | None) -> tuple[dict[str, float], float, float, int, object]:
     calls["n"] = 0
     w, c = time.perf_counter(), time.process_time()
-    report = analyze(model, shots=0, out_dir=out, progress=False, share=share)
-    return report.timings, time.perf_counter() - w, time.process_time() - c, calls["n"], report
+    if share:
+        report = analyze(model, shots=0, out_dir=out, progress=False)
+        return report.timings, time.perf_counter() - w, time.process_time() - c, calls["n"], report
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ds = factlens.recall.dataset_for(model)
+    steps = analyze_unshared(model, ds)
+    timings["analyses"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frames, _ = mitigation_reference(model)
+    timings["mitigation table"] = time.perf_counter() - t0
+    report = SimpleNamespace(
+        lens=steps["lens"], path_patching=steps["path_patching"], movers=steps["movers"],
+        final_layer=steps["final_layer"], acts=steps["acts"],
+        mean_prob={m: float(df["prob"].mean()) for m, df in frames.items()})
+    return timings, time.perf_counter() - w, time.process_time() - c, calls["n"], report
 
 
 def main() -> None:
@@ -67,9 +89,11 @@ def main() -> None:
                  "path patching %": (a.path_patching.values - b.path_patching.values).abs().max(),
                  "mover r": (a.movers.r - b.movers.r).nan_to_num().abs().max(),
                  "final-layer DLA": (a.final_layer.dla - b.final_layer.dla).abs().max(),
-                 "mitigation mean P": float((a.mitigation.rows["mean_prob"] - b.mitigation.rows["mean_prob"]).abs().max())}
-        for key in a.decompositions:
-            diffs[f"{key} beta"] = (a.decompositions[key].beta - b.decompositions[key].beta).abs().max()
+                 "mitigation mean P": max(abs(a.mitigation.cell(0, m) - p) for m, p in b.mean_prob.items())}
+        for key, dec in a.decompositions.items():
+            if key.endswith("/pooled"):
+                acts = b.acts[dec.layer]
+                diffs[f"{key} beta"] = (dec.beta - fit_decomposition(acts.target, acts.regressors).beta).abs().max()
         print("largest |new − old|: " + ", ".join(f"{k} {float(v):.1e}" for k, v in diffs.items()))
 
 

@@ -3,8 +3,7 @@
 Both compute Lv et al.'s heads/MLPs → final-residual path patching (all q/k/v frozen to their clean values,
 the sender's output at ``end`` replaced by its mean over the counterfactual prompts, metric 'iw'):
 
-- **factlens**: :func:`factlens.recall.path_patch` (``--engine auto``: the ``end``-residual MLP engine),
-  and optionally the one-token-forward engine.
+- **factlens**: :func:`factlens.recall.path_patch` (pass C on the ``end`` residual through the MLPs).
 - **TransformerLens**: ``transformer_lens.patching.generic_activation_patch`` over (layer, head) on
   ``hook_z`` and over layer on ``hook_mlp_out``, with a setter that writes the counterfactual mean at each
   prompt's ``end`` (one full forward pass of the whole batch per index, as
@@ -71,7 +70,6 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=32, help="prompts (a seeded subset of the 225; default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-batch", type=int, default=1024, help="factlens rows per step")
-    ap.add_argument("--forward-engine", action="store_true", help="also time factlens's one-token-forward engine")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
 
@@ -89,11 +87,6 @@ def main() -> None:
     fast = path_patch(model, ds, cf, metric="iw", max_batch=args.max_batch, progress=args.progress)
     t_fast = time.perf_counter() - t0
     print(f"factlens path_patch [{fast.method}]: {t_fast:.1f}s")
-    if args.forward_engine:
-        t0 = time.perf_counter()
-        fwd = path_patch(model, ds, cf, metric="iw", max_batch=args.max_batch, engine="forward", progress=args.progress)
-        print(f"factlens path_patch [{fwd.method}]: {time.perf_counter() - t0:.1f}s; max |Δ| vs auto "
-              f"{float((fwd.patched_heads - fast.patched_heads).abs().max()):.2e}")
 
     t0 = time.perf_counter()
     tl_heads, tl_mlp = tl_sweep(model, ds, cf, args.progress)
