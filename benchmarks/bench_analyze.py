@@ -27,7 +27,7 @@ from factlens.recall.regression import fit_decomposition
 from factlens.recall.report import analyze
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_recall import analyze_unshared, mitigation_reference  # noqa: E402  (the slow twins live in tests)
+from reference_recall import analyze_unshared, mitigation_reference
 
 
 def count_forwards(model):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import factlens
+from factlens.models import bridge_from_hf, build_hf
 from factlens.recall import (
     answer_prob,
     answer_rank,
@@ -21,7 +22,6 @@ from factlens.recall import (
     run_at_end,
     unembed_params,
 )
-from factlens.models import bridge_from_hf, build_hf
 
 
 @pytest.fixture(scope="module", params=["gpt2", "opt"])

@@ -17,10 +17,14 @@ from factlens.cli import main
 from factlens.errors import CheckpointError, ConfigError
 from factlens.hooks import Intervention
 from factlens.recall.datasets import dataset_for, make_prompt_dataset
-from factlens.recall.final_layer import final_layer_hooks, final_layer_split, split_from_run
-from factlens.recall.lens import logit_lens
+from factlens.recall.final_layer import (
+    final_layer_effect,
+    final_layer_hooks,
+    final_layer_split,
+    split_from_run,
+)
 from factlens.recall.forward import run_at_end, unembed_params
-from factlens.recall.final_layer import final_layer_effect
+from factlens.recall.lens import logit_lens
 from factlens.testbeds import mechanisms as mech
 from factlens.tokenizers import gpt2_tokenizer
 

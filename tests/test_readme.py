@@ -20,7 +20,7 @@ SUBSTITUTIONS = [
     ('factlens.load("gpt2")', 'factlens.tiny("gpt2")'),          # no weights offline: the random twin
     ('TrainConfig.preset("small"', 'TrainConfig.preset("tiny", steps=10'),  # 10 steps instead of 4k
     ('run.bridge(step=500)', 'run.bridge(step=0)'),  # a checkpoint the tiny run has
-    ("capitals.dataset_for(model, shots=0)", "capitals.dataset_for(model, shots=0, n=48)"),  # 48 of 225 prompts
+    ("capitals.dataset(model, shots=0)", "capitals.dataset(model, shots=0, n=48)"),  # 48 of 225 prompts
     ("shots=[0, 1, 2])", "shots=[0], n=48, folds=2)"),
 ]
 

@@ -138,9 +138,8 @@ def test_backward_hook_on_pattern_takes_explicit_path(opt, tokens):
 def test_analyze_shared_pass_equals_separate_passes(arch):
     """analyze's one shared clean pass and two-pass mitigation table give what every step gives on its own passes
     (tests/reference_recall.py: each analysis without run=, the mitigation table one hooked pass per method/fold)."""
-    from reference_recall import analyze_unshared, mitigation_reference
-
     from factlens.recall.regression import fit_decomposition
+    from reference_recall import analyze_unshared, mitigation_reference
 
     model = factlens.tiny(arch, compat=True)
     new = analyze(model, n=60, folds=3, progress=False)

@@ -155,7 +155,7 @@ def _metric_fn(spec: MetricSpec, dataset: RelationDataset) -> tuple[Callable[[to
             raise ShapeError(f"metric {name!r} returned shape {tuple(out.shape)} for logits of shape "
                              f"{tuple(logits.shape)}; a metric maps [n, vocab] logits at end to a scalar or [n] "
                              "(one value per prompt): reduce the vocabulary axis, e.g. "
-                             "logits.gather(1, answer_ids[:, None])[:, 0], or use capitals.metric(dataset, 'iw')")
+                             "logits.gather(1, answer_ids[:, None])[:, 0], or use factlens.recall.metric(dataset, 'iw')")
         if not torch.isfinite(out).all():
             raise ShapeError(f"metric {name!r} returned NaN or inf; check it on the clean logits (log of 0?) or use "
                              "a log-probability metric")
