@@ -348,7 +348,7 @@ def final_layer_split(model: TransformerBridge, dataset: RelationDataset, *, neu
         chunk: Prompts per quadrature step (default: keeps ``chunk × parts × vocab`` near 2·10⁷ numbers).
 
     Raises:
-        ModeError: The model is in training mode.
+        ModeError: The model is in training mode, or not in compatibility mode (load it with ``compat=True``).
         ConfigError: The model's final LayerNorm is not reproduced by ``(x − mean) / hook_scale`` (an RMSNorm or
             post-norm model), or the quadrature does not reach ``tol``.
 

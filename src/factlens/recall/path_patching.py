@@ -310,7 +310,7 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
         :class:`PathPatchingResult`.
 
     Raises:
-        ModeError: The model is in training mode.
+        ModeError: The model is in training mode, or not in compatibility mode (load it with ``compat=True``).
         ConfigError: ``run`` lacks a hook, or the model's MLPs are not reproduced by ``mlp(ln2(resid_mid))`` at
             ``end`` (an architecture other than pre-norm GPT-2/OPT).
 

@@ -1,4 +1,6 @@
-"""Each recall analysis declares the hooks it reads; analyze's shared pass is their union and serves them all.
+"""The layout of factlens.recall: declared hooks, one shared pass, names that say what they hold.
+
+Each recall analysis declares the hooks it reads; analyze's shared pass is their union and serves them all.
 
 An analysis given a run restricted to its declared hooks must work (so it reads nothing it did not declare), one
 missing any declared hook must be refused (so the declaration is not wider than needed in a silent way), and a
@@ -6,6 +8,10 @@ run of other prompts must be refused, never silently replaced by a pass of its o
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
+import types
 
 import pytest
 import torch
@@ -108,3 +114,26 @@ def test_a_run_of_other_prompts_is_refused(model, ds):
         logit_lens(model, ds, run=run)
     with pytest.raises(factlens.ConfigError, match="other prompts"):
         logit_lens(model, ds.select(range(10)), run=run)
+
+
+def test_no_attribute_shadows_its_own_module():
+    """``import factlens.recall.x`` and ``factlens.recall.x`` are the same module for every submodule x."""
+    import factlens.recall as recall
+
+    for info in pkgutil.iter_modules(recall.__path__):
+        module = importlib.import_module(f"factlens.recall.{info.name}")
+        assert getattr(recall, info.name) is module, f"factlens.recall.{info.name} is not its module"
+    assert isinstance(factlens.mitigate, types.FunctionType)  # the function, from factlens.recall.mitigation
+    assert importlib.import_module("factlens.recall.mitigation").mitigate is factlens.mitigate
+
+
+def test_capitals_is_a_thin_entry_that_points_to_recall():
+    from factlens import capitals
+
+    assert capitals.__all__ == ["analyze", "dataset", "mitigation_table"]
+    with pytest.raises(AttributeError, match=r"from factlens\.recall import path_patch"):
+        capitals.path_patch  # noqa: B018
+    model = factlens.tiny("gpt2")
+    ds = capitals.dataset(model, appendix=True, n=6)
+    assert all("capital is" in p for p in ds.prompts)
+    assert torch.equal(capitals.dataset(model, n=6).tokens, dataset_for(model, n=6).tokens)
