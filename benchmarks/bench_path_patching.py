@@ -15,53 +15,17 @@ Run:  python benchmarks/bench_path_patching.py --model gpt2 --n-prompts 32
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformer_lens import patching
 
 import factlens
-from factlens.recall import dataset_for, metric, path_patch, run_at_end
+from factlens.recall import dataset_for, path_patch
 
-
-def tl_sweep(model, ds, cf, progress: bool):
-    """Path patching through TL's generic_activation_patch (heads, then MLPs)."""
-    L = model.cfg.n_layers
-    device = model.cfg.device
-    tokens = ds.tokens.to(device)
-    rows, ends = torch.arange(len(ds), device=device), ds.end.to(device)
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)] + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
-    means = run_at_end(model, cf, names, logits=False)
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_q", "hook_k", "hook_v")))
-    # a "clean cache" for TL holding the counterfactual mean at every prompt's end position
-    source = {}
-    for name in names:
-        shape = (len(ds), tokens.shape[1], *means[name].shape[1:])
-        t = torch.zeros(shape, device=device)
-        t[rows, ends] = means[name].mean(0)
-        source[name] = t
-
-    def head_setter(act, index, src):  # act [b, p, H, dh]; index [layer, head]
-        act[rows, ends, index[1]] = src[rows, ends, index[1]]
-        return act
-
-    def mlp_setter(act, index, src):  # act [b, p, d]; index [layer]
-        act[rows, ends] = src[rows, ends]
-        return act
-
-    def frozen(name):
-        return lambda t, hook: clean_cache[name]
-
-    freeze = [(f"blocks.{layer}.attn.hook_{a}", frozen(f"blocks.{layer}.attn.hook_{a}"))
-              for layer in range(L) for a in ("q", "k", "v")]
-    fn = metric(ds, "iw")
-    with torch.no_grad(), model.hooks(fwd_hooks=freeze):
-        heads = patching.generic_activation_patch(model, tokens, source, fn, head_setter, "z",
-                                                  index_axis_names=["layer", "head"])
-        mlps = patching.generic_activation_patch(model, tokens, source, fn, mlp_setter, "mlp_out",
-                                                 index_axis_names=["layer"])
-    return heads.double().cpu(), mlps.double().cpu()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_recall import tl_sweep
 
 
 def main() -> None:

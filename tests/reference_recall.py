@@ -4,6 +4,8 @@
   with full-sequence forward passes (two per sender), against :func:`factlens.recall.path_patch`.
 - :func:`mitigation_reference`: every method and fold of the mitigation table with its own hooked forward pass
   (:func:`factlens.recall.evaluate`), against :func:`factlens.recall.mitigation_table`'s two passes.
+- :func:`tl_sweep`: the same path patching through TransformerLens's own ``generic_activation_patch`` (one
+  full forward pass per (layer, head) and per MLP, q/k/v frozen by persistent hooks).
 - :func:`analyze_unshared`: every step of :func:`factlens.recall.analyze` run on its own passes, against the
   one shared clean pass.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
+from transformer_lens import patching
 
 from factlens.hooks import Intervention, hook, intervene
 from factlens.recall import (
@@ -19,8 +22,10 @@ from factlens.recall import (
     evaluate,
     final_layer_effect,
     logit_lens,
+    metric,
     mover_scores,
     path_patch,
+    run_at_end,
     template_folds,
 )
 from factlens.recall.datasets import RelationDataset
@@ -109,6 +114,46 @@ def path_patch_reference(model, dataset: RelationDataset, counterfactual: Relati
         values.append(metric_fn(end_logits(patched_logits, dataset)))
     return _result(values, clean_metric, L, H, metric=metric_name, receiver=receiver, freeze_mlps=freeze_mlps,
                    n_prompts=len(dataset), n_counterfactual=len(counterfactual), method="reference")
+
+
+def tl_sweep(model, ds, cf, progress: bool):
+    """Path patching through TL's generic_activation_patch (heads, then MLPs)."""
+    L = model.cfg.n_layers
+    device = model.cfg.device
+    tokens = ds.tokens.to(device)
+    rows, ends = torch.arange(len(ds), device=device), ds.end.to(device)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)] + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+    means = run_at_end(model, cf, names, logits=False)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_q", "hook_k", "hook_v")))
+    # a "clean cache" for TL holding the counterfactual mean at every prompt's end position
+    source = {}
+    for name in names:
+        shape = (len(ds), tokens.shape[1], *means[name].shape[1:])
+        t = torch.zeros(shape, device=device)
+        t[rows, ends] = means[name].mean(0)
+        source[name] = t
+
+    def head_setter(act, index, src):  # act [b, p, H, dh]; index [layer, head]
+        act[rows, ends, index[1]] = src[rows, ends, index[1]]
+        return act
+
+    def mlp_setter(act, index, src):  # act [b, p, d]; index [layer]
+        act[rows, ends] = src[rows, ends]
+        return act
+
+    def frozen(name):
+        return lambda t, hook: clean_cache[name]
+
+    freeze = [(f"blocks.{layer}.attn.hook_{a}", frozen(f"blocks.{layer}.attn.hook_{a}"))
+              for layer in range(L) for a in ("q", "k", "v")]
+    fn = metric(ds, "iw")
+    with torch.no_grad(), model.hooks(fwd_hooks=freeze):
+        heads = patching.generic_activation_patch(model, tokens, source, fn, head_setter, "z",
+                                                  index_axis_names=["layer", "head"])
+        mlps = patching.generic_activation_patch(model, tokens, source, fn, mlp_setter, "mlp_out",
+                                                 index_axis_names=["layer"])
+    return heads.double().cpu(), mlps.double().cpu()
 
 
 def mitigation_reference(model, relation=CAPITALS, shots: int = 0, folds: int = 5, heads=None, coeff: float = 1.0,

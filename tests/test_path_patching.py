@@ -7,7 +7,7 @@ import torch
 
 import factlens
 from factlens.recall import dataset_for, metric, path_patch, path_patch_hooks, run_at_end
-from reference_recall import path_patch_reference
+from reference_recall import path_patch_reference, tl_sweep
 
 
 @pytest.fixture(scope="module", params=["gpt2", "opt"])
@@ -41,6 +41,17 @@ def test_batched_equals_reference(model, ds, references, freeze_mlps):
     assert _close(fast.values, ref.values, rtol=1e-3)
     # the patch does something: some sender moves the metric
     assert float((ref.patched_heads - ref.clean).abs().max()) > 1e-6
+
+
+def test_batched_equals_transformer_lens_generic_activation_patch(model, ds):
+    """The golden reference of TransformerLens itself: generic_activation_patch over every head's hook_z and every
+    hook_mlp_out, with q/k/v frozen by persistent hooks (the patched metric, before the % change)."""
+    cf = ds.counterfactual(0)
+    fast = path_patch(model, ds, cf, metric="iw", max_batch=50, progress=False)
+    heads, mlps = tl_sweep(model, ds, cf, progress=False)
+    assert _close(fast.patched_heads, heads)
+    assert _close(fast.patched_mlp, mlps)
+    assert float((heads - fast.clean).abs().max()) > 1e-6  # the sweep moves the metric
 
 
 def test_batched_equals_reference_compat_and_prob_metric():

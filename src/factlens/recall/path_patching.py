@@ -24,7 +24,7 @@ LayerNorm and activation kernels), adding the clean attention outputs. It first 
 functions reproduce the cached clean MLP outputs, and raises if they do not. This is about 25× faster than a
 TransformerLens per-index sweep on full-size GPT-2 (``benchmarks/bench_path_patching.py``, which checks the
 numbers equal TransformerLens's ``generic_activation_patch``); the tests check them against the literal
-procedure, one sender at a time (``tests/reference_path_patching.py``).
+procedure, one sender at a time (``tests/reference_recall.py``).
 
 For linear metrics (``iw``, ``n``, ``iw-n``, ``logit``), only the unembedding columns that are needed are
 computed.
