@@ -161,7 +161,7 @@ def reuse_run(model: TransformerBridge, dataset: RelationDataset, run: EndRun | 
         what = missing + (["the logits"] if logits and run.logits is None else [])
         raise ConfigError(f"the shared run lacks {what} that {desc} reads; capture them: run_at_end(model, dataset, "
                           "names) with the analysis's declared hooks (e.g. report.shared_hooks(model)), or pass run=None")
-    rows = next(iter(run.acts.values())).shape[0] if run.acts else len(run.logits)
+    rows = next(iter(run.acts.values())).shape[0] if run.acts else len(run.logits if run.logits is not None else dataset)
     if rows != len(dataset) or (run.dataset_key is not None and run.dataset_key != dataset_key(dataset)):
         raise ConfigError(f"the shared run was made on other prompts ({rows} rows) than this dataset "
                           f"({len(dataset)} prompts) for {desc}; pass the run of the same dataset, or run=None")
