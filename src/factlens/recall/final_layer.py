@@ -355,6 +355,7 @@ def final_layer_split(model: TransformerBridge, dataset: RelationDataset, *, neu
     Example:
         >>> import factlens
         >>> from factlens.recall.datasets import dataset_for
+        >>> from factlens.recall.final_layer import final_layer_split
         >>> model = factlens.tiny("opt", compat=True)
         >>> split = final_layer_split(model, dataset_for(model, n=8), neurons=True)
         >>> split.top_neurons(3).shape

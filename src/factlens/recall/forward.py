@@ -89,6 +89,7 @@ def head_outputs(model: TransformerBridge, layer: int, z: Float[torch.Tensor, "n
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.forward import head_outputs
         >>> model = factlens.tiny("gpt2")
         >>> _, cache = model.run_with_cache(model.to_tokens("The capital of France is"))
         >>> out = head_outputs(model, 0, cache["blocks.0.attn.hook_z"][0])          # [pos, head, d_model]
@@ -195,6 +196,7 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.forward import run_at_end
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)

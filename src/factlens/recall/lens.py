@@ -121,6 +121,7 @@ def logit_lens(model: TransformerBridge, dataset: RelationDataset, include_final
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.lens import logit_lens
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)

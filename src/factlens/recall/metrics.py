@@ -65,6 +65,7 @@ def answer_prob(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDa
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.metrics import answer_prob
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)
@@ -92,6 +93,7 @@ def logit_diff(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDat
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.metrics import logit_diff
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)
@@ -161,6 +163,7 @@ def metric(dataset: RelationDataset, kind: str = "iw", reduce: Literal["mean", "
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.metrics import metric
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)

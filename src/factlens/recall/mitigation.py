@@ -96,6 +96,7 @@ def fit_intercept(model: TransformerBridge, calibration_dataset: RelationDataset
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.mitigation import fit_intercept
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)
@@ -165,6 +166,7 @@ def mitigate(model: TransformerBridge, intercept: Float[torch.Tensor, " d_model"
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.mitigation import mitigate
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> tokens = model.to_tokens("The capital of France is")
         >>> c = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
@@ -186,6 +188,7 @@ def evaluate(model: TransformerBridge, dataset: RelationDataset, *, attention: b
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.mitigation import evaluate
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)

@@ -260,6 +260,7 @@ def decompose_mlp(model: TransformerBridge, dataset: RelationDataset, layer: int
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.mlp_decomposition import decompose_mlp
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)

@@ -149,6 +149,7 @@ def mover_scores(model: TransformerBridge, dataset: RelationDataset, *, position
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.recall.movers import mover_scores
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> ds = dataset_for(model)

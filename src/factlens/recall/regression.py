@@ -39,6 +39,7 @@ def head_names(layer: int, n_heads: int) -> list[str]:
     """Regressor names ``L{layer}H{h}`` for the heads of one layer.
 
     Example:
+        >>> from factlens.recall.regression import head_names
         >>> head_names(9, 3)
         ['L9H0', 'L9H1', 'L9H2']
     """
@@ -79,6 +80,7 @@ class Decomposition(ResultDisplay):
 
     Example:
         >>> import torch
+        >>> from factlens.recall.regression import fit_decomposition
         >>> h = torch.randn(10, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         >>> fit = fit_decomposition(-h[:, 0] + 0.5 * h[:, 1] + 1.0, h, regressor_names=["a", "b"])
         >>> fit.to_dataframe()[["regressor", "beta"]].round(6).values.tolist()
@@ -167,6 +169,7 @@ def fit_decomposition(
 
     Example:
         >>> import torch
+        >>> from factlens.recall.regression import fit_decomposition
         >>> h = torch.randn(6, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         >>> fit_decomposition(0.5 * h[:, 1], h, fit_intercept=False).beta.round(decimals=6).tolist()
         [0.0, 0.5]
@@ -211,6 +214,7 @@ class GroupedDecomposition(ResultDisplay):
 
     Example:
         >>> import torch
+        >>> from factlens.recall.regression import fit_per_group
         >>> h = torch.randn(8, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         >>> res = fit_per_group(h.sum(1), h, ["a"] * 4 + ["b"] * 4)
         >>> res.labels, res["a"].beta.round(decimals=6).tolist()
@@ -284,6 +288,7 @@ def fit_per_group(
 
     Example:
         >>> import torch
+        >>> from factlens.recall.regression import fit_per_group
         >>> h = torch.randn(6, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         >>> len(fit_per_group(h[:, 0], h, torch.tensor([0, 0, 0, 1, 1, 1])))
         2
@@ -330,6 +335,7 @@ class VocabProjection(ResultDisplay):
 
     Example:
         >>> import torch
+        >>> from factlens.recall.regression import project_to_vocab
         >>> proj = project_to_vocab(torch.tensor([0.0, 1.0]), torch.eye(2), None, k=1, answer_ids=[0])
         >>> proj.top_ids.tolist(), proj.answer_ranks.tolist()
         ([1], [1])
@@ -387,6 +393,7 @@ def project_to_vocab(
 
     Example:
         >>> import torch
+        >>> from factlens.recall.regression import project_to_vocab
         >>> W_U = torch.eye(4)
         >>> proj = project_to_vocab(torch.tensor([0.0, 0.0, 3.0, 1.0]), W_U, None, k=2, answer_ids=2)
         >>> proj.answer_ranks.tolist(), proj.top_ids.tolist()
