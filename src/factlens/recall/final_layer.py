@@ -1,4 +1,4 @@
-"""What the last layer does to the answer (Lv et al. 2024 §6 detection; Stolfo et al. 2024): its effects and their exact split.
+"""What the last layer does to the answer (Lv et al. 2024 §6; Stolfo et al. 2024): its effects, split exactly.
 
 :func:`final_layer_effect` is Lv et al.'s detection: P and rank of the answer before (logit lens after layer
 L−2) and after the last layer, each last-layer component's direct effect on the answer logit, and the tokens

@@ -1,6 +1,7 @@
 """Lv et al.'s two mitigations of the final-layer anti-overconfidence mechanism (§6) and their table.
 
-The mechanism itself is detected in :mod:`factlens.recall.final_layer`. Mitigations, applied at each prompt's ``end`` in the last layer only:
+The mechanism itself is detected in :mod:`factlens.recall.final_layer`. Mitigations, applied at each prompt's
+``end`` in the last layer only:
 
 - **(a)** every (or the chosen) last-layer head attends only to its own position:
   ``factlens.attend_to_self(model, layers=-1, positions=dataset.end, heads=heads)``;
@@ -11,8 +12,9 @@ The mechanism itself is detected in :mod:`factlens.recall.final_layer`. Mitigati
 
 :func:`mitigation_table` fits c and evaluates on **disjoint** prompts (k folds split by template) and reports
 mean P(first answer token), accuracy and mean rank for baseline, (a), (b) and (a)+(b), from two forward
-passes per setting (clean and (a)); (b) reaches the logits only through the final residual at ``end``, so it is
-applied to theirs. :func:`mitigate` is the same edit as a context manager around any forward or ``model.generate``.
+passes per setting (clean and (a)); (b) reaches the logits only through the final residual at ``end``, so it
+is applied to theirs. :func:`mitigate` is the same edit as a context manager around any forward or
+``model.generate``.
 
 Example:
     >>> import factlens

@@ -1,8 +1,8 @@
-"""The regression behind the MLP decomposition (Lv et al. 2024 §5): ``m_i ≈ Σ_j β_j · h_ij + c``, scalar β, vector c.
+"""The regression of the MLP decomposition (Lv et al. 2024 §5): ``m_i ≈ Σ_j β_j · h_ij + c``, scalar β, vector c.
 
 Pure torch and model-agnostic (the model side, which activations are fitted, is
-:mod:`factlens.recall.mlp_decomposition`): pass the MLP outputs at ``end`` as ``target`` ``[n, d]`` and the head outputs
-of the attention sub-layer before it as ``regressors`` ``[n, k, d]``. Each β_j is shared over the d
+:mod:`factlens.recall.mlp_decomposition`): pass the MLP outputs at ``end`` as ``target`` ``[n, d]`` and the
+head outputs of the attention sub-layer before it as ``regressors`` ``[n, k, d]``. Each β_j is shared over the d
 coordinates: after the MLP, head j's share of the residual is (1 + β_j), so β ≈ −1 erases the head and
 β > 0 amplifies it. The intercept c ∈ R^d is the prompt-independent part (read as the task-aware "function
 application" component); :func:`project_to_vocab` reads it through the unembedding.
