@@ -23,6 +23,8 @@ Training and reading runs:
   rules (band and ratio readings).
 - :mod:`~factlens.bios.patching`: attention patching in training and evaluation, the grid, the circuits;
   :mod:`~factlens.bios.reproduce`: the paper's headline experiments in one command.
+- :mod:`~factlens.bios.cells` and :mod:`~factlens.bios.executor`: grids of training runs as cells, run here or
+  as a SLURM job array through submitit (docs/cluster.md).
 
 Example:
     >>> from factlens.bios import BiographyStream, BiosVocab, Population, Uniform, no_knowledge_baseline

@@ -14,8 +14,9 @@ kaleido can export, and ``summary.json``):
 3. **Curriculum** (``curriculum/alpha{a}``): inverse-power-law sampling of people at a few α against
    uniform sampling (again the scaling run), plateau end for each.
 
-Every cell is a run directory; a cell whose run finished is read, not retrained, so an interrupted
-``reproduce`` resumes where it stopped (unfinished runs resume from their last resume checkpoint).
+Every cell is a run directory (a :class:`~factlens.bios.cells.Cell`); a cell whose run finished is read, not
+retrained, so an interrupted ``reproduce`` resumes where it stopped (unfinished runs resume from their last
+resume checkpoint). The cells train here or as SLURM job arrays (``executor``; docs/cluster.md).
 
 Example:
     >>> result = reproduce("tiny", "runs/repro-tiny", progress=False)      # doctest: +SKIP
@@ -36,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from factlens.bios.cells import Cell
 from factlens.bios.config import TrainConfig
+from factlens.bios.executor import CellsNotFinished, CellsReport, CellStatus, ExecutorConfig, run_cells
 from factlens.bios.history import TrainingHistory
 from factlens.bios.patching.config import PatchConfig
-from factlens.bios.run import Run, pin_reference
-from factlens.bios.trainer import train
-from factlens.errors import ConfigError, FactlensError
+from factlens.errors import ConfigError
 from factlens.storage import atomic_write
 
 PAPER_FIT = (0.43, 0.81)  # plateau end ≈ 0.43 · N^0.81 steps at batch 128 (Zucchet et al., Fig. 3)
@@ -128,6 +129,7 @@ class ReproduceResult:
     png_note: str = ""
     control: dict = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    cells: CellsReport | None = None
 
     def to_dataframe(self) -> pd.DataFrame:
         """The plateau-vs-population table (the headline)."""
@@ -155,24 +157,34 @@ class ReproduceResult:
                 f"{len(self.curriculum)} samplers, trained {len(self.trained)} cells, report {self.report})")
 
 
-def _run(config: TrainConfig, run_dir: Path, trained: list[str], out: Path, device, progress: bool,
-         train_missing: bool = True) -> TrainingHistory | None:
-    """Train a cell unless it holds this cell's finished run; returns its history (``None``: unfinished and not
-    trained). The cell is checked by content (:meth:`factlens.bios.run.Run.finished`): a cell folder holding
-    another cell's run, a run of another schedule, or one patched from another reference is refused."""
-    if config.patch is not None:
-        try:
-            config = pin_reference(config)  # the reference (the control run) by its weights' checksum
-        except FactlensError:
-            if train_missing:
-                raise
-            return None  # the reference is not there yet: this cell cannot have finished
-    if not Run(run_dir).finished(config):
-        if not train_missing:
-            return None
-        train(config, run_dir, device=device, progress=progress)
-        trained.append(str(run_dir.relative_to(out)))
-    return Run(run_dir).history
+def reproduce_cells(scale: str | Scale, out_dir: str | Path, stage: str) -> list[Cell]:
+    """The cells of one stage (``"scaling"``, ``"patching"`` or ``"curriculum"``) of a scale under ``out_dir``.
+
+    Example:
+        >>> [c.key for c in reproduce_cells("tiny", "runs/repro", "curriculum")]
+        ['curriculum/alpha0.6', 'curriculum/alpha0.8']
+    """
+    sc, out = _scale(scale), Path(out_dir)
+
+    def cell(key: str, config: TrainConfig) -> Cell:
+        return Cell(key, config, str(out / key))
+
+    if stage == "scaling":
+        return [cell(f"scaling/N{n}", sc.config(n)) for n in sc.populations]
+    if stage == "curriculum":
+        return [cell(f"curriculum/alpha{a:g}", sc.config(sc.curriculum_people, sampler={"kind": "power_law", "alpha": a}))
+                for a in sc.alphas]
+    if stage == "patching":
+        base, control = sc.config(sc.patch_people), out / "scaling" / f"N{sc.patch_people}"
+        cells = []
+        for ref in sc.reference_steps:
+            for start in sorted({0, ref} if sc.freeze else {0}):
+                if start == ref == base.steps:
+                    continue  # frozen at the last step is the control itself
+                patch = PatchConfig(reference=str(control), reference_step=ref, start_patching=start)
+                cells.append(cell(f"patching/ref{ref}_start{start}", dataclasses.replace(base, patch=patch)))
+        return cells
+    raise ConfigError(f"unknown stage {stage!r}; choose scaling, patching or curriculum.")
 
 
 def fit_power_law(n: Sequence[float], steps: Sequence[float]) -> dict:
@@ -199,7 +211,8 @@ def _loss_at(history: TrainingHistory, step: int) -> float:
 
 def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce", *, plateau_ratio: float = 0.98,
               plateau_min_step: int | None = None, device=None, progress: bool = True,
-              write_png: bool = True, train_missing: bool = True) -> ReproduceResult:
+              write_png: bool = True, train_missing: bool = True, executor: ExecutorConfig | None = None,
+              wait: bool = True) -> ReproduceResult:
     """Run (or resume) the three stages at ``scale`` under ``out_dir`` and write the report.
 
     Args:
@@ -210,25 +223,54 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce",
             or after ``min_step``; default ``min_step``: where the loss first came within 10% of the baseline).
         write_png: also export each figure as PNG (needs kaleido and a Chrome; skipped, and said so, if not).
         train_missing: ``False`` trains nothing and reports only the finished cells (unfinished ones are
-            listed as missing), e.g. to look at a long run while it is still going.
+            listed as missing), e.g. to look at a long run while it is still going, or to collect the cells
+            that finished on SLURM.
+        executor: where the cells train (:class:`~factlens.bios.executor.ExecutorConfig`; default: here, one
+            after another). With ``kind="slurm"`` every stage is a job array; SLURM job records and logs go to
+            ``out_dir/jobs``, and a later call never resubmits a finished, queued or running cell.
+        wait: wait for the cells (a progress bar over finished cells); ``False`` returns once they are
+            submitted, raising :class:`~factlens.bios.executor.CellsNotFinished` while the controls are unfinished.
 
     Raises:
         ConfigError: an unknown scale, or a scale whose patching/curriculum population is not swept.
+        CellsNotFinished: the control runs are not finished yet (queued, failed, or not trained); it carries
+            every cell's status.
     """
     sc = _scale(scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0, trained = time.perf_counter(), []
+    t0 = time.perf_counter()
     rule = dict(ratio=plateau_ratio, min_step=plateau_min_step)
+    run = dict(executor=executor, jobs_dir=out / "jobs", wait=wait, submit=train_missing, device=device,
+               progress=progress)
+
+    # the scaling and curriculum cells first; the patching cells need the control's checkpoints (on SLURM
+    # without waiting, they are submitted at once to start after the control's job)
+    first = run_cells(reproduce_cells(sc, out, "scaling") + reproduce_cells(sc, out, "curriculum"), **run)
+    control_key = f"scaling/N{sc.patch_people}"
+    patch_cells = reproduce_cells(sc, out, "patching")
+    queued = next(s for s in first.statuses if s.cell.key == control_key)
+    if queued.state == "finished":
+        second = run_cells(patch_cells, **run)
+    elif queued.state in ("pending", "running") and queued.job_id:  # queued on SLURM: start after it
+        second = run_cells(patch_cells, **run, after=[queued.job_id])
+    else:
+        second = CellsReport([CellStatus(c, "not started", error=f"waits for its reference run {control_key}")
+                              for c in patch_cells])
+    cells = CellsReport(first.statuses + second.statuses, first.submitted + second.submitted)
+    done = cells.finished
+    histories = {s.cell.key: s.cell.history() for s in cells.statuses if s.cell.key in done}
+    missing = [s.cell.key for s in cells.statuses if s.cell.key not in done]
+    needed = [control_key, f"scaling/N{sc.curriculum_people}"]
+    if not all(k in done for k in needed):
+        fix = ("Run the same command again (or with --collect) once the queued cells have finished." if cells.waiting
+               else "Fix the failures shown, then run the same command again." if cells.failed
+               else "Run reproduce with train_missing=True (without --report-only / --collect) to train them.")
+        raise CellsNotFinished(f"the control runs {needed} are not finished, so there is no report yet. {fix}",
+                               cells)
 
     # 1. plateau vs population: one schedule for every N
-    cell_kw = dict(trained=trained, out=out, device=device, progress=progress, train_missing=train_missing)
-    runs = {n: _run(sc.config(n), out / "scaling" / f"N{n}", **cell_kw) for n in sc.populations}
-    missing = [f"scaling/N{n}" for n, h in runs.items() if h is None]
-    runs = {n: h for n, h in runs.items() if h is not None}
-    if sc.patch_people not in runs or sc.curriculum_people not in runs:
-        raise ConfigError(f"the control runs are not finished ({missing}); run reproduce with train_missing=True "
-                          "(without --report-only) first.")
+    runs = {n: histories[f"scaling/N{n}"] for n in sc.populations if f"scaling/N{n}" in histories}
     batch = sc.config(sc.populations[0]).batch_size
     scaling = pd.DataFrame([{"n_people": n, "plateau_end": h.plateau_end(**rule), "final_loss": h.final["attr_loss"],
                              "final_acc": h.final["attr_acc"]} for n, h in runs.items()])
@@ -237,23 +279,17 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce",
     fit = fit_power_law(scaling["n_people"], scaling["plateau_end"].astype(float))
 
     # 2. attention patching into fresh runs from step 0 (and frozen at the reference)
-    control_dir = out / "scaling" / f"N{sc.patch_people}"
-    base = sc.config(sc.patch_people)
     rows, curves = [], {"control (unpatched)": runs[sc.patch_people].evals[["step", "attr_loss", "attr_acc"]]}
-    for ref in sc.reference_steps:
-        for start in sorted({0, ref} if sc.freeze else {0}):
-            if start == ref == base.steps:
-                continue  # frozen at the last step is the control itself
-            patch = PatchConfig(reference=str(control_dir), reference_step=ref, start_patching=start)
-            h = _run(dataclasses.replace(base, patch=patch), out / "patching" / f"ref{ref}_start{start}", **cell_kw)
-            if h is None:
-                missing.append(f"patching/ref{ref}_start{start}")
-                continue
-            rows.append({"reference_step": ref, "start_patching": start, "loss_early": _loss_at(h, sc.early_step),
-                         "final_loss": h.final["attr_loss"], "final_acc": h.final["attr_acc"],
-                         "plateau_end": h.plateau_end(**rule)})
-            label = f"reference step {ref}" + ("" if start == 0 else f", frozen at {ref}")
-            curves[label] = h.evals[["step", "attr_loss", "attr_acc"]]
+    for cell in patch_cells:
+        if cell.key not in histories:
+            continue
+        h, patch = histories[cell.key], cell.config.patch
+        ref, start = patch.reference_step, patch.start_patching
+        rows.append({"reference_step": ref, "start_patching": start, "loss_early": _loss_at(h, sc.early_step),
+                     "final_loss": h.final["attr_loss"], "final_acc": h.final["attr_acc"],
+                     "plateau_end": h.plateau_end(**rule)})
+        label = f"reference step {ref}" + ("" if start == 0 else f", frozen at {ref}")
+        curves[label] = h.evals[["step", "attr_loss", "attr_acc"]]
     control = runs[sc.patch_people]
     rows.append({"reference_step": None, "start_patching": None, "loss_early": _loss_at(control, sc.early_step),
                  "final_loss": control.final["attr_loss"], "final_acc": control.final["attr_acc"],
@@ -266,10 +302,8 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce",
              "final_loss": uni.final["attr_loss"]}]
     ccurves = {"uniform": uni.evals[["step", "attr_loss"]]}
     for a in sc.alphas:
-        h = _run(sc.config(sc.curriculum_people, sampler={"kind": "power_law", "alpha": a}),
-                 out / "curriculum" / f"alpha{a:g}", **cell_kw)
+        h = histories.get(f"curriculum/alpha{a:g}")
         if h is None:
-            missing.append(f"curriculum/alpha{a:g}")
             continue
         crow.append({"sampler": "power_law", "alpha": a, "plateau_end": h.plateau_end(**rule),
                      "final_loss": h.final["attr_loss"]})
@@ -282,7 +316,8 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce",
         curriculum=curriculum,
         curves={"scaling": {n: h.evals[["step", "attr_loss", "attr_acc"]] for n, h in runs.items()},
                 "patching": curves, "curriculum": ccurves},
-        baseline=control.baseline, report=out / "report.html", trained=trained, missing=missing)
+        baseline=control.baseline, report=out / "report.html", missing=missing, cells=cells,
+        trained=[k for k in cells.submitted if k in done])
     result.control = patching.iloc[-1].to_dict()
     result.wall_s = time.perf_counter() - t0
     _write_report(result, sc, out, rule, write_png)
@@ -372,6 +407,8 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><bod
 with attribute loss &lt; {{ ratio }} × baseline ({{ "%.3f"|format(baseline) }} nats) after the initial drop.
 This call trained {{ trained|length }} cells in {{ "%.0f"|format(wall_s) }} s; finished cells are read, not retrained.
 {{ png_note }}</p>{% if missing %}<p><b>Not finished yet (not in the tables):</b> {{ missing|join(", ") }}.</p>{% endif %}
+{% if failed %}<h2>Failed cells</h2>{% for f in failed %}<p><b>{{ f.cell }}</b>{% if f.job_id %} (SLURM job {{ f.job_id }},
+log <code>{{ f.log }}</code>){% endif %}</p><pre>{{ f.error }}</pre>{% endfor %}{% endif %}
 <h2>1. Plateau vs population</h2>{{ figs.plateau_vs_population }}{{ scaling }}
 <p>Fit: plateau end ≈ {{ "%.3g"|format(fit.coef) }} · N<sup>{{ "%.2f"|format(fit.exponent) }}</sup> steps
 (paper: 0.43 · N<sup>0.81</sup> steps at batch 128).</p>
@@ -393,7 +430,7 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
         scaling=result.scaling.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="not reached"),
         patching=result.patching_table().to_html(float_format=lambda v: f"{v:.3f}"),
         curriculum=result.curriculum.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="not reached"),
-        png_note="{png_note}", missing=result.missing)
+        png_note="{png_note}", missing=result.missing, failed=_failed(result))
     if write_png:
         failed = []
         for name, fig in figs.items():
@@ -414,9 +451,14 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
     atomic_write(result.report, html.replace("{png_note}", result.png_note))
     summary = {"scale": result.scale, "fit": result.fit, "scaling": result.scaling.to_dict("records"),
                "patching": result.patching.to_dict("records"), "curriculum": result.curriculum.to_dict("records"),
-               "trained": result.trained, "missing": result.missing, "wall_s": result.wall_s, "baseline": result.baseline}
+               "trained": result.trained, "missing": result.missing, "failed": _failed(result), "wall_s": result.wall_s, "baseline": result.baseline}
     atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=float))
 
 
+def _failed(result: ReproduceResult) -> list[dict]:
+    """The failed cells: ``cell``, ``job_id``, ``log`` and the last lines of its ``error``."""
+    failed = result.cells.failed if result.cells else []
+    return [{"cell": s.cell.key, "job_id": s.job_id, "log": s.log, "error": s.error} for s in failed]
 
-__all__ = ["PAPER_FIT", "SCALES", "ReproduceResult", "Scale", "fit_power_law", "reproduce"]
+
+__all__ = ["PAPER_FIT", "SCALES", "ReproduceResult", "Scale", "fit_power_law", "reproduce", "reproduce_cells"]

@@ -154,7 +154,67 @@ def cmd_patch(args: argparse.Namespace) -> int:
     return cmd_train(args, dataclasses.replace(_train_config(args, base), patch=patch))
 
 
+def _executor(args: argparse.Namespace):
+    """The executor settings: ``--executor-config FILE`` with the command line's values over it."""
+    from factlens.bios.executor import ExecutorConfig
+    from factlens.errors import ConfigError
+
+    ex = ExecutorConfig.from_file(args.executor_config) if args.executor_config else ExecutorConfig()
+    sbatch = dict(ex.sbatch)
+    for item in args.sbatch or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--sbatch {item!r}: write KEY=VALUE, e.g. --sbatch account=mylab --sbatch qos=high.")
+        sbatch[key.lstrip("-")] = value
+    return ex.updated(kind=args.executor, partition=args.partition, gpus_per_job=args.gpus_per_job,
+                      cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_min,
+                      array_parallelism=args.array_parallelism, sbatch=sbatch)
+
+
+def _print_cells(report) -> int:
+    """Print the cells that failed or are not finished; 1 when a cell failed, else 0."""
+    counts = {}
+    for s in report.statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    print("cells: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    for s in report.statuses:
+        if s.state != "finished":
+            print(s.describe())
+    return 1 if report.failed else 0
+
+
+def _not_finished(err) -> int:
+    """Cells are queued or running (``--no-wait``): say so, exit 0. Otherwise (failed, or not started with
+    ``--collect``) the error stands, after the cells' states."""
+    _print_cells(err.report)
+    if err.report.waiting and not err.report.failed:
+        print(err)
+        return 0
+    raise err
+
+
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the cells train (local, or a SLURM job array through submitit)")
+    g.add_argument("--executor", choices=["local", "slurm"], help="local (default): this machine, one cell at a "
+                   "time (one per GPU with several GPUs); slurm: one job per cell, as a job array")
+    g.add_argument("--executor-config", help="TOML or JSON file of executor settings (the options below, with "
+                   "underscores); command-line values win")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--gpus-per-job", type=int, help="GPUs per SLURM job (one cell per job)")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per job, and each cell's torch threads")
+    g.add_argument("--mem-gb", type=float, help="memory per SLURM job (GB)")
+    g.add_argument("--time-min", type=int, help="time limit per SLURM job (minutes); a cell that reaches it is "
+                   "requeued and resumes from its newest checkpoint")
+    g.add_argument("--array-parallelism", type=int, help="at most this many SLURM jobs of the array at once")
+    g.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="extra sbatch option (repeatable), "
+                   "e.g. --sbatch account=mylab --sbatch qos=high")
+    g.add_argument("--no-wait", action="store_true", help="slurm: return once the cells are submitted; run the same "
+                   "command again (or with --collect) to gather the finished cells")
+    g.add_argument("--collect", action="store_true", help="start nothing: report the cells that have finished")
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
+    from factlens.bios.executor import CellsNotFinished
     from factlens.bios.patching.grid import run_grid
     from factlens.bios.run import reference_config
 
@@ -162,9 +222,13 @@ def cmd_grid(args: argparse.Namespace) -> int:
         config = _train_config(args, reference_config(args.reference))
     else:
         config = _train_config(args)
-    result = run_grid(config, args.out, reference_steps=args.reference_steps, start_steps=args.starts,
-                      reference=args.reference, include_freeze=args.freeze, device=args.device,
-                      progress=not args.quiet)
+    try:
+        result = run_grid(config, args.out, reference_steps=args.reference_steps, start_steps=args.starts,
+                          reference=args.reference, include_freeze=args.freeze, device=args.device,
+                          progress=not args.quiet, executor=_executor(args),
+                          wait=not (args.no_wait or args.collect), submit=not args.collect)
+    except CellsNotFinished as err:
+        return _not_finished(err)
     print(result.to_dataframe().to_string(index=False))
     print(f"table {Path(args.out) / 'grid.csv'}, heat-map {Path(args.out) / 'grid.html'}")
     return 0
@@ -227,17 +291,22 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from factlens.bios.executor import CellsNotFinished
     from factlens.bios.reproduce import reproduce
 
-    result = reproduce(args.scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
-                       progress=not args.quiet, write_png=not args.no_png,
-                       train_missing=not args.report_only)
+    try:
+        result = reproduce(args.scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
+                           progress=not args.quiet, write_png=not args.no_png,
+                           train_missing=not (args.report_only or args.collect), executor=_executor(args),
+                           wait=not (args.no_wait or args.collect or args.report_only))
+    except CellsNotFinished as err:
+        return _not_finished(err)
     print(result.to_dataframe().to_string(index=False))
     print(result.patching_table().round(3).to_string())
     print(result.curriculum.to_string(index=False))
     missing = f"; not finished: {result.missing}" if result.missing else ""
     print(f"trained {len(result.trained)} cells in {result.wall_s:.0f} s{missing}; report {result.report}; {result.png_note}")
-    return 0
+    return _print_cells(result.cells) if result.missing else 0
 
 
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
@@ -289,6 +358,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze", action="store_true",
                    help="also run the freeze cells (start == reference step: attention frozen at that step)")
     p.add_argument("--out", required=True, help="grid folder (one run folder per cell)")
+    _executor_args(p)
     p.set_defaults(func=cmd_grid)
     p = bios.add_parser("reproduce", help="plateau vs N, attention patching, curriculum: runs + HTML report (resumable)")
     p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu",
@@ -299,6 +369,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
     p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_args(p)
     p.set_defaults(func=cmd_reproduce)
     p = bios.add_parser("eval", help="evaluate a checkpoint of a run")
     p.add_argument("--run", required=True, help="run folder")

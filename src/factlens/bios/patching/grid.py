@@ -28,10 +28,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from factlens.bios.cells import Cell
 from factlens.bios.config import TrainConfig
+from factlens.bios.executor import CellsNotFinished, CellsReport, ExecutorConfig, run_cells
 from factlens.bios.patching.config import PatchConfig
-from factlens.bios.run import Run, pin_reference, reference_config
-from factlens.bios.trainer import train
+from factlens.bios.run import Run, reference_config
 from factlens.display import ResultDisplay
 from factlens.errors import CheckpointError, ConfigError
 from factlens.storage import atomic_write
@@ -102,9 +103,18 @@ def _reference(reference: str | Path, config: TrainConfig | None, out: Path) -> 
     return config, ref_dir, saved
 
 
+def _next_step(status: CellsReport) -> str:
+    if status.failed:
+        return "Failed: " + "; ".join(s.describe() for s in status.failed) + ". Fix them and run the grid again."
+    if status.waiting:
+        return "Run the same command again (or with --collect) once the queued cells have finished."
+    return "Run the grid without --collect to train them."
+
+
 def run_grid(config: TrainConfig | None, out_dir: str | Path, *, reference_steps: Sequence[int],
              start_steps: Sequence[int] = (0,), reference: str | Path | None = None, include_freeze: bool = False,
-             reset_optimizer: bool = True, device=None, progress: bool = True) -> GridResult:
+             reset_optimizer: bool = True, device=None, progress: bool = True,
+             executor: ExecutorConfig | None = None, wait: bool = True, submit: bool = True) -> GridResult:
     """Train (or reuse) the reference run and every patched run of the grid (resumable); return the results table.
 
     Args:
@@ -116,6 +126,14 @@ def run_grid(config: TrainConfig | None, out_dir: str | Path, *, reference_steps
         reference: an existing, finished reference run to reuse instead of training ``out_dir/reference``. Its
             config must be the grid's (it is checked), and it is only read.
         include_freeze: also run ``start == reference`` ("freeze attention at step s") for every reference.
+        executor: where the cells train (:class:`~factlens.bios.executor.ExecutorConfig`; default: here). On
+            SLURM the reference run is one job, then the patched cells one job array; records and logs go to
+            ``out_dir/jobs``.
+        wait: wait for the cells; ``False`` returns once they are submitted. submit: ``False`` starts nothing.
+
+    Raises:
+        CellsNotFinished: cells are still queued or running (``wait=False``), failed, or were not started
+            (``submit=False``); it carries every cell's status, failures with their job id, log and error.
     """
     out = Path(out_dir)
     if reference is not None:
@@ -138,22 +156,35 @@ def run_grid(config: TrainConfig | None, out_dir: str | Path, *, reference_steps
     if bad or not len(start_steps):
         raise ConfigError(f"start steps {list(bad or start_steps)} are not training steps of this {config.steps}-step "
                           f"run; use 0..{config.steps - 1} (0 patches the whole run).")
-    if reference is None and not Run(ref_dir).finished(config):  # refuses another config's run
-        train(config, ref_dir, device=device, progress=progress)
-    rows = []
+    run = dict(executor=executor, jobs_dir=out / "jobs", wait=wait, submit=submit, device=device, progress=progress)
+    after = []
+    if reference is None:  # the reference run is a cell of its own, trained before the patched ones
+        status = run_cells([Cell("reference", config, str(ref_dir))], **run)
+        (ref_status,) = status.statuses
+        if ref_status.state in ("pending", "running") and ref_status.job_id:
+            after = [ref_status.job_id]  # queued on SLURM: the patched cells start after it
+        elif ref_status.state != "finished":
+            raise CellsNotFinished("the reference run is not finished, so no patched cell can start yet. "
+                                   + _next_step(status), status)
+    cells, table = [], []  # table: (reference step, start step, run folder) in the grid's order
     for ref in reference_steps:
         starts = sorted({s for s in start_steps if s <= ref} | ({ref} if include_freeze else set()))
         for start in starts:
             if start == ref == config.steps:
-                rows.append({"reference_step": ref, "start_patching": start, **_summary(ref_dir)})
+                table.append((ref, start, ref_dir))
                 continue  # freezing at the last step is the unpatched run itself
-            cell = out / f"ref{ref}_start{start}"
             patch = PatchConfig(reference=str(ref_dir), reference_step=ref, start_patching=start,
                                 reset_optimizer=reset_optimizer)
-            cell_config = pin_reference(dataclasses.replace(config, patch=patch))  # the reference by content
-            if not Run(cell).finished(cell_config):  # a cell holding another cell's run (or schedule) is refused
-                train(cell_config, cell, device=device, progress=progress)
-            rows.append({"reference_step": ref, "start_patching": start, **_summary(cell)})
+            cells.append(Cell(f"ref{ref}_start{start}", dataclasses.replace(config, patch=patch),
+                              str(out / f"ref{ref}_start{start}")))
+            table.append((ref, start, cells[-1].path))
+    status = run_cells(cells, **run, after=after)
+    if after or status.failed or status.waiting or len(status.finished) < len(cells):
+        if after:
+            status = CellsReport([ref_status, *status.statuses], status.submitted)
+        raise CellsNotFinished(f"{len(cells) - len(status.finished)} of the grid's {len(cells)} patched cells are "
+                               "not finished. " + _next_step(status), status)
+    rows = [{"reference_step": ref, "start_patching": start, **_summary(path)} for ref, start, path in table]
     out.mkdir(parents=True, exist_ok=True)
     result = GridResult(pd.DataFrame(rows), _summary(ref_dir))
     atomic_write(out / "grid.csv", result.table.to_csv(index=False))

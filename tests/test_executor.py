@@ -1,0 +1,121 @@
+"""Training cells and their executors without SLURM: settings from files and the command line, cells by content,
+the local executor (a failing cell is reported with its error and the others go on; finished cells are read)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+
+import pytest
+
+import factlens
+from factlens.bios.cells import Cell, cell_threads, run_cell
+from factlens.bios.executor import ExecutorConfig, run_cells
+from factlens.bios.trainer import PatchConfig, train
+from factlens.cli.bios import _executor, _executor_args
+from test_bios_train import tiny_config
+
+
+def test_executor_settings_from_toml_json_and_the_command_line(tmp_path):
+    toml = tmp_path / "cluster.toml"
+    toml.write_text('[executor]\nkind = "slurm"\npartition = "gpu"\ngpus_per_job = 1\ntime_min = 240\n'
+                    '[executor.sbatch]\naccount = "lab"\n')
+    ex = ExecutorConfig.from_file(toml)
+    assert (ex.kind, ex.partition, ex.gpus_per_job, ex.time_min, ex.sbatch) == ("slurm", "gpu", 1, 240, {"account": "lab"})
+    js = tmp_path / "cluster.json"
+    js.write_text(json.dumps({"executor": "slurm", "cpus_per_task": 4, "mem_gb": 16}))
+    assert ExecutorConfig.from_file(js) == ExecutorConfig(kind="slurm", cpus_per_task=4, mem_gb=16)
+
+    p = argparse.ArgumentParser()
+    _executor_args(p)
+    args = p.parse_args(["--executor-config", str(toml), "--time-min", "30", "--sbatch", "qos=high",
+                         "--cpus-per-task", "2"])
+    ex = _executor(args)  # the command line over the file; sbatch options merged
+    assert (ex.kind, ex.partition, ex.time_min, ex.cpus_per_task) == ("slurm", "gpu", 30, 2)
+    assert ex.sbatch == {"account": "lab", "qos": "high"}
+
+    with pytest.raises(factlens.ConfigError, match="unknown executor settings"):
+        ExecutorConfig.from_dict({"kind": "slurm", "partion": "gpu"})
+    with pytest.raises(factlens.ConfigError, match="--executor local"):
+        ExecutorConfig(kind="kubernetes")
+    with pytest.raises(factlens.ConfigError, match="positive integer"):
+        ExecutorConfig(cpus_per_task=0)
+    with pytest.raises(factlens.ConfigError, match="KEY=VALUE"):
+        _executor(p.parse_args(["--sbatch", "qos"]))
+    (tmp_path / "bad.toml").write_text("kind = ")
+    with pytest.raises(factlens.ConfigError, match="not valid TOML"):
+        ExecutorConfig.from_file(tmp_path / "bad.toml")
+
+
+def test_a_cell_is_a_picklable_value_identified_by_its_config(tmp_path):
+    cell = Cell("N48", tiny_config(), str(tmp_path / "N48"))
+    assert pickle.loads(pickle.dumps(cell)) == cell
+    assert Cell("elsewhere", tiny_config(), "x").fingerprint == cell.fingerprint  # what, not where
+    assert Cell("N48", tiny_config(seed=1), str(tmp_path / "N48")).fingerprint != cell.fingerprint
+
+
+def test_cell_threads_follow_the_cpus_given(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert cell_threads() == 3
+    assert cell_threads(2) == 2
+
+
+def test_local_cells_go_on_past_a_failure_and_finished_cells_are_read(tmp_path):
+    good = Cell("good", tiny_config(steps=4, checkpoint_every=2), str(tmp_path / "good"))
+    missing_reference = PatchConfig(reference=str(tmp_path / "no-such-run"), reference_step=0)
+    bad = Cell("bad", tiny_config(steps=4, checkpoint_every=2, patch=missing_reference), str(tmp_path / "bad"))
+    report = run_cells([bad, good], ExecutorConfig(cpus_per_task=1), jobs_dir=tmp_path / "jobs", progress=False)
+    assert [s.state for s in report.statuses] == ["failed", "finished"]
+    assert "no-such-run" in report.failed[0].error and "Error" in report.failed[0].error
+    assert "bad: failed" in report.failed[0].describe()
+    assert good.finished() and run_cell(good)["trained"] is False
+
+    stamp = (tmp_path / "good" / "metrics.jsonl").stat().st_mtime_ns
+    collected = run_cells([bad, good], jobs_dir=tmp_path / "jobs", submit=False, progress=False)
+    assert [s.state for s in collected.statuses] == ["not started", "finished"]  # --collect trains nothing
+    assert (tmp_path / "good" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_a_cell_whose_folder_holds_another_run_is_refused_before_anything_trains(tmp_path):
+    train(tiny_config(steps=2, checkpoint_every=1), tmp_path / "taken", progress=False)
+    fresh = Cell("fresh", tiny_config(steps=2), str(tmp_path / "fresh"))
+    other = Cell("taken", tiny_config(steps=2, seed=5), str(tmp_path / "taken"))
+    with pytest.raises(factlens.CheckpointError, match="another config"):
+        run_cells([fresh, other], jobs_dir=tmp_path / "jobs", progress=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_failed_reproduction_cell_is_in_the_report_and_the_other_cells_go_on(tmp_path, monkeypatch, capsys):
+    import factlens.bios.executor as executor
+    from factlens.bios.reproduce import SCALES, Scale, reproduce
+
+    tiny = SCALES["tiny"]
+    small = Scale(preset="tiny", overrides={**tiny.overrides, "steps": 4, "checkpoint_every": 2, "resume_every": 2},
+                  populations=(16, 32), patch_people=16, reference_steps=(0, 4), early_step=2, curriculum_people=16,
+                  alphas=(0.6, 0.8))
+    real = executor.run_cell
+
+    def run_cell(cell, **kw):  # one cell's training raises, as a bug or a bad node would
+        if cell.key == "curriculum/alpha0.8":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(cell, **kw)
+
+    monkeypatch.setattr(executor, "run_cell", run_cell)
+    result = reproduce(small, tmp_path, progress=False, write_png=False)
+    assert result.missing == ["curriculum/alpha0.8"]
+    assert len(result.trained) == 2 + 2 + 1  # every other cell trained
+    (failed,) = result.cells.failed
+    assert "illegal memory access" in failed.error and "RuntimeError" in failed.error
+    html = result.report.read_text()
+    assert "Failed cells" in html and "curriculum/alpha0.8" in html and "illegal memory access" in html
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [f["cell"] for f in summary["failed"]] == ["curriculum/alpha0.8"]
+
+    from factlens.cli import main
+
+    monkeypatch.setitem(SCALES, "tiny", small)
+    capsys.readouterr()
+    assert main(["bios", "reproduce", "--scale", "tiny", "--out", str(tmp_path), "--no-png", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "curriculum/alpha0.8: failed" in out and "illegal memory access" in out  # in the command's output
