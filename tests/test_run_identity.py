@@ -20,11 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from factlens.bios.cells import Cell
 from factlens.bios.config import TrainConfig
 from factlens.bios.data.population import Population
+from factlens.bios.executor import run_cells
 from factlens.bios.finetune import finetune_config
 from factlens.bios.patching.config import PatchConfig
-from factlens.bios.reproduce import _run as reproduce_cell
 from factlens.bios.run import POPULATION, Run, pin_reference, reference_checkpoint
 from factlens.bios.task import BiosTask
 from factlens.bios.trainer import train
@@ -108,7 +109,7 @@ def test_a_cell_holding_another_cells_run_is_refused_not_read_as_finished(runs, 
     with pytest.raises(CheckpointError, match="holds a run with another config"):
         Run(cell).finished(CELLS[mine])
     with pytest.raises(CheckpointError, match="another config"):
-        reproduce_cell(CELLS[mine], cell, [], tmp_path, device="cpu", progress=False, train_missing=False)
+        run_cells([Cell("cell", CELLS[mine], str(cell))], jobs_dir=tmp_path / "jobs", submit=False, progress=False)
     assert Run(_copy(runs[mine], tmp_path, "own")).finished(CELLS[mine])
 
 
