@@ -309,6 +309,31 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return _print_cells(result.cells) if result.missing else 0
 
 
+def cmd_toy(args: argparse.Namespace) -> int:
+    from factlens.bios.toy_memory import ToyMemoryConfig, ToyMemoryResult, run_toy_memory
+    from factlens.checkpoints import storage_errors
+
+    overrides = {k: v for k, v in (("seed", args.seed), ("new_sizes", args.new_sizes),
+                                   ("replay_weights", args.replay_weights)) if v is not None}
+    config = ToyMemoryConfig.preset(args.preset, **overrides)
+    out = Path(args.out)
+    runs = len(config.runs())
+    print(f"toy associative memory: pre-train on {config.n_pairs} pairs for {config.pretrain_steps} steps, then "
+          f"{runs} fine-tuning runs of {config.finetune_steps} steps at once (about a minute per core for the paper "
+          f"preset); results in {out}")
+    t0 = time.perf_counter()
+    result = run_toy_memory(config, progress=not args.quiet)
+    result.save(out)
+    result = ToyMemoryResult.load(out, config)
+    fig = result.plot()
+    with storage_errors(out / "toy.html"):
+        fig.write_html(out / "toy.html")
+    print(result.final().round(4).to_string(index=False))
+    print(f"pre-training accuracy {result.pretrain_acc:.4f}; {time.perf_counter() - t0:.0f} s; figure "
+          f"{out / 'toy.html'}, table {out / 'toy_curves.csv'}")
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
     p.add_argument("--preset", default=preset, help="paper | small | demo | tiny")
     p.add_argument("--people", type=int, help="population size N")
@@ -371,6 +396,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _executor_args(p)
     p.set_defaults(func=cmd_reproduce)
+    p = bios.add_parser("toy", help="the toy associative memory: forgetting of old pairs when fine-tuning on new "
+                        "ones, with and without replay (Zucchet et al. §4)")
+    p.add_argument("--preset", choices=["paper", "tiny"], default="paper", help="paper: the paper's sizes; tiny: seconds")
+    p.add_argument("--new-sizes", type=int, nargs="+", help="new-set sizes without replay; unset: the preset's")
+    p.add_argument("--replay-weights", type=float, nargs="+",
+                   help="replay weight of each old pair (new pairs weigh 1); unset: the preset's")
+    p.add_argument("--seed", type=int, help="seed of the pairs, the initialisation and the batches")
+    p.add_argument("--out", required=True, help="output folder (toy.json, toy_curves.csv, toy.html)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_toy)
     p = bios.add_parser("eval", help="evaluate a checkpoint of a run")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--step", type=int, help="checkpoint step; unset: the last")
