@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from bios_reference import hand_value_token_stats
 from factlens.bios import (
     AttributeMetrics,
     BiosVocab,
@@ -132,3 +133,25 @@ def test_shape_mismatch_raises(setup):
     vocab, batch = setup
     with pytest.raises(ShapeError, match="same batch"):
         attribute_loss(torch.zeros(len(batch), SEQ_LEN - 1, vocab.size), batch)
+
+
+def test_pooled_metrics_are_means_over_all_value_tokens_of_unequal_batches(setup):
+    """Batches of 1 and 4 sequences (unequal value-token counts): pooling equals one mean over all tokens."""
+    vocab, _ = setup
+    pop = Population.generate(50, seed=3, pools=vocab.pools)
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for idx in (np.arange(1), np.arange(1, 5), np.arange(5, 7)):
+        batch = make_batch(pop, vocab, idx, rng=np.random.default_rng(int(idx[0])), seq_len=SEQ_LEN)
+        logits = torch.randn(len(idx), SEQ_LEN, vocab.size, generator=g) * 3
+        parts.append((logits, batch))
+    counts = [int(b.value_len.sum()) for _, b in parts]
+    assert len(set(counts)) == 3  # unequal token counts
+    pooled = AttributeMetrics.combine([attribute_metrics(lg, b) for lg, b in parts])
+    hand = hand_value_token_stats(parts)
+    assert int(pooled.n_tokens.sum()) == hand["n_tokens"] == sum(counts)
+    for key, value in pooled.summary().items():
+        assert value == pytest.approx(hand[key], rel=1e-6, abs=1e-9), key
+    # the old pooling (per-batch means weighted by sequences) is measurably off for the token means
+    by_seq = sum(hallucination_metrics(lg, b)["top_prob"] * len(b) for lg, b in parts) / 7
+    assert abs(by_seq - hand["top_prob"]) > 1e-5

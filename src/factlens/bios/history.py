@@ -82,7 +82,10 @@ class TrainingHistory(ResultDisplay):
         return self.evals.copy()
 
     def plot(self, title: str | None = None, loss_range: tuple[float, float] | None = None):
-        """Attribute loss and accuracy over steps, the baseline line and the plateau end.
+        """Attribute loss and accuracy over steps, the baseline line and the plateau end; when the run logged
+        them, a second row with the mean top-token probability and entropy over value tokens. Every panel shows
+        the trained people (held-out templates; old and new people when fine-tuning) beside the people never
+        trained on (dotted), so over-confidence on unknown people (hallucination) sits next to real knowledge.
 
         ``loss_range``: ``None`` plots the loss on a log scale over all its values; ``(lo, hi)`` plots it on a
         linear scale over that range (e.g. zoomed on the baseline, to see a plateau's few percent).
@@ -90,23 +93,29 @@ class TrainingHistory(ResultDisplay):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        scale = "log scale" if loss_range is None else "linear scale"
-        fig = make_subplots(rows=1, cols=2, subplot_titles=(f"Attribute loss (nats, {scale})", "Attribute accuracy"))
         ev = self.evals
-        labels = {"": "held-out templates", "unseen_": "unseen people", "old_": "old people", "new_": "new people"}
+        scale = "log scale" if loss_range is None else "linear scale"
+        titles = [f"Attribute loss (nats, {scale})", "Attribute accuracy"]
+        confidence = any(c.endswith("top_prob") for c in ev)
+        if confidence:
+            titles += ["Mean top-token probability (value tokens)", "Mean predictive entropy (nats, value tokens)"]
+        fig = make_subplots(rows=1 + confidence, cols=2, subplot_titles=titles, vertical_spacing=0.14)
+        labels = {"": "held-out templates", "old_": "old people", "new_": "new people", "unseen_": "unseen people"}
         colours = {"": "#1f77b4", "unseen_": "#d62728", "old_": "#1f77b4", "new_": "#2ca02c"}
+        panels = [("attr_loss", 1, 1, "loss %{y:.4f} nats"), ("attr_acc", 1, 2, "accuracy %{y:.3f}"),
+                  ("top_prob", 2, 1, "top-token probability %{y:.3f}"), ("entropy", 2, 2, "entropy %{y:.3f} nats")]
         for prefix, label in labels.items():
-            if prefix + "attr_loss" not in ev:
-                continue
-            dash = "dot" if prefix == "unseen_" else "solid"
-            fig.add_trace(go.Scatter(x=ev["step"], y=ev[prefix + "attr_loss"], mode="lines+markers", name=label,
-                                     line=dict(color=colours[prefix], dash=dash), legendgroup=label,
-                                     hovertemplate=f"{label}<br>step %{{x}}<br>loss %{{y:.4f}} nats<extra></extra>"), 1, 1)
-            if prefix != "unseen_":
-                fig.add_trace(go.Scatter(x=ev["step"], y=ev[prefix + "attr_acc"], mode="lines+markers", name=label,
-                                         line=dict(color=colours[prefix]), legendgroup=label, showlegend=False,
-                                         hovertemplate=f"{label}<br>step %{{x}}<br>accuracy %{{y:.3f}}<extra></extra>"),
-                              1, 2)
+            first = True
+            for metric, row, col, hover in panels:
+                if prefix + metric not in ev or (row == 2 and not confidence):
+                    continue
+                dash = "dot" if prefix == "unseen_" else "solid"
+                fig.add_trace(go.Scatter(x=ev["step"], y=ev[prefix + metric], mode="lines+markers", name=label,
+                                         line=dict(color=colours[prefix], dash=dash), legendgroup=label,
+                                         showlegend=first,
+                                         hovertemplate=f"{label}<br>step %{{x}}<br>{hover}<extra></extra>"),
+                              row, col)
+                first = False
         # the baseline as a legend entry: an add_hline annotation is misplaced on a log axis by plotly
         fig.add_trace(go.Scatter(x=[ev["step"].min(), ev["step"].max()], y=[self.baseline] * 2, mode="lines",
                                  name=f"no knowledge ({self.baseline:.3f} nats)",
@@ -126,11 +135,13 @@ class TrainingHistory(ResultDisplay):
         else:
             fig.update_yaxes(type="linear", title_text="nats", row=1, col=1, range=list(loss_range))
         fig.update_yaxes(range=[0, 1.02], title_text="fraction of values", row=1, col=2)
+        if confidence:
+            fig.update_yaxes(range=[0, 1.02], title_text="probability", row=2, col=1)
+            fig.update_yaxes(rangemode="tozero", title_text="nats", row=2, col=2)
         fig.update_xaxes(title_text="training step")
         fig.update_layout(title=title or f"Knowledge acquisition ({self.run_dir.name if self.run_dir else 'run'})",
-                          template="plotly_white", height=420, width=1000)
+                          template="plotly_white", height=420 * (1 + confidence), width=1000)
         return fig
-
 
     def compare(self, *others, labels: list[str] | None = None, metrics: tuple[str, ...] = ("attr_loss", "attr_acc"),
                 title: str | None = None):

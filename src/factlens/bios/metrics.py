@@ -8,7 +8,8 @@ All are pure functions of next-token ``logits`` ``[batch, pos, vocab]`` and a
   tokens, so it is comparable with the no-knowledge baseline of ~6.785 nats).
 - **Attribute accuracy**: a value counts only if *every* one of its tokens is the argmax.
 - **Hallucination metrics**: attribute loss, mean top-token probability and mean predictive entropy (nats)
-  over value-token positions (evaluate them on unseen people).
+  over value-token positions (compare them on seen and unseen people). Pooled over batches,
+  each metric is weighted by what it averages (values or value tokens): :meth:`AttributeMetrics.combine`.
 
 The phases read from a loss curve (plateau end, drop end) are in :mod:`factlens.bios.phases`.
 
@@ -147,25 +148,35 @@ class AttributeMetrics(ResultDisplay):
 
     @staticmethod
     def combine(parts: Sequence[AttributeMetrics]) -> AttributeMetrics:
-        """Pool metrics of several batches (weighted by sequences, or by tokens for top_prob/entropy)."""
+        """Pool metrics of several batches, each by what it averages over: sum and count, then divide.
+
+        ``loss`` and ``accuracy`` are means over values (one per sequence and attribute), so they are pooled by
+        sequences; ``top_prob`` and ``entropy`` are means over value tokens, so they are pooled by tokens. The
+        pooled numbers therefore equal the metrics of all the batches' values and value tokens at once, however
+        unequal the batches (float64 throughout).
+
+        Example:
+            >>> import torch
+            >>> ones = torch.ones(6, dtype=torch.float64)
+            >>> a = AttributeMetrics(ones, ones, 0.9 * ones, ones, n_sequences=1, n_tokens=torch.full((6,), 1))
+            >>> b = AttributeMetrics(ones, ones, 0.5 * ones, ones, n_sequences=1, n_tokens=torch.full((6,), 3))
+            >>> round(AttributeMetrics.combine([a, b]).mean_top_prob, 6)   # (0.9 + 3 * 0.5) / 4, not 0.7
+            0.6
+        """
         if not parts:
             raise EmptyDatasetError("no metrics to combine; pass at least one AttributeMetrics")
-        seqs = torch.tensor([p.n_sequences for p in parts], dtype=torch.float64)
+        seqs = torch.tensor([p.n_sequences for p in parts], dtype=torch.float64)  # [k]
         toks = torch.stack([p.n_tokens for p in parts]).double()  # [k, 6]
 
-        def by_seq(name: str) -> torch.Tensor:
-            return (torch.stack([getattr(p, name) for p in parts]).double() * seqs[:, None]).sum(
-                0
-            ) / seqs.sum()
-
-        def by_tok(name: str) -> torch.Tensor:
-            return (torch.stack([getattr(p, name) for p in parts]).double() * toks).sum(0) / toks.sum(0)
+        def pooled(name: str, weight: torch.Tensor) -> torch.Tensor:  # weight [k, 6]: count behind each mean
+            total = (torch.stack([getattr(p, name) for p in parts]).double() * weight).sum(0)  # [6] sums
+            return total / weight.sum(0).clamp(min=1)
 
         return AttributeMetrics(
-            loss=by_seq("loss").float(),
-            accuracy=by_seq("accuracy").float(),
-            top_prob=by_tok("top_prob").float(),
-            entropy=by_tok("entropy").float(),
+            loss=pooled("loss", seqs[:, None].expand_as(toks)),
+            accuracy=pooled("accuracy", seqs[:, None].expand_as(toks)),
+            top_prob=pooled("top_prob", toks),
+            entropy=pooled("entropy", toks),
             n_sequences=int(seqs.sum()),
             n_tokens=toks.sum(0).long(),
         )
@@ -231,12 +242,13 @@ def attribute_metrics(
         wrong = torch.zeros(b * N_ATTR, device=nll.device).index_add(0, v.slot, (top != v.targets).float())
         n_tok = torch.zeros(N_ATTR, device=nll.device).index_add(0, attr, torch.ones_like(nll))
 
-        def tok_mean(x: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(N_ATTR, device=x.device).index_add(0, attr, x) / n_tok.clamp(min=1)
+        def tok_mean(x: torch.Tensor) -> torch.Tensor:  # [m] per value token -> [6] means (float64 sums)
+            sums = torch.zeros(N_ATTR, device=x.device, dtype=torch.float64).index_add(0, attr, x.double())
+            return sums / n_tok.double().clamp(min=1)
 
         return AttributeMetrics(
-            loss=per_value_nll.mean(0).cpu(),
-            accuracy=(wrong.view(b, N_ATTR) == 0).float().mean(0).cpu(),
+            loss=per_value_nll.double().mean(0).cpu(),
+            accuracy=(wrong.view(b, N_ATTR) == 0).double().mean(0).cpu(),
             top_prob=tok_mean(top_prob).cpu(),
             entropy=tok_mean(entropy).cpu(),
             n_sequences=b,

@@ -27,7 +27,7 @@ from factlens.bios.data.batches import BiographyBatch, BiographyStream, eval_bat
 from factlens.bios.data.population import Population
 from factlens.bios.data.samplers import Replay, make_sampler
 from factlens.bios.data.vocab import BiosVocab
-from factlens.bios.metrics import attribute_accuracy, attribute_loss, hallucination_metrics
+from factlens.bios.metrics import AttributeMetrics, attribute_metrics
 from factlens.errors import ConfigError
 
 UNSEEN = "unseen_"  # the prefix of the hallucination metrics, computed on people the model never saw
@@ -81,7 +81,12 @@ class BiosTask:
     @torch.no_grad()
     def evaluate(self, logits: Callable[[torch.Tensor], torch.Tensor],
                  on_device: Callable[[BiographyBatch], BiographyBatch]) -> dict[str, float]:
-        """Attribute loss/accuracy on held-out templates per group; hallucination metrics on unseen people.
+        """``attr_loss``, ``attr_acc``, ``top_prob`` and ``entropy`` on every evaluation set, under its prefix.
+
+        Sets: held-out templates of the trained people (no prefix; ``old_``/``new_`` people when fine-tuning)
+        and people never trained on (``unseen_``). Loss and accuracy are means over values, top-token
+        probability and entropy means over value tokens, each pooled over the set's batches by its own count
+        (:meth:`~factlens.bios.metrics.AttributeMetrics.combine`).
 
         Args:
             logits: ``tokens [batch, pos] -> logits [batch, pos, vocab]`` (the model's forward, patched or not).
@@ -89,20 +94,12 @@ class BiosTask:
         """
         out: dict[str, float] = {}
         for prefix, batches in self.eval_sets.items():
-            totals: dict[str, float] = {}
-            n = 0
+            parts = []
             for batch in batches:
                 batch = on_device(batch)
-                scores = logits(batch.tokens).float()
-                stats = {"attr_loss": float(attribute_loss(scores, batch)),
-                         "attr_acc": float(attribute_accuracy(scores, batch))}
-                if prefix == UNSEEN:
-                    summary = hallucination_metrics(scores, batch)
-                    stats.update(top_prob=float(summary["top_prob"]), entropy=float(summary["entropy"]))
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v * len(batch)
-                n += len(batch)
-            out.update({prefix + k: v / n for k, v in totals.items()} if n else {})
+                parts.append(attribute_metrics(logits(batch.tokens).float(), batch))
+            if parts:
+                out.update({prefix + k: v for k, v in AttributeMetrics.combine(parts).summary().items()})
         return out
 
 

@@ -284,7 +284,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Attribute loss/accuracy on held-out templates; hallucination metrics on unseen people."""
+        """``attr_loss``, ``attr_acc``, ``top_prob`` and ``entropy`` on every evaluation set, under its prefix.
+
+        Sets: held-out templates of the trained people (no prefix; ``old_``/``new_`` people when fine-tuning)
+        and people never trained on (``unseen_``). Loss and accuracy are means over values, top-token
+        probability and entropy means over value tokens, each pooled over the set's batches by its own count
+        (:meth:`~factlens.bios.metrics.AttributeMetrics.combine`).
+        """
         self.raw_model.eval()
         out = self.task.evaluate(lambda tokens: self._logits(tokens, self.raw_model), self._on_device)
         self.raw_model.train()
