@@ -73,6 +73,13 @@ class FinetuneConfig:
         new_seed: seed of the new people's names, values and template splits.
         population_sha256: the fingerprint of the pre-training run's people (the "old" people); a fine-tuning
             run on any other people is refused.
+        seen_from: fine-tune on the pre-training run's own people ``seen_from .. N-1`` (already seen, e.g. a
+            celebrity run's non-celebrities) instead of ``n_new`` new people; the old people are then ``0 ..
+            seen_from-1``.
+        keep_optimizer: carry the pre-training AdamW state over (read from the base run's resume checkpoint at
+            the same step) instead of a fresh AdamW (the default: every checkpoint can be fine-tuned, and the
+            paper resets AdamW when it changes the set-up, as in attention patching).
+        new_population_sha256: the fingerprint of the fine-tuning people, checked like ``population_sha256``.
     """
 
     init_from: str
@@ -80,6 +87,9 @@ class FinetuneConfig:
     old_weight: float = 0.0
     new_seed: int = 1_000_003
     population_sha256: str | None = None
+    seen_from: int | None = None
+    keep_optimizer: bool = False
+    new_population_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.init_from, (str, Path)) or not str(self.init_from):
@@ -91,6 +101,12 @@ class FinetuneConfig:
             raise ConfigError(f"old_weight={self.old_weight!r}; pass a replay weight >= 0 (0 = no replay).")
         if isinstance(self.new_seed, bool) or not isinstance(self.new_seed, int) or self.new_seed < 0:
             raise ConfigError(f"new_seed={self.new_seed!r}; pass an integer >= 0.")
+        if self.seen_from is not None and (isinstance(self.seen_from, bool) or not isinstance(self.seen_from, int)
+                                           or self.seen_from < 1):
+            raise ConfigError(f"seen_from={self.seen_from!r}; pass the first already-seen person to fine-tune on "
+                              "(>= 1), or None for new people.")
+        if not isinstance(self.keep_optimizer, bool):
+            raise ConfigError(f"keep_optimizer={self.keep_optimizer!r}: pass True or False.")
 
 
 @dataclass

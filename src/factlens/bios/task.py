@@ -121,10 +121,22 @@ def _finetune_setup(config: TrainConfig, population: Population):
             f"({ft.population_sha256}): they would be measured as old although the model never saw them. Keep the "
             "pre-training run's n_people, data_seed and pools (do not override them in finetune_config), or pass "
             "population=Run(pretraining_run).population().")
-    new = population.unseen(ft.n_new, seed=ft.new_seed)
-    both = Population.concatenate([population, new])
-    sampler = Replay(len(population), ft.n_new, ft.old_weight)
-    return both, sampler, {"old_": (0, len(population)), "new_": (len(population), len(both))}
+    if ft.seen_from is not None:  # already-seen people seen_from..N-1 (e.g. the non-celebrities)
+        if ft.seen_from >= len(population):
+            raise ConfigError(f"seen_from={ft.seen_from}; fine-tuning on already-seen people needs 0 < seen_from < "
+                              f"{len(population)} (the pre-training population).")
+        both, n_old = population, ft.seen_from
+    else:
+        both = Population.concatenate([population, population.unseen(ft.n_new, seed=ft.new_seed)])
+        n_old = len(population)
+    target = people_slice(both, n_old, len(both))
+    if ft.new_population_sha256 is not None and target.fingerprint() != ft.new_population_sha256:
+        raise ConfigError(f"the fine-tuning people rebuilt from this run's config (fingerprint {target.fingerprint()}) "
+                          f"are not the ones it recorded ({ft.new_population_sha256}): the code that generates people "
+                          "changed, or the config was edited. Use the factlens version that trained the run, or "
+                          "fine-tune again.")
+    sampler = Replay(n_old, len(both) - n_old, ft.old_weight)
+    return both, sampler, {"old_": (0, n_old), "new_": (n_old, len(both))}
 
 
 def people_slice(population: Population, lo: int, hi: int) -> Population:

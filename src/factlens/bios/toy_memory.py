@@ -42,9 +42,9 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from factlens.bios.data.samplers import Replay
-from factlens.checkpoints import atomic_write_text
 from factlens.display import ResultDisplay
 from factlens.errors import CheckpointError, ConfigError
+from factlens.storage import atomic_write
 
 PAPER_REPLAY_WEIGHTS = tuple(2.0 ** -k for k in range(-1, 10))  # 2, 1, 1/2, ..., 1/512
 
@@ -313,8 +313,8 @@ class ToyMemoryResult(ResultDisplay):
         """Write ``toy.json`` (config, pre-training accuracy, wall time) and ``toy_curves.csv``, atomically."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "toy_curves.csv", self.curves.to_csv(index=False))
-        atomic_write_text(out / "toy.json", json.dumps({"config": self.config.to_dict(),
+        atomic_write(out / "toy_curves.csv", self.curves.to_csv(index=False))
+        atomic_write(out / "toy.json", json.dumps({"config": self.config.to_dict(),
                                                         "pretrain_acc": self.pretrain_acc, "wall_s": self.wall_s}))
 
     @classmethod

@@ -56,7 +56,7 @@ from factlens.bios.config import (  # re-exported: the trainer's public configur
 )
 from factlens.bios.data.batches import BiographyBatch
 from factlens.bios.data.population import Population
-from factlens.bios.finetune import init_weights, pretraining_run
+from factlens.bios.finetune import init_optimizer, init_weights, pretraining_run
 from factlens.bios.history import TrainingHistory
 from factlens.bios.metrics_log import append_jsonl, truncate_metrics
 from factlens.bios.patching.training import AttentionPatcher
@@ -146,6 +146,8 @@ class Trainer:
         self.base_population = base  # the people before fine-tuning adds new ones: what the run stores
         self.raw_model = self._build_model()
         self.optimizer = self._make_optimizer()
+        if config.finetune:
+            init_optimizer(self.optimizer, config)  # fresh unless it keeps the base run's AdamW state
         self.model, self.forward = self._wrap_model()
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.patcher = None

@@ -309,9 +309,53 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return _print_cells(result.cells) if result.missing else 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from factlens.bios.attention_drift import attention_drift
+    from factlens.bios.data.samplers import make_sampler
+    from factlens.bios.finetune import finetune_config
+    from factlens.bios.forgetting import forgetting_summary
+    from factlens.bios.run import Run
+    from factlens.bios.trainer import train
+    from factlens.errors import ConfigError
+    from factlens.storage import atomic_write
+
+    run = _existing_run(args.run)
+    seen_from = args.seen_from
+    if args.non_celebrities:
+        sampler = Run(run).config.sampler
+        if str(sampler.get("kind", "")).replace("_", "").lower() != "celebrities":
+            raise ConfigError(f"--non-celebrities: {run} was not trained with the celebrities sampler ({sampler}); "
+                              "pass --seen-from I to fine-tune on its people I.. instead.")
+        seen_from = make_sampler(dict(sampler), n=Run(run).config.n_people).n_celebrities
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("checkpoint_every", args.eval_every)) if v}
+    config = finetune_config(run, step=args.step, n_new=args.new_people, old_weight=args.replay, seen_from=seen_from,
+                             keep_optimizer=args.keep_optimizer, steps=args.steps, lr=args.lr, **overrides)
+    out = Path(args.out)
+    Run(out).check(config)  # refuse a bad --out before training
+    who = (f"its people {seen_from}..{config.n_people - 1} (already seen)" if seen_from is not None
+           else f"{args.new_people} new people")
+    print(f"fine-tuning {run} on {who}: {args.steps} steps at constant LR {args.lr:g}, replay weight {args.replay:g}, "
+          f"{'pre-training' if args.keep_optimizer else 'fresh'} AdamW state; old, new and unseen people evaluated "
+          f"on {len(config.checkpoint_steps())} checkpoints; run folder {out}")
+    t0 = time.perf_counter()
+    history = train(config, out, device=args.device, progress=not args.quiet)
+    _write_curves(history, out)
+    summary = forgetting_summary(history)
+    atomic_write(out / "forgetting.json", json.dumps(summary, indent=1))
+    if args.drift_sequences:
+        drift = attention_drift(out, n_sequences=args.drift_sequences, device=args.device or "cpu",
+                                progress=not args.quiet)
+        atomic_write(out / "attention_drift.csv", drift.to_dataframe().to_csv(index=False))
+        drift.plot().write_html(out / "attention_drift.html")
+    print(json.dumps(summary, indent=1))
+    print(f"{time.perf_counter() - t0:.0f} s; curves {out / 'curves.html'}"
+          + (f", attention drift {out / 'attention_drift.html'}" if args.drift_sequences else ""))
+    return 0
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     from factlens.bios.toy_memory import ToyMemoryConfig, ToyMemoryResult, run_toy_memory
-    from factlens.checkpoints import storage_errors
+    from factlens.storage import storage_errors
 
     overrides = {k: v for k, v in (("seed", args.seed), ("new_sizes", args.new_sizes),
                                    ("replay_weights", args.replay_weights)) if v is not None}
@@ -396,6 +440,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _executor_args(p)
     p.set_defaults(func=cmd_reproduce)
+    p = bios.add_parser("finetune", help="fine-tune a trained run's checkpoint on new (or rare, already-seen) "
+                        "people at a constant LR, with replay of the old ones; old/new/unseen curves and attention drift")
+    p.add_argument("--run", required=True, help="the pre-training run folder")
+    p.add_argument("--step", type=int, help="its checkpoint to start from; unset: the last")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--new-people", type=int, default=4000, help="new people to fine-tune on")
+    who.add_argument("--seen-from", type=int, help="instead, fine-tune on the run's own people I..N-1 (already seen)")
+    who.add_argument("--non-celebrities", action="store_true",
+                     help="instead, fine-tune on a celebrity run's non-celebrities (its people n_celebrities..N-1)")
+    p.add_argument("--replay", type=float, default=0.0,
+                   help="replay weight of each old person (each fine-tuning person weighs 1; 0 = no replay)")
+    p.add_argument("--steps", type=int, default=4000, help="fine-tuning steps")
+    p.add_argument("--lr", type=float, default=3e-5, help="constant learning rate")
+    p.add_argument("--keep-optimizer", action="store_true",
+                   help="carry the run's AdamW state over (from its resume checkpoint at --step) instead of a fresh one")
+    p.add_argument("--batch-size", type=int, help="sequences per step; unset: the run's")
+    p.add_argument("--eval-every", type=int, help="evaluate and checkpoint every K steps; unset: the paper's schedule")
+    p.add_argument("--drift-sequences", type=int, default=64,
+                   help="old people's biographies for the attention-drift figure (0: skip it)")
+    p.add_argument("--out", required=True, help="fine-tuning run folder")
+    p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
     p = bios.add_parser("toy", help="the toy associative memory: forgetting of old pairs when fine-tuning on new "
                         "ones, with and without replay (Zucchet et al. §4)")
     p.add_argument("--preset", choices=["paper", "tiny"], default="paper", help="paper: the paper's sizes; tiny: seconds")
