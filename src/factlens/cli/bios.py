@@ -291,6 +291,30 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    stages = list(dict.fromkeys(args.stages))
+    code = _reproduce_dynamics(args) if "dynamics" in stages else 0
+    forgetting = tuple(s for s in stages if s != "dynamics")
+    if forgetting:
+        _reproduce_forgetting(args, forgetting)
+    return code
+
+
+def _reproduce_forgetting(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
+    from factlens.bios.reproduce_forgetting import reproduce_forgetting
+
+    print(f"§4 stages {', '.join(stages)} at scale {args.scale} under {args.out} (finished cells are read, not "
+          "retrained; wall times of the cpu scale: docs/reproduction.md)")
+    result = reproduce_forgetting(args.scale, args.out, stages=stages, device=args.device, progress=not args.quiet,
+                                  train_missing=not (args.report_only or getattr(args, "collect", False)))
+    for name, table in (("hallucination", result.hallucination), ("fine-tuning", result.finetune),
+                        ("toy", None if result.toy is None else result.toy.final())):
+        if table is not None:
+            print(f"{name}:\n{table.round(4).to_string(index=False)}")
+    missing = f"; not finished: {result.missing}" if result.missing else ""
+    print(f"computed {len(result.trained)} cells in {result.wall_s:.0f} s{missing}; report {result.report}")
+
+
+def _reproduce_dynamics(args: argparse.Namespace) -> int:
     from factlens.bios.executor import CellsNotFinished
     from factlens.bios.reproduce import reproduce
 
@@ -433,6 +457,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu",
                    help="tiny: seconds (smoke); cpu: about 45 min on 2 cores; gpu: the paper preset")
     p.add_argument("--out", required=True, help="report folder (one run folder per cell; resumable)")
+    p.add_argument("--stages", nargs="+", choices=["dynamics", "hallucination", "finetune", "toy"],
+                   default=["dynamics", "hallucination", "finetune", "toy"],
+                   help="dynamics: plateau vs N, attention patching, curriculum; hallucination, finetune, toy: §4 "
+                        "(report in OUT/forgetting_report.html)")
     p.add_argument("--plateau-ratio", type=float, default=0.98, help="plateau end: first loss < ratio x baseline")
     p.add_argument("--no-png", action="store_true", help="HTML only (PNGs need kaleido and a Chrome)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")

@@ -1,0 +1,326 @@
+"""Zucchet et al.'s §4 in one resumable command: hallucinations, fine-tuning and forgetting, replay, the toy model.
+
+:func:`reproduce_forgetting` runs up to three stages under ``out_dir`` and writes ``forgetting_report.html`` and
+``forgetting_summary.json``:
+
+- ``hallucination``: a pre-training run (``hallucination/base``) that evaluates people it never saw at every
+  checkpoint; seen (held-out templates) against unseen people's attribute loss, accuracy, top-token probability
+  and entropy on the plateau and at the end.
+- ``finetune``: fine-tuning runs from that run's last checkpoint (``finetune/new{K}_w{W}``): without replay for
+  several new-population sizes, and with several replay weights for one size; old-people accuracy early and
+  at the end, new-people accuracy and the step it reaches 0.5; per-layer attention drift on the largest
+  no-replay run.
+- ``toy``: the toy associative memory (:mod:`factlens.bios.toy_memory`) in ``toy/``.
+
+Every cell is a run directory (or the toy's saved result); a finished cell is read, not recomputed, so an
+interrupted call resumes where it stopped (a run directory refuses another config).
+
+Example:
+    >>> result = reproduce_forgetting("tiny", "runs/forgetting-tiny", progress=False)   # doctest: +SKIP
+    >>> result.finetune                                                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from factlens.bios.attention_drift import AttentionDrift, attention_drift
+from factlens.bios.config import TrainConfig
+from factlens.bios.forgetting import finetune_config, forgetting_summary
+from factlens.bios.history import TrainingHistory
+from factlens.bios.rundir import RunDirectory
+from factlens.bios.toy_memory import ToyMemoryConfig, ToyMemoryResult, run_toy_memory
+from factlens.bios.trainer import train
+from factlens.checkpoints import atomic_write_text
+from factlens.display import ResultDisplay
+from factlens.errors import CheckpointError, ConfigError
+
+STAGES = ("hallucination", "finetune", "toy")
+PAPER_HALLUCINATION = {  # Zucchet et al. Fig M (N = 64k, 16k held-out people)
+    ("plateau", "unseen", "top_prob"): 0.53, ("plateau", "unseen", "entropy"): 1.95,
+    ("end", "unseen", "attr_loss"): 16.0, ("end", "unseen", "attr_acc"): 0.0, ("end", "unseen", "top_prob"): 0.79,
+    ("end", "unseen", "entropy"): 0.74, ("end", "seen", "attr_loss"): 0.016, ("end", "seen", "attr_acc"): 1.0,
+    ("end", "seen", "top_prob"): 0.997, ("end", "seen", "entropy"): 0.03}
+
+
+@dataclass(frozen=True)
+class ForgettingScale:
+    """What one scale of the §4 reproduction trains.
+
+    Attributes:
+        preset / overrides: the pre-training run (:class:`TrainConfig` preset; it must evaluate unseen people).
+        new_sizes: new-population sizes fine-tuned on without replay.
+        replay_new / replay_weights: the new-population size and the replay weights of the replay cells.
+        steps / lr: fine-tuning steps and constant learning rate. checkpoint_every: fine-tuning evaluation
+            interval (``None``: the paper's schedule). drift_sequences: old biographies for attention drift.
+        toy: the :class:`ToyMemoryConfig` preset of the toy stage.
+    """
+
+    preset: str
+    overrides: dict
+    new_sizes: tuple[int, ...]
+    replay_new: int
+    replay_weights: tuple[float, ...]
+    steps: int
+    lr: float
+    checkpoint_every: int | None
+    drift_sequences: int
+    toy: str
+
+    def base_config(self) -> TrainConfig:
+        config = TrainConfig.preset(self.preset, **self.overrides)
+        if not config.n_unseen:
+            raise ConfigError("the hallucination stage needs unseen people: set n_unseen in the scale's overrides.")
+        return config
+
+    def cells(self) -> list[tuple[int, float]]:
+        """``(new people, replay weight)`` of every fine-tuning cell (no replay first)."""
+        cells = [(k, 0.0) for k in self.new_sizes] + [(self.replay_new, w) for w in self.replay_weights]
+        return list(dict.fromkeys(cells))
+
+
+# cpu: the demo recipe (650 people, 2 layers, 1,800 steps, docs/reproduction.md) evaluating 192 unseen people;
+# fine-tuning at a constant LR a tenth of the demo's peak for a quarter of its steps (the paper: LR 3e-5 after a
+# 4e-4 peak, 4k of 16k steps), on 1/16 to 1/2 as many new people as old ones (the paper: 1/64 to 1/4).
+FORGETTING_SCALES: dict[str, ForgettingScale] = {
+    "tiny": ForgettingScale(preset="tiny", overrides=dict(steps=30, n_unseen=16, checkpoint_every=10),
+                            new_sizes=(4, 16), replay_new=4, replay_weights=(1.0, 0.25), steps=10, lr=1e-3,
+                            checkpoint_every=5, drift_sequences=8, toy="tiny"),
+    "cpu": ForgettingScale(preset="demo", overrides=dict(n_unseen=192), new_sizes=(40, 80, 160, 325),
+                           replay_new=40, replay_weights=(1.0, 0.25, 1 / 16, 1 / 32), steps=450, lr=2e-4,
+                           checkpoint_every=15, drift_sequences=64, toy="paper"),
+    "gpu": ForgettingScale(preset="paper", overrides=dict(n_unseen=16_000), new_sizes=(1000, 2000, 4000, 8000, 16_000),
+                           replay_new=4000, replay_weights=(2.0, 1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32), steps=4000,
+                           lr=3e-5, checkpoint_every=None, drift_sequences=256, toy="paper"),
+}
+
+
+@dataclass
+class ForgettingResult(ResultDisplay):
+    """Tables of the §4 stages and where the report is.
+
+    Attributes:
+        hallucination: rows ``phase`` (plateau / end) × ``people`` (seen / unseen), columns ``step, attr_loss,
+            attr_acc, top_prob, entropy`` and the paper's numbers where it gives them (``paper_*``).
+        finetune: one row per fine-tuning cell: ``new_people``, ``new_fraction`` (of the old population),
+            ``replay_weight`` and :func:`~factlens.bios.forgetting.forgetting_summary`'s numbers.
+        drift: attention drift of the largest no-replay cell (or ``None``). toy: the toy model's result.
+        trained: cells computed by this call. missing: cells not finished (``train_missing=False``).
+    """
+
+    scale: str
+    hallucination: pd.DataFrame | None = None
+    finetune: pd.DataFrame | None = None
+    drift: AttentionDrift | None = None
+    toy: ToyMemoryResult | None = None
+    histories: dict = field(default_factory=dict, repr=False)
+    report: Path | None = None
+    trained: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The fine-tuning table (the headline)."""
+        return pd.DataFrame() if self.finetune is None else self.finetune.copy()
+
+    def figures(self) -> dict:
+        """``{name: plotly Figure}`` of the report."""
+        return _figures(self)
+
+    def plot(self):
+        """Old and new people's accuracy during fine-tuning, every cell."""
+        return self.figures()["forgetting"]
+
+
+def _cell(config: TrainConfig, run_dir: Path, result: ForgettingResult, out: Path, device, progress: bool,
+          train_missing: bool) -> TrainingHistory | None:
+    """Train a cell unless it finished (a directory holding another run is refused); its history or ``None``."""
+    if not RunDirectory(run_dir, config).finished():
+        if not train_missing:
+            result.missing.append(str(run_dir.relative_to(out)))
+            return None
+        train(config, run_dir, device=device, progress=progress)
+        result.trained.append(str(run_dir.relative_to(out)))
+    return TrainingHistory.load(run_dir)
+
+
+def plateau_step(history: TrainingHistory) -> int | None:
+    """The evaluation in the middle of the plateau: halfway between the first checkpoint within 10% of the
+    no-knowledge baseline (end of the initial drop) and the plateau end (``None`` if either is missing)."""
+    ev = history.evals
+    near = ev.loc[ev["attr_loss"] < 1.1 * history.baseline, "step"]
+    end = history.plateau_end()
+    if not len(near) or end is None:
+        return None
+    mid = (int(near.iloc[0]) + end) / 2
+    return int(ev["step"].iloc[(ev["step"] - mid).abs().argmin()])
+
+
+def hallucination_table(history: TrainingHistory) -> pd.DataFrame:
+    """Seen vs unseen people's metrics on the plateau (see :func:`plateau_step`) and at the end, with the paper's."""
+    ev = history.evals.set_index("step")
+    rows = []
+    for phase, step in (("plateau", plateau_step(history)), ("end", int(ev.index.max()))):
+        if step is None:
+            continue
+        for people, prefix in (("seen", ""), ("unseen", "unseen_")):
+            row = {"phase": phase, "people": people, "step": step}
+            for metric in ("attr_loss", "attr_acc", "top_prob", "entropy"):
+                row[metric] = float(ev.loc[step, prefix + metric]) if prefix + metric in ev else None
+                row["paper_" + metric] = PAPER_HALLUCINATION.get((phase, people, metric))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Path = "out/reproduce", *,
+                         stages: tuple[str, ...] = STAGES, device=None, progress: bool = True,
+                         train_missing: bool = True) -> ForgettingResult:
+    """Run (or resume) the §4 ``stages`` at ``scale`` under ``out_dir``; write the report and the summary.
+
+    Args:
+        scale: ``"tiny"`` (seconds), ``"cpu"`` (the demo model; see docs/reproduction.md for its wall time) or
+            ``"gpu"`` (the paper's sizes), or a :class:`ForgettingScale`.
+        stages: any of ``hallucination``, ``finetune`` (needs the hallucination stage's run, trained if missing),
+            ``toy``.
+        train_missing: ``False`` computes nothing and reports the finished cells only.
+    """
+    bad = sorted(set(stages) - set(STAGES))
+    if bad or not stages:
+        raise ConfigError(f"unknown stages {bad or stages}; choose from {list(STAGES)}.")
+    if isinstance(scale, str) and scale not in FORGETTING_SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose one of {sorted(FORGETTING_SCALES)} or pass a "
+                          "ForgettingScale.")
+    sc = FORGETTING_SCALES[scale] if isinstance(scale, str) else scale
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = ForgettingResult(scale=scale if isinstance(scale, str) else sc.preset)
+    kw = dict(result=result, out=out, device=device, progress=progress, train_missing=train_missing)
+    base_dir = out / "hallucination" / "base"
+    base = None
+    if "hallucination" in stages or "finetune" in stages:
+        base = _cell(sc.base_config(), base_dir, **kw)
+        if base is not None:
+            result.hallucination = hallucination_table(base)
+            result.histories["base"] = base
+    if "finetune" in stages and base is not None:
+        rows = []
+        n_old = sc.base_config().n_people
+        for k, w in sc.cells():
+            config = finetune_config(base_dir, n_new=k, old_weight=w, steps=sc.steps, lr=sc.lr,
+                                     checkpoint_every=sc.checkpoint_every)
+            name = f"new{k}_w{w:g}"
+            history = _cell(config, out / "finetune" / name, **kw)
+            if history is None:
+                continue
+            result.histories[name] = history
+            rows.append({"new_people": k, "new_fraction": k / n_old, "replay_weight": w,
+                         **forgetting_summary(history)})
+        result.finetune = pd.DataFrame(rows)
+        biggest = out / "finetune" / f"new{max(sc.new_sizes)}_w0"
+        if f"new{max(sc.new_sizes)}_w0" in result.histories:
+            result.drift = attention_drift(biggest, n_sequences=sc.drift_sequences, device=device or "cpu",
+                                           progress=progress)
+    if "toy" in stages:
+        result.toy = _toy(ToyMemoryConfig.preset(sc.toy), out / "toy", result, progress, train_missing)
+    result.wall_s = time.perf_counter() - t0
+    _write_report(result, sc, out)
+    return result
+
+
+def _toy(config: ToyMemoryConfig, path: Path, result: ForgettingResult, progress: bool,
+         train_missing: bool) -> ToyMemoryResult | None:
+    if (path / "toy.json").exists():
+        return ToyMemoryResult.load(path, config)  # another config's result is refused
+    if not train_missing:
+        result.missing.append("toy")
+        return None
+    if path.exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path} is not empty and holds no toy-memory result; move its files away.")
+    toy = run_toy_memory(config, progress=progress)
+    toy.save(path)
+    result.trained.append("toy")
+    return toy
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _figures(result: ForgettingResult) -> dict:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figs = {}
+    if "base" in result.histories:
+        figs["hallucination"] = result.histories["base"].plot("Pre-training: seen people (held-out templates) vs "
+                                                              "people never seen (dotted)")
+    cells = {k: h for k, h in result.histories.items() if k != "base"}
+    if cells:
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("Old people's accuracy", "New people's accuracy"))
+        for name, h in cells.items():
+            for col, metric in ((1, "old_attr_acc"), (2, "new_attr_acc")):
+                fig.add_trace(go.Scatter(x=h.evals["step"], y=h.evals[metric], mode="lines", name=name,
+                                         legendgroup=name, showlegend=col == 1,
+                                         line=dict(dash="solid" if name.endswith("_w0") else "dot")), 1, col)
+        fig.update_xaxes(title_text="fine-tuning step")
+        fig.update_yaxes(title_text="fraction of values", range=[0, 1.02])
+        fig.update_layout(template="plotly_white", height=430, width=1050,
+                          title="Fine-tuning on new people: newK_wW = K new people, replay weight W (solid: none)")
+        figs["forgetting"] = fig
+    if result.drift is not None:
+        figs["attention_drift"] = result.drift.plot()
+    if result.toy is not None:
+        figs["toy"] = result.toy.plot()
+    return figs
+
+
+_TEMPLATE = """<!doctype html><html><head><meta charset="utf-8"><title>factlens §4 reproduction ({{ scale }})</title>
+<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>
+<h1>Zucchet et al. (2025) §4 with factlens: {{ scale }} scale</h1>
+<p>Command: <code>factlens bios reproduce --scale {{ scale }} --stages {{ stages }} --out {{ out }}</code>.
+This call computed {{ trained|length }} cells in {{ "%.0f"|format(wall_s) }} s; finished cells are read, not
+recomputed.</p>{% if missing %}<p><b>Not finished yet:</b> {{ missing|join(", ") }}.</p>{% endif %}
+{% if hallucination %}<h2>Hallucinations over pre-training</h2>{{ figs.hallucination }}{{ hallucination }}{% endif %}
+{% if finetune %}<h2>Fine-tuning, forgetting and replay</h2>{{ figs.forgetting }}{{ finetune }}{% endif %}
+{% if figs.attention_drift %}<h2>Attention drift during fine-tuning</h2>{{ figs.attention_drift }}{% endif %}
+{% if figs.toy %}<h2>Toy associative memory</h2>{{ figs.toy }}{{ toy }}{% endif %}
+</body></html>"""
+
+
+def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> None:
+    import jinja2
+
+    figs = result.figures()
+    html_figs = {k: f.to_html(full_html=False, include_plotlyjs="cdn" if i else True)
+                 for i, (k, f) in enumerate(figs.items())}
+
+    def table(df):
+        return None if df is None or df.empty else df.to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                                             na_rep="–")
+
+    toy = result.toy.final() if result.toy is not None else None
+    stages = " ".join(s for s, v in (("hallucination", result.hallucination), ("finetune", result.finetune),
+                                     ("toy", result.toy)) if v is not None)
+    html = jinja2.Template(_TEMPLATE).render(
+        scale=result.scale, out=str(out), trained=result.trained, wall_s=result.wall_s, missing=result.missing,
+        figs=html_figs, hallucination=table(result.hallucination), finetune=table(result.finetune),
+        toy=table(toy), stages=stages)
+    result.report = out / "forgetting_report.html"
+    atomic_write_text(result.report, html)
+    summary = {"scale": result.scale, "scale_config": dataclasses.asdict(sc), "trained": result.trained,
+               "missing": result.missing, "wall_s": result.wall_s,
+               "hallucination": None if result.hallucination is None else result.hallucination.to_dict("records"),
+               "finetune": None if result.finetune is None else result.finetune.to_dict("records"),
+               "attention_drift": None if result.drift is None else result.drift.to_dataframe().to_dict("records"),
+               "toy": None if toy is None else {"pretrain_acc": result.toy.pretrain_acc, "wall_s": result.toy.wall_s,
+                                                "final": toy.to_dict("records")}}
+    atomic_write_text(out / "forgetting_summary.json", json.dumps(summary, indent=1, default=float))
+
+
+__all__ = ["FORGETTING_SCALES", "STAGES", "ForgettingResult", "ForgettingScale", "hallucination_table",
+           "plateau_step", "reproduce_forgetting"]
