@@ -87,7 +87,7 @@ class ForgettingScale:
 
 # cpu: the demo model and recipe (2 layers, batch 32, AdamW (0.9, 0.995), LR 2e-3 cosine to 4e-4, small pools)
 # on 325 people for 900 steps (the demo's N = 325 row learns every fact; docs/reproduction.md), evaluating 192
-# unseen people; fine-tuning for a third of that at a constant LR of a quarter of the peak (the paper: 4k steps
+# unseen people; fine-tuning for a sixth of that at a constant LR of a quarter of the peak (the paper: 4k steps
 # after 16k, LR 3e-5 after a 4e-4 peak), on 1/16 to 1/2 as many new people as old ones (the paper: 1/64 to 1/4),
 # replay with 20 new people (1/16, as the paper's 4k of 64k).
 FORGETTING_SCALES: dict[str, ForgettingScale] = {
@@ -96,7 +96,7 @@ FORGETTING_SCALES: dict[str, ForgettingScale] = {
                             checkpoint_every=5, drift_sequences=8, toy="tiny"),
     "cpu": ForgettingScale(preset="demo", overrides=dict(n_people=325, steps=900, n_unseen=192),
                            new_sizes=(20, 40, 80, 160), replay_new=20, replay_weights=(1.0, 0.25, 1 / 16, 1 / 32),
-                           steps=300, lr=5e-4, checkpoint_every=10, drift_sequences=64, toy="paper"),
+                           steps=150, lr=5e-4, checkpoint_every=10, drift_sequences=64, toy="paper"),
     "gpu": ForgettingScale(preset="paper", overrides=dict(n_unseen=16_000), new_sizes=(1000, 2000, 4000, 8000, 16_000),
                            replay_new=4000, replay_weights=(2.0, 1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32), steps=4000,
                            lr=3e-5, checkpoint_every=None, drift_sequences=256, toy="paper"),
