@@ -86,7 +86,7 @@ class ForgettingScale:
 
 
 # cpu: the demo model and recipe (2 layers, batch 32, AdamW (0.9, 0.995), LR 2e-3 cosine to 4e-4, small pools)
-# on 325 people for 900 steps (the demo's N = 325 row learns every fact; docs/reproduction.md), evaluating 192
+# on 325 people for 900 steps (accuracy 0.90 at the end; docs/reproduction.md §4), evaluating 192
 # unseen people; fine-tuning for a sixth of that at a constant LR of a quarter of the peak (the paper: 4k steps
 # after 16k, LR 3e-5 after a 4e-4 peak), on 1/16 to 1/2 as many new people as old ones (the paper: 1/64 to 1/4),
 # replay with 20 new people (1/16, as the paper's 4k of 64k).
