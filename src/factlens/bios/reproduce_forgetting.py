@@ -32,14 +32,15 @@ import pandas as pd
 
 from factlens.bios.attention_drift import AttentionDrift, attention_drift
 from factlens.bios.config import TrainConfig
-from factlens.bios.forgetting import finetune_config, forgetting_summary
+from factlens.bios.finetune import finetune_config
+from factlens.bios.forgetting import forgetting_summary
 from factlens.bios.history import TrainingHistory
-from factlens.bios.rundir import RunDirectory
+from factlens.bios.run import Run
 from factlens.bios.toy_memory import ToyMemoryConfig, ToyMemoryResult, run_toy_memory
 from factlens.bios.trainer import train
-from factlens.checkpoints import atomic_write_text
 from factlens.display import ResultDisplay
 from factlens.errors import CheckpointError, ConfigError
+from factlens.storage import atomic_write
 
 STAGES = ("hallucination", "finetune", "toy")
 PAPER_HALLUCINATION = {  # Zucchet et al. Fig M (N = 64k, 16k held-out people)
@@ -143,7 +144,7 @@ class ForgettingResult(ResultDisplay):
 def _cell(config: TrainConfig, run_dir: Path, result: ForgettingResult, out: Path, device, progress: bool,
           train_missing: bool) -> TrainingHistory | None:
     """Train a cell unless it finished (a directory holding another run is refused); its history or ``None``."""
-    if not RunDirectory(run_dir, config).finished():
+    if not Run(run_dir).finished(config):
         if not train_missing:
             result.missing.append(str(run_dir.relative_to(out)))
             return None
@@ -313,7 +314,7 @@ def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> N
         figs=html_figs, hallucination=table(result.hallucination), finetune=table(result.finetune),
         toy=table(toy), stages=stages)
     result.report = out / "forgetting_report.html"
-    atomic_write_text(result.report, html)
+    atomic_write(result.report, html)
     summary = {"scale": result.scale, "scale_config": dataclasses.asdict(sc), "trained": result.trained,
                "missing": result.missing, "wall_s": result.wall_s,
                "hallucination": None if result.hallucination is None else result.hallucination.to_dict("records"),
@@ -321,7 +322,7 @@ def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> N
                "attention_drift": None if result.drift is None else result.drift.to_dataframe().to_dict("records"),
                "toy": None if toy is None else {"pretrain_acc": result.toy.pretrain_acc, "wall_s": result.toy.wall_s,
                                                 "final": toy.to_dict("records")}}
-    atomic_write_text(out / "forgetting_summary.json", json.dumps(summary, indent=1, default=float))
+    atomic_write(out / "forgetting_summary.json", json.dumps(summary, indent=1, default=float))
 
 
 __all__ = ["FORGETTING_SCALES", "STAGES", "ForgettingResult", "ForgettingScale", "hallucination_table",
