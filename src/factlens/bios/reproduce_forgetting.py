@@ -150,7 +150,7 @@ def _cell(config: TrainConfig, run_dir: Path, result: ForgettingResult, out: Pat
             return None
         train(config, run_dir, device=device, progress=progress)
         result.trained.append(str(run_dir.relative_to(out)))
-    return TrainingHistory.load(run_dir)
+    return Run(run_dir).history
 
 
 def plateau_step(history: TrainingHistory) -> int | None:
