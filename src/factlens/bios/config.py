@@ -28,6 +28,7 @@ MODEL_PRESETS: dict[str, dict] = {
     "small": dict(n_layer=4, n_head=8, n_embd=256, n_inner=1024),
     "demo": dict(n_layer=2, n_head=4, n_embd=128, n_inner=512),
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, n_inner=64),
+    "recall-testbed": dict(n_layer=4, n_head=4, n_embd=128, n_inner=512),
 }
 RUN_PRESETS: dict[str, dict] = {
     "paper": dict(n_people=64_000, steps=16_000, batch_size=128, lr=4e-4, n_eval_sequences=16_000, n_unseen=16_000),
@@ -39,6 +40,13 @@ RUN_PRESETS: dict[str, dict] = {
                  pools=dict(first_names=60, last_names=60, cities=10, universities=10, majors=10, companies=10,
                             years=1, days=2)),
     "tiny": dict(n_people=64, steps=30, batch_size=8, lr=1e-3, n_eval_sequences=32, n_unseen=16, checkpoint_every=10),
+    # Lv et al. recall testbed (docs/mechanisms.md, scripts/build_recall_testbed.py): deeper than the demo so recall
+    # can finish before the last layer; the bios_demo_run population (400 people, 60 cities, 40 companies...) trained
+    # long enough to know its facts, checkpoints every 250 steps for the mechanisms-over-training figures.
+    "recall-testbed": dict(n_people=400, steps=3_000, batch_size=32, lr=2e-3, min_lr=1e-5, betas=(0.9, 0.95),
+                           n_eval_sequences=256, n_unseen=64, checkpoint_every=250, eval_batch_size=256,
+                           pools=dict(first_names=60, last_names=60, cities=60, universities=30, majors=20,
+                                      companies=40)),
 }
 
 
