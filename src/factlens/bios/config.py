@@ -42,9 +42,9 @@ RUN_PRESETS: dict[str, dict] = {
     "tiny": dict(n_people=64, steps=30, batch_size=8, lr=1e-3, n_eval_sequences=32, n_unseen=16, checkpoint_every=10),
     # Lv et al. recall testbed (docs/mechanisms.md, scripts/build_recall_testbed.py): deeper than the demo so recall
     # can finish before the last layer; the bios_demo_run population (400 people, 60 cities, 40 companies...) trained
-    # long enough to know its facts, checkpoints every 250 steps for the mechanisms-over-training figures.
-    "recall-testbed": dict(n_people=400, steps=3_000, batch_size=32, lr=2e-3, min_lr=1e-5, betas=(0.9, 0.95),
-                           n_eval_sequences=256, n_unseen=64, checkpoint_every=250, eval_batch_size=256,
+    # long enough to know its facts, checkpoints every 125 steps for the mechanisms-over-training figures.
+    "recall-testbed": dict(n_people=400, steps=1_500, batch_size=32, lr=3e-3, min_lr=1e-5, betas=(0.9, 0.95),
+                           n_eval_sequences=256, n_unseen=64, checkpoint_every=125, eval_batch_size=256,
                            pools=dict(first_names=60, last_names=60, cities=60, universities=30, majors=20,
                                       companies=40)),
 }
