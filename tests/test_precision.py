@@ -98,3 +98,26 @@ def test_compute_dtype_never_rounds_down():
     assert compute_dtype(torch.float64) == torch.float64
     x = torch.tensor([1 + 1e-12], dtype=torch.float64)
     assert at_least_fp32(x).item() == x.item()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_plain_hf_layer_edit_keeps_fp64(arch):
+    """factlens's own edits on a plain HF model (the attention patcher's path) run the explicit softmax in fp64."""
+    from factlens.attention import LayerEdit, set_layer_edit
+
+    hf = build_hf(arch, seed=4, dtype=torch.float64).eval()
+    tokens = torch.randint(3, 2000, (2, 9), generator=torch.Generator().manual_seed(6))
+    attn = [blk.attn for blk in hf.transformer.h] if arch == "gpt2" else [
+        layer.self_attn for layer in hf.model.decoder.layers]
+    with torch.no_grad():
+        plain = hf(tokens).logits
+        seen = []
+        for module in attn:
+            set_layer_edit(module, LayerEdit(pattern_fn=lambda p: seen.append(p.dtype) or p))
+        try:
+            edited = hf(tokens).logits
+        finally:
+            for module in attn:
+                set_layer_edit(module, None)
+    assert seen == [torch.float64] * len(attn)
+    assert (edited - plain).abs().max() < TOL
