@@ -111,3 +111,17 @@ def test_logit_lens_last_layer_is_the_model(tmp_path):
     assert res.lens.shape == (1, 1, res.lens.shape[2])
     assert float(res.lens[-1, 0, -1]) == pytest.approx(float(res.measure("prob")[-1, 0]), abs=1e-6)
     assert float(res.lens[-1, 0, -2]) == pytest.approx(float(res.measure("prob_before")[-1, 0]), abs=1e-6)
+
+
+def test_rows_match_the_capitals_mitigation_table():
+    """On a relation's prompts, mitigation_rows gives factlens.recall's mitigation table (same folds and fit)."""
+    import factlens
+    from factlens.recall.datasets import dataset_for
+    from factlens.recall.mitigate import mitigation_table
+
+    model = factlens.tiny("gpt2", compat=True)
+    table = mitigation_table(model, shots=[0], folds=3, seed=0, progress=False)
+    rows = mitigation_rows(model, dataset_for(model, shots=0, seed=0), folds=3, seed=0).set_index("method")
+    for m in MITIGATIONS:
+        assert rows.loc[m, "mean_prob"] == pytest.approx(table.cell(0, m), rel=1e-5, abs=1e-9)
+        assert rows.loc[m, "accuracy"] == pytest.approx(table.cell(0, m, "accuracy"))
