@@ -181,7 +181,7 @@ class TrainConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:
-        """A preset (``paper``, ``small``, ``demo``, ``tiny``) with overrides."""
+        """A preset (``paper``, ``small``, ``demo``, ``tiny``, ``recall-testbed``) with overrides."""
         if name not in RUN_PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(RUN_PRESETS)}.")
         model = dict(MODEL_PRESETS[name], **overrides.pop("model", {}))

@@ -312,7 +312,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
-    p.add_argument("--preset", default=preset, help="paper | small | demo | tiny")
+    p.add_argument("--preset", default=preset, help="paper | small | demo | tiny | recall-testbed")
     p.add_argument("--people", type=int, help="population size N")
     p.add_argument("--steps", type=int, help="training steps; unset: the preset's")
     p.add_argument("--batch-size", type=int, help="sequences per step; unset: the preset's")
