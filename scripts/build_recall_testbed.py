@@ -1,10 +1,10 @@
 """Train the ``recall-testbed`` biography run and ship its final checkpoint as ``tests/data/recall_testbed``.
 
-The recall testbed is the biography model deep enough for Lv et al.'s story (4 layers × 4 heads, d_model 128,
+The recall testbed is a deeper biography model for Lv et al.'s analyses (4 layers × 4 heads, d_model 128,
 400 people; the ``recall-testbed`` preset of :data:`factlens.bios.config.RUN_PRESETS`): the run keeps a
-checkpoint every 125 steps for ``factlens bios mechanisms``, and its final checkpoint (about 4 MB) is copied
-into the test data. Training is deterministic on CPU, so the shipped files are reproduced byte for byte on the
-same torch version. It takes about 10 minutes on one idle CPU core (longer on a loaded machine).
+checkpoint every 125 steps for ``factlens bios mechanisms``, and its final checkpoint (3.9 MB) is copied into
+the test data. Training is deterministic on CPU, so the shipped files are reproduced on the same torch version.
+It took 38 min on the 2-core development machine under heavy load from other jobs (docs/mechanisms.md).
 
 Usage:
     python scripts/build_recall_testbed.py --out out/recall_testbed            # train (resumes if interrupted)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     config = TrainConfig.preset("recall-testbed")
     print(f"training the recall-testbed preset ({config.model}, {config.n_people} people, {config.steps} steps; "
-          f"about 10 min on an idle core) into {args.out}")
+          f"38 min on a loaded 2-core machine, less on an idle one) into {args.out}")
     t0 = time.perf_counter()
     history = train(config, args.out, progress=not args.quiet)
     evals = history.evals

@@ -20,8 +20,8 @@ from factlens.checkpoints import list_checkpoints, step_dir
 
 RUN = Path(__file__).parent / "data" / "recall_testbed"
 pytestmark = pytest.mark.skipif(not RUN.exists(), reason="the recall testbed checkpoint is not shipped")
-#: Held-out-template attribute accuracy that docs/mechanisms.md states for the final checkpoint (lower bound).
-DOCUMENTED_ACCURACY = 0.8
+#: Held-out-template attribute accuracy of the final checkpoint: docs/mechanisms.md states 0.267 (lower bound here).
+DOCUMENTED_ACCURACY = 0.25
 
 
 def test_shipped_run_is_the_preset():

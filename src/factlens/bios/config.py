@@ -40,9 +40,10 @@ RUN_PRESETS: dict[str, dict] = {
                  pools=dict(first_names=60, last_names=60, cities=10, universities=10, majors=10, companies=10,
                             years=1, days=2)),
     "tiny": dict(n_people=64, steps=30, batch_size=8, lr=1e-3, n_eval_sequences=32, n_unseen=16, checkpoint_every=10),
-    # Lv et al. recall testbed (docs/mechanisms.md, scripts/build_recall_testbed.py): deeper than the demo so recall
-    # can finish before the last layer; the bios_demo_run population (400 people, 60 cities, 40 companies...) trained
-    # long enough to know its facts, checkpoints every 125 steps for the mechanisms-over-training figures.
+    # Lv et al. recall testbed (docs/mechanisms.md, scripts/build_recall_testbed.py): the bios_demo_run population
+    # (400 people, 60 cities, 40 companies...) on a 4-layer model, checkpoints every 125 steps for the
+    # mechanisms-over-training figures. Measured: held-out attribute accuracy 0.267 at step 1,500 (still emerging;
+    # the 2-layer demo run reaches 0.91 in 1,000 steps) and recall still happens in the last layer.
     "recall-testbed": dict(n_people=400, steps=1_500, batch_size=32, lr=3e-3, min_lr=1e-5, betas=(0.9, 0.95),
                            n_eval_sequences=256, n_unseen=64, checkpoint_every=125, eval_batch_size=256,
                            pools=dict(first_names=60, last_names=60, cities=60, universities=30, majors=20,
