@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factlens.bios.runs import load_bridge, run_population
+from factlens.bios.run import Run
 
 from factlens.recall.mitigation import template_folds
 from factlens.testbeds.bios_recall import bios_relation_dataset
@@ -86,9 +86,9 @@ def _hand_table(model, ds, folds):
 @pytest.mark.parametrize("run", RUNS, ids=lambda p: p.name)
 def test_mitigation_table_equals_hand_computation(run):
     res = mechanisms(run, attributes=["birth_place"], n=24, folds=FOLDS, progress=False)
-    population, vocab = run_population(run)
-    ds = bios_relation_dataset(population, vocab, "birth_place", n=24, seed=0)
-    model = load_bridge(run, res.steps[-1], "cpu")
+    testbed = Run(run)
+    ds = bios_relation_dataset(testbed.population(), testbed.vocab(), "birth_place", n=24, seed=0)
+    model = testbed.bridge(res.steps[-1], "cpu")
     hand = _hand_table(model, ds, FOLDS)
     rows = mitigation_rows(model, ds, folds=FOLDS).set_index("method")
     table = res.mitigations[res.mitigations["step"] == res.steps[-1]].set_index("method")
@@ -117,7 +117,7 @@ def test_rows_match_the_capitals_mitigation_table():
     """On a relation's prompts, mitigation_rows gives factlens.recall's mitigation table (same folds and fit)."""
     import factlens
     from factlens.recall.datasets import dataset_for
-    from factlens.recall.mitigate import mitigation_table
+    from factlens.recall.mitigation import mitigation_table
 
     model = factlens.tiny("gpt2", compat=True)
     table = mitigation_table(model, shots=[0], folds=3, seed=0, progress=False)

@@ -69,6 +69,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
     Example:
         >>> import torch
+        >>> from factlens.inputs import compute_dtype
         >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
         (torch.float32, torch.float64)
     """
@@ -82,6 +83,7 @@ def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> import torch
+        >>> from factlens.inputs import at_least_fp32
         >>> at_least_fp32(torch.ones(2, dtype=torch.float16)).dtype, at_least_fp32(torch.ones(2).double()).dtype
         (torch.float32, torch.float64)
     """

@@ -14,7 +14,7 @@ shares it); ``tests/test_catalog.py`` checks this on the BPE shipped with factle
 facts without a competing answer (no country with two official languages, no product that changed hands).
 
 Example:
-    >>> from factlens.recall.catalog import relation
+    >>> from factlens.recall.catalog import RELATIONS, relation
     >>> rel = relation("developers")
     >>> rel.answer_of("Photoshop"), rel.templates[0]
     ('Adobe', "It's crucial to know that {subject} is developed by")

@@ -7,6 +7,7 @@ attribute of a biography run; on a relation's prompts it gives the numbers of
 Example:
     >>> import factlens
     >>> from factlens.recall.datasets import dataset_for
+    >>> from factlens.testbeds.mitigations import mitigation_rows
     >>> model = factlens.tiny("gpt2", compat=True)
     >>> rows = mitigation_rows(model, dataset_for(model), folds=3)
     >>> rows["method"].tolist()
@@ -51,6 +52,7 @@ def mitigation_rows(model: TransformerBridge, dataset, *, folds: int = 5, seed: 
     Example:
         >>> import factlens
         >>> from factlens.recall.datasets import dataset_for
+        >>> from factlens.testbeds.mitigations import mitigation_rows
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> mitigation_rows(model, dataset_for(model), folds=3)["n_prompts"].tolist()
         [225, 225, 225, 225]
