@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from factlens.bios.run import Run
 
+from factlens.bios.run import Run
 from factlens.recall.mitigation import template_folds
 from factlens.testbeds.bios_recall import bios_relation_dataset
 from factlens.testbeds.mechanisms import mechanisms
