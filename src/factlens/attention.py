@@ -48,6 +48,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from factlens.inputs import compute_dtype
+
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -123,7 +125,8 @@ def explicit_attention(
         scores = scores + attention_mask
     if scores_fn is not None:
         scores = scores_fn(scores)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)  # [b, h, q, k]
+    # softmax in float32 for fp16/bf16, in float64 for an fp64 model (never rounded down)
+    pattern = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(value.dtype)  # [b, h, q, k]
     if pattern_fn is not None:
         pattern = pattern_fn(pattern)
     dropped = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from factlens.inputs import compute_dtype
+
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -145,8 +147,8 @@ def _pipeline(box: list[dict[str, torch.Tensor]], cfg, adapter, *, fold_ln: bool
     state_dict = box.pop()
     original_dtypes: dict[str, torch.dtype] = {}
     original_keys = set(state_dict)
-    for k, v in state_dict.items():  # TL upcasts to float32 for processing
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32:
+    for k, v in state_dict.items():  # fp16/bf16 are processed in float32; float64 stays float64
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and compute_dtype(v.dtype) != v.dtype:
             original_dtypes[k] = v.dtype
             state_dict[k] = v.float()
     box.append(state_dict)
@@ -182,7 +184,8 @@ def _pipeline(box: list[dict[str, torch.Tensor]], cfg, adapter, *, fold_ln: bool
             del state_dict
     state_dict = box.pop()
     for k in state_dict.keys() - original_keys:  # biases created by folding take their weight's dtype
-        weight_dtype = original_dtypes.get(k.removesuffix(".bias") + ".weight")
+        weight = k.removesuffix(".bias") + ".weight"
+        weight_dtype = original_dtypes.get(weight, getattr(state_dict.get(weight), "dtype", None))
         if weight_dtype is not None:
             original_dtypes[k] = weight_dtype
     for k, dtype in original_dtypes.items():

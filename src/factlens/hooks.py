@@ -39,6 +39,7 @@ from jaxtyping import Float, Int
 from factlens.attention import causal_bool_mask
 from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError, ShapeError
 from factlens.indices import check_index, head_indices, layer_indices, position_indices
+from factlens.inputs import at_least_fp32
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -99,7 +100,7 @@ class HookRecord:
             self.n_changed += after.numel()
             return
         with torch.no_grad():
-            a, b = after.detach().float(), before.detach().float()
+            a, b = at_least_fp32(after.detach()), at_least_fp32(before.detach())
             # elementwise closeness: float noise (the same pattern from SDPA vs an explicit softmax) is not a
             # change, and masked entries (finfo.min or -inf, equal on both sides) are equal
             diff = ~torch.isclose(a, b, rtol=CHANGE_RTOL, atol=CHANGE_ATOL)
@@ -269,7 +270,7 @@ def _check_pattern(src: torch.Tensor, target: torch.Tensor, where: str, *, causa
     if not src.is_floating_point():
         raise ShapeError(f"{where}: pattern has dtype {src.dtype}; pass a floating-point attention pattern.")
     with torch.no_grad():
-        p = src.detach().float()  # [b, h, q, k]
+        p = at_least_fp32(src.detach())  # [b, h, q, k]
         rows = torch.ones(p.shape[:-1], dtype=torch.bool, device=p.device) if sel is None else sel  # [b, h, q]
         used = p[rows]  # [n_rows, k]
         if not torch.isfinite(used).all():

@@ -61,6 +61,35 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.
                       f"or one of the names {sorted(DTYPES)}")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in for data of ``dtype``: float32 for narrower floats (and non-floats), else ``dtype``.
+
+    Softmaxes, comparisons and reductions upcast fp16/bf16 to float32 for accuracy, but never round a float64
+    model's numbers down: an fp64 model stays fp64 end to end.
+
+    Example:
+        >>> import torch
+        >>> from factlens.inputs import compute_dtype
+        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    if dtype.is_floating_point and torch.finfo(dtype).bits > 32:
+        return dtype
+    return torch.float32
+
+
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in :func:`compute_dtype` of its dtype (float32, or float64 when it is float64).
+
+    Example:
+        >>> import torch
+        >>> from factlens.inputs import at_least_fp32
+        >>> at_least_fp32(torch.ones(2, dtype=torch.float16)).dtype, at_least_fp32(torch.ones(2).double()).dtype
+        (torch.float32, torch.float64)
+    """
+    return tensor.to(compute_dtype(tensor.dtype))
+
+
 def check_device(device: str | torch.device | int | None) -> torch.device | None:
     """``device`` as a ``torch.device`` after checking that it exists on this machine; ``None`` passes through.
 
@@ -177,4 +206,5 @@ def install_input_checks(bridge: TransformerBridge) -> bool:
     return True
 
 
-__all__ = ["DTYPES", "check_device", "check_heads", "check_tokens", "install_input_checks", "resolve_dtype"]
+__all__ = ["DTYPES", "at_least_fp32", "check_device", "check_heads", "check_tokens", "compute_dtype", "install_input_checks",
+           "resolve_dtype"]

@@ -282,11 +282,13 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = mechanisms(args.run, attributes=args.attributes, steps=args.steps, n=args.prompts,
-                            device=args.device or "cpu", progress=not args.quiet)
+                            device=args.device or "cpu", progress=not args.quiet, folds=args.folds)
     finally:
         torch.set_num_threads(threads)
     written = write_mechanisms(result, out)
-    print(f"{result!r}\n{result.seconds:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    print(f"{result!r}\nmitigations at step {result.steps[-1]} ({result.folds}-fold intercepts):\n"
+          f"{result.mitigation_table().round(4).to_string()}")
+    print(f"{result.seconds:.0f} s; wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -403,7 +405,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
-    p.add_argument("--preset", default=preset, help="paper | small | demo | tiny")
+    p.add_argument("--preset", default=preset, help="paper | small | demo | tiny | recall-testbed")
     p.add_argument("--people", type=int, help="population size N")
     p.add_argument("--steps", type=int, help="training steps; unset: the preset's")
     p.add_argument("--batch-size", type=int, help="sequences per step; unset: the preset's")
@@ -515,12 +517,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_attention)
-    p = bios.add_parser("mechanisms", help="Lv et al.'s recall mechanisms (movers, MLP intercept, final-layer "
-                        "suppression) at every checkpoint of a run, on the training-step axis")
+    p = bios.add_parser("mechanisms", help="Lv et al.'s recall mechanisms (logit lens, movers, MLP intercept, "
+                        "final-layer suppression, mitigations (a)/(b)) at every checkpoint of a run, on the "
+                        "training-step axis")
     p.add_argument("--run", required=True, help="run directory (config.json + checkpoints/)")
     p.add_argument("--attributes", nargs="+", help="attributes to analyse (default: all six)")
     p.add_argument("--steps", type=int, nargs="+", help="checkpoint steps (default: all)")
     p.add_argument("--prompts", type=int, default=128, help="held-out-template prompts per attribute")
+    p.add_argument("--folds", type=int, default=5, help="folds (by template) of the out-of-fold intercepts of "
+                   "mitigation (b)")
     p.add_argument("--out", help="output folder (default: RUN/mechanisms)")
     p.add_argument("--device", help="torch device; unset: CPU")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for the small "

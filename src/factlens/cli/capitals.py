@@ -10,6 +10,10 @@ Example:
     $ factlens capitals mitigate --model gpt2 --shots 0 1 2 --out out/mitigate
     $ factlens capitals analyze --model all --shots 0 --out out/analysis
     $ factlens capitals analyze --model ~/checkpoints/my-gpt2 --out out/mine
+    $ factlens recall analyze --relation developers --model gpt2 --out out/developers
+
+``--relation`` picks a ready relation (:data:`factlens.recall.catalog.RELATIONS`: ``capitals``, ``languages``,
+``currencies``, ``developers``, ``city-countries``...); ``factlens recall`` is the same command group.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ def model_names(requested: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from factlens.recall.catalog import relation
     from factlens.recall.mitigation import mitigation_table
     from factlens.recall.report import analyze
 
+    rel = relation(getattr(args, "relation", "capitals"))
     out = Path(args.out)
     for name in model_names(args.model):
         model = build_model(name, args.device)
@@ -54,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
         if args.capitals_command == "analyze":
             for shots in args.shots:
                 folder = target / f"{shots}shot" if len(args.shots) > 1 else target
-                report = analyze(model, shots=shots, out_dir=folder)
-                print(f"{name}, {shots}-shot: report {folder / 'report.html'}")
+                report = analyze(model, rel, shots=shots, out_dir=folder)
+                print(f"{name}, {rel.name}, {shots}-shot: report {folder / 'report.html'}")
                 print(report.to_markdown())
         else:
-            table = mitigation_table(model, shots=args.shots)
+            table = mitigation_table(model, rel, shots=args.shots)
             target.mkdir(parents=True, exist_ok=True)
             from factlens.storage import atomic_write
 
@@ -72,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the ``capitals`` command group on the top-level parser's subparsers."""
-    capitals = sub.add_parser("capitals", help="country→capital recall (Lv et al. 2024)").add_subparsers(
+    capitals = sub.add_parser("capitals", aliases=["recall"],
+                              help="country→capital and other relation recall (Lv et al. 2024)").add_subparsers(
         dest="capitals_command", required=True)
     for name, help_text in (("analyze", "whole analysis → HTML report"), ("mitigate", "mitigation table")):
         p = capitals.add_parser(name, help=help_text)
@@ -80,6 +87,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="gpt2 | gpt2-medium | gpt2-large | opt-1.3b | all | any HF id of a GPT-2/OPT checkpoint | "
                             "a save_pretrained folder | an HF cache folder; tiny-gpt2 / tiny-opt / random-<name> "
                             "for offline random-weight twins")
+        p.add_argument("--relation", default="capitals",
+                       help="a ready relation of factlens.recall.catalog: capitals | capitals-appendix | languages | "
+                            "currencies | developers | city-countries (default: capitals)")
         p.add_argument("--shots", type=int, nargs="+", default=[0], help="few-shot settings (demonstrations)")
         p.add_argument("--out", required=True, help="output folder (one subfolder per model when several)")
         p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")

@@ -56,6 +56,7 @@ from jaxtyping import Float
 
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
+from factlens.inputs import at_least_fp32
 from factlens.recall.datasets import RelationDataset
 from factlens.recall.forward import EndRun, center, head_outputs, require_eval, reuse_run, unembed_params
 from factlens.recall.metrics import answer_prob, answer_rank
@@ -189,7 +190,7 @@ def final_layer_effect(model: TransformerBridge, dataset: RelationDataset, *, k:
         W_eff, _ = unembed_params(model)
         u = W_eff[:, dataset.answer_ids.to(W_eff.device)].T  # [n, d]
         dla = direct_effects(comps, u, run["ln_final.hook_scale"].reshape(-1))  # [n, H+2]
-        delta = (torch.log_softmax(after.float(), -1) - torch.log_softmax(before.float(), -1)).mean(0)  # [vocab]
+        delta = (torch.log_softmax(at_least_fp32(after), -1) - torch.log_softmax(at_least_fp32(before), -1)).mean(0)  # [vocab]
         tok = dataset.tokenizer
         rows = []
         for direction, vals in (("promoted", torch.topk(delta, k)), ("demoted", torch.topk(-delta, k))):

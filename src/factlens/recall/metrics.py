@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 
 from factlens.errors import ConfigError, ShapeError
+from factlens.inputs import at_least_fp32
 from factlens.recall.datasets import RelationDataset
 
 LogitDiffVariant = Literal["iw", "n", "iw-n"]
@@ -141,7 +142,7 @@ def kind_values(kind: str, logits: Float[torch.Tensor, "r vocab"], answer_ids: I
     """
     if kind not in METRIC_KINDS:
         raise ConfigError(f"unknown metric {kind!r}; use one of {METRIC_KINDS} or pass a callable")
-    el = logits.float()
+    el = at_least_fp32(logits)
     if kind in ("prob", "logprob"):
         lp = torch.log_softmax(el, dim=-1).gather(1, _ids(answer_ids, el))[:, 0]
         return lp.exp() if kind == "prob" else lp

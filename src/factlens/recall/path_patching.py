@@ -59,6 +59,7 @@ from jaxtyping import Float
 
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, ShapeError
+from factlens.inputs import at_least_fp32
 from factlens.models import family_of
 from factlens.recall.datasets import RelationDataset
 from factlens.recall.forward import EndRun, require_eval, reuse_run, run_at_end
@@ -159,7 +160,7 @@ def _metric_fn(spec: MetricSpec, dataset: RelationDataset) -> tuple[Callable[[to
         if not torch.isfinite(out).all():
             raise ShapeError(f"metric {name!r} returned NaN or inf; check it on the clean logits (log of 0?) or use "
                              "a log-probability metric")
-        return float(out.float().mean())
+        return float(at_least_fp32(out).mean())
 
     return scalar, name
 

@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
+from factlens.inputs import at_least_fp32
 
 COND_LIMIT = 1e12  # G with a larger condition number is treated as singular
 
@@ -399,7 +400,7 @@ def project_to_vocab(
         >>> proj.answer_ranks.tolist(), proj.top_ids.tolist()
         ([0], [2, 3])
     """
-    logits = _logits(vector, W_U, ln_scale, b_U).detach().float().cpu()  # [vocab]
+    logits = at_least_fp32(_logits(vector, W_U, ln_scale, b_U).detach()).cpu()  # [vocab]
     if not 1 <= k <= logits.numel():
         raise ConfigError(f"k={k}; pass 1 <= k <= {logits.numel()} (the vocabulary size)")
     ids = torch.as_tensor([] if answer_ids is None else answer_ids, dtype=torch.long).reshape(-1).cpu()

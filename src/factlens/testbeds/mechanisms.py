@@ -16,7 +16,13 @@ held-out templates (``"<bos> Mary Jane Smith was born in" → first token of the
   tokens of the queried attribute's values (cities for birth place...);
 - **final layer** (:func:`~factlens.recall.final_layer.final_layer_split`): P(answer) before (logit lens) and after
   the last layer, and the change of the answer logit split into heads, attention biases, MLP and the final
-  LayerNorm's scale.
+  LayerNorm's scale;
+- **logit lens** (:func:`~factlens.recall.lens.logit_lens`): P(answer) and accuracy after every layer
+  (:attr:`MechanismsResult.lens`), which shows whether recall finishes before the last layer;
+- **mitigations** (:func:`~factlens.testbeds.mitigations.mitigation_rows`): Lv et al.'s (a) last-layer heads attend only to ``end`` and (b) the
+  last MLP's intercept subtracted at ``end``, alone and together, with the intercept fitted out of fold (k folds
+  by template, as :func:`~factlens.recall.mitigation.mitigation_table` does for capitals):
+  :attr:`MechanismsResult.mitigations`.
 
 It also measures the attribute loss on held-out biographies (or reads ``metrics.jsonl``) to mark the
 no-knowledge baseline, the end of the initial drop and the plateau end on the figure.
@@ -51,6 +57,7 @@ from factlens.bios.run import Run
 from factlens.errors import CheckpointError, ConfigError
 from factlens.recall.final_layer import final_layer_hooks, split_from_run
 from factlens.recall.forward import center, head_outputs, run_at_end, unembed_params
+from factlens.recall.lens import logit_lens, logit_lens_hooks
 from factlens.recall.metrics import answer_prob, is_correct
 from factlens.recall.mlp_decomposition import MLPActivations, decompose_from_activations
 from factlens.recall.movers import MoverResult, pearson
@@ -59,6 +66,7 @@ from factlens.recall.regression import project_to_vocab
 from factlens.resources import track
 from factlens.storage import atomic_write
 from factlens.testbeds.bios_recall import bios_relation_dataset
+from factlens.testbeds.mitigations import MITIGATIONS, mitigation_rows
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -66,7 +74,9 @@ if TYPE_CHECKING:
 #: Per (step, attribute) measurements, in :attr:`MechanismsResult.values` order.
 MEASURES = ("prob", "accuracy", "top_head_effect", "top_head_pct", "name_attention", "name_attention_max",
             "mover_score", "mover_r",
-            "mlp_r2", "type_purity", "prob_before", "prob_after", "delta_prob", "delta_logit")
+            "mlp_r2", "type_purity", "prob_before", "prob_after", "delta_prob", "delta_logit",
+            "prob_a", "prob_b", "prob_ab", "accuracy_a", "accuracy_b", "accuracy_ab")
+
 #: Parts of the final layer's change of the answer logit, in :attr:`MechanismsResult.final_logit` order.
 FINAL_PARTS = ("heads", "attn_bias", "mlp", "ln_scale")
 
@@ -112,6 +122,10 @@ class MechanismsResult:
             into :data:`FINAL_PARTS` (they add up to ``delta_logit``).
         top_heads: One row per (step, attribute, rank): the top path-patching sender heads and their effect.
         attr_loss: ``[step]`` attribute loss (nats, mean over the 6 attributes) on held-out biographies.
+        lens / lens_accuracy: ``[step, attribute, layer]`` mean P(answer) and accuracy read by the logit lens
+            after each layer (the last layer's equals the model's own).
+        mitigations: One row per (step, attribute, method in :data:`MITIGATIONS`): mean_prob, accuracy,
+            mean_rank, n_prompts (see :func:`~factlens.testbeds.mitigations.mitigation_rows`); folds: the k of its out-of-fold intercepts.
         loss_steps / loss_curve: The loss curve used for the phases (``metrics.jsonl`` when present, else
             ``attr_loss``); baseline: the no-knowledge attribute loss (nats); drop_end / plateau_end: steps.
     """
@@ -127,6 +141,10 @@ class MechanismsResult:
     baseline: float
     drop_end: int | None
     plateau_end: int | None
+    lens: Float[torch.Tensor, "step attribute layer"] | None = None
+    lens_accuracy: Float[torch.Tensor, "step attribute layer"] | None = None
+    mitigations: object = None  # pandas.DataFrame, one row per (step, attribute, method)
+    folds: int = 5
     run_dir: str = ""
     n_prompts: int = 0
     seconds: float = float("nan")
@@ -168,6 +186,21 @@ class MechanismsResult:
         if self.plateau_end is not None:
             out.append(("3 knowledge", self.plateau_end, hi))
         return out
+
+    def mitigation_table(self, step: int | None = None):
+        """Mean P(answer) and accuracy per attribute and method at one checkpoint (default: the last), wide.
+
+        Example:
+            >>> res.mitigation_table()            # doctest: +SKIP
+        """
+        if self.mitigations is None or len(self.mitigations) == 0:
+            raise ConfigError("this result has no mitigation rows; run mechanisms(...) to compute them")
+        step = self.steps[-1] if step is None else step
+        if step not in self.steps:
+            raise ConfigError(f"step {step} was not analysed; pick one of {self.steps}")
+        sel = self.mitigations[self.mitigations["step"] == step]
+        return sel.pivot(index="attribute", columns="method", values=["mean_prob", "accuracy"])[
+            [(v, m) for v in ("mean_prob", "accuracy") for m in MITIGATIONS]]
 
     def to_dataframe(self):
         """One row per (step, attribute): every measure, the final-layer parts (``final_<part>``) and the
@@ -218,7 +251,7 @@ def _loss_curve(run: Run, steps: list[int], computed: list[float]) -> tuple[list
 
 def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = None, steps: Sequence[int] | None = None,
                *, n: int = 128, top: int = 3, k: int = 10, n_sequences: int = 128, device: str | torch.device = "cpu",
-               seed: int = 0, progress: bool = True) -> MechanismsResult:
+               seed: int = 0, folds: int = 5, progress: bool = True) -> MechanismsResult:
     """Run Lv et al.'s analyses on every (or each chosen) checkpoint of a biography run.
 
     Args:
@@ -229,6 +262,7 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
         top: Sender heads kept per (step, attribute) in :attr:`MechanismsResult.top_heads`.
         k: Top intercept tokens for the type purity.
         n_sequences: Held-out biographies for the attribute loss.
+        folds: k of the out-of-fold intercepts of mitigation (b) (folds split by template).
         progress: One progress bar over the checkpoints.
 
     Raises:
@@ -257,7 +291,7 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
     baseline = no_knowledge_baseline(population.pools)
     logged = _logged_losses(run)
     batches = None
-    values, finals, losses, head_rows = [], [], [], []
+    values, finals, losses, head_rows, lenses, mitigation_frames = [], [], [], [], [], []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
         model = run.bridge(step, device)
         if step in logged:
@@ -269,14 +303,18 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
                 total = sum(float(attribute_metrics(model(b.tokens.to(device)), b).loss.mean()) * len(b)
                             for b in batches)
             losses.append(total / sum(len(b) for b in batches))
-        row_v, row_f = [], []
+        row_v, row_f, row_l = [], [], []
         for a in attrs:
-            v, f, heads = _analyse(model, datasets[a], counterfactuals[a], value_ids[a], top=top, k=k)
+            v, f, heads, lens, mit = _analyse(model, datasets[a], counterfactuals[a], value_ids[a], top=top, k=k,
+                                              folds=folds, seed=seed)
             row_v.append(v)
             row_f.append(f)
+            row_l.append(lens)
             head_rows += [{"step": step, "attribute": a, **h} for h in heads]
+            mitigation_frames.append(mit.assign(step=step, attribute=a))
         values.append(row_v)
         finals.append(row_f)
+        lenses.append(row_l)
     import pandas as pd
 
     loss_steps, curve = _loss_curve(run, steps, losses)
@@ -284,18 +322,29 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
     return MechanismsResult(steps=steps, attributes=attrs, values=torch.tensor(values, dtype=torch.float64),
                             final_logit=torch.tensor(finals, dtype=torch.float64), top_heads=pd.DataFrame(head_rows),
                             attr_loss=torch.tensor(losses, dtype=torch.float64), loss_steps=loss_steps,
+                            lens=torch.tensor(lenses, dtype=torch.float64)[..., 0],
+                            lens_accuracy=torch.tensor(lenses, dtype=torch.float64)[..., 1],
+                            mitigations=pd.concat(mitigation_frames, ignore_index=True)[
+                                ["step", "attribute", "method", "mean_prob", "accuracy", "mean_rank", "n_prompts"]],
+                            folds=folds,
                             loss_curve=curve, baseline=baseline, drop_end=drop, plateau_end=plateau,
                             run_dir=str(run_dir), n_prompts=n, seconds=time.perf_counter() - t0)
 
 
-def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: int
-             ) -> tuple[list[float], list[float], list[dict]]:
-    """Every measurement of one checkpoint on one attribute: one shared forward pass plus path patching."""
+def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: int, folds: int = 5, seed: int = 0
+             ) -> tuple[list[float], list[float], list[dict], list[list[float]], object]:
+    """Every measurement of one checkpoint on one attribute: one shared forward pass, path patching and the
+    (a) pass of the mitigations."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     last = L - 1
     names = ([f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
-             + [f"blocks.{layer}.attn.hook_z" for layer in range(L)] + final_layer_hooks(model))
+             + [f"blocks.{layer}.attn.hook_z" for layer in range(L)] + logit_lens_hooks(model)
+             + final_layer_hooks(model))
+    names = list(dict.fromkeys(names))
     run = run_at_end(model, ds, names)
+    lens = logit_lens(model, ds, include_final=False, run=run)
+    lens_rows = [[float(p), float(a)] for p, a in zip(lens.mean_prob, (lens.rank == 0).double().mean(1))]
+    mit = mitigation_rows(model, ds, folds=folds, seed=seed, run=run)
     prob = float(answer_prob(run.logits, ds).mean())
     acc = float(is_correct(run.logits, ds).float().mean())
     # path patching: the senders whose replacement lowers the answer logit most
@@ -330,8 +379,11 @@ def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: in
     s = split_from_run(model, ds, run).summary()
     values = [prob, acc, float(effect[tl, th]), float(pp.values[tl, th]), name_att, name_max, float(mv.score[0, th]),
               float(mv.r[0, th]), dec.r2, purity, s["prob_before"], s["prob_after"], s["delta_prob"], s["delta_logit"]]
+    by = mit.set_index("method")
+    values += [float(by.loc[m, "mean_prob"]) for m in ("a", "b", "a+b")]
+    values += [float(by.loc[m, "accuracy"]) for m in ("a", "b", "a+b")]
     finals = [s["logit:heads"], s["logit:attn_bias"], s[f"logit:MLP{last}"], s["logit:ln_scale"]]
-    return values, finals, heads
+    return values, finals, heads, lens_rows, mit.drop(columns=["prob", "fold"])
 
 
 def name_attention(model: TransformerBridge, dataset, *, interventions=None, max_batch: int = 64) -> Float[torch.Tensor, "layer head"]:
@@ -369,8 +421,8 @@ def check_out(out: str | Path) -> Path:
 
 
 def write_mechanisms(result: MechanismsResult, out: str | Path, *, png: bool = True) -> list[Path]:
-    """Write ``mechanisms.csv``, ``top_heads.csv``, ``mechanisms.html`` and (with kaleido + Chrome installed)
-    ``mechanisms.png`` to ``out``, each atomically; returns the paths written.
+    """Write ``mechanisms.csv``, ``top_heads.csv``, ``mitigations.csv``, ``logit_lens.csv``, ``mechanisms.html``
+    and (with kaleido + Chrome installed) ``mechanisms.png`` to ``out``, each atomically; returns the paths written.
 
     Example:
         >>> write_mechanisms(result, "runs/demo/mechanisms")                    # doctest: +SKIP
@@ -380,6 +432,16 @@ def write_mechanisms(result: MechanismsResult, out: str | Path, *, png: bool = T
     files = {"mechanisms.csv": result.to_dataframe().to_csv(index=False).encode(),
              "top_heads.csv": result.top_heads.to_csv(index=False).encode(),
              "mechanisms.html": fig.to_html().encode()}
+    if result.mitigations is not None and len(result.mitigations):
+        files["mitigations.csv"] = result.mitigations.to_csv(index=False).encode()
+    if result.lens is not None:
+        import pandas as pd
+
+        lens = pd.DataFrame([{"step": step, "attribute": attr, "layer": layer,
+                              "prob": float(result.lens[i, j, layer]), "accuracy": float(result.lens_accuracy[i, j, layer])}
+                             for i, step in enumerate(result.steps) for j, attr in enumerate(result.attributes)
+                             for layer in range(result.lens.shape[2])])
+        files["logit_lens.csv"] = lens.to_csv(index=False).encode()
     if png:
         with contextlib.suppress(Exception):  # kaleido/Chrome not installed: the HTML is the figure
             files["mechanisms.png"] = fig.to_image(format="png", scale=1)
@@ -390,6 +452,8 @@ def write_mechanisms(result: MechanismsResult, out: str | Path, *, png: bool = T
 
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+_LAYER_COLOURS = ("#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
+_METHOD_COLOURS = {"baseline": "black", "a": "#1f77b4", "b": "#ff7f0e", "a+b": "#2ca02c"}
 _PART_COLOURS = {"heads": "#1f77b4", "attn_bias": "#7f7f7f", "mlp": "#2ca02c", "ln_scale": "#d62728"}
 
 
@@ -404,6 +468,12 @@ def plot_mechanisms(res: MechanismsResult, title: str | None = None):
             ("Last MLP: R² — solid; intercept type purity — dotted", None),
             ("Final layer: ΔP(answer) across the last layer", None),
             ("Final layer: Δ answer logit by part (mean over attributes)", None)]
+    extra = []
+    if res.lens is not None:
+        extra.append("Logit lens: P(answer) after each layer (mean over attributes)")
+    if res.mitigations is not None and len(res.mitigations):
+        extra.append(f"Mitigations: mean P(answer) — solid, accuracy — dotted ({res.folds}-fold intercepts)")
+    rows += [(t, None) for t in extra]
     fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.035,
                         subplot_titles=[r[0] for r in rows])
     x = res.steps
@@ -434,6 +504,25 @@ def plot_mechanisms(res: MechanismsResult, title: str | None = None):
                                  hovertemplate=f"{part}<br>step %{{x}}<br>%{{y:+.4f}} logits<extra></extra>"), 7, 1)
     fig.add_hline(y=0, line={"color": "grey", "width": 1}, row=6, col=1)
     fig.add_hline(y=0, line={"color": "grey", "width": 1}, row=7, col=1)
+    row = 8
+    if res.lens is not None:
+        lens = res.lens.mean(1)  # [step, layer]
+        for layer in range(lens.shape[1]):
+            fig.add_trace(go.Scatter(x=x, y=lens[:, layer].tolist(), mode="lines+markers", name=f"after layer {layer}",
+                                     line={"color": _LAYER_COLOURS[layer % len(_LAYER_COLOURS)]},
+                                     hovertemplate=f"after layer {layer}<br>step %{{x}}<br>P %{{y:.4f}}<extra></extra>"),
+                          row, 1)
+        row += 1
+    if res.mitigations is not None and len(res.mitigations):
+        mean = res.mitigations.groupby(["step", "method"])[["mean_prob", "accuracy"]].mean()
+        for m in MITIGATIONS:
+            sub = mean.xs(m, level="method").reindex(x)
+            for col, dash in (("mean_prob", "solid"), ("accuracy", "dot")):
+                fig.add_trace(go.Scatter(x=x, y=sub[col].tolist(), mode="lines+markers", name=f"mitigation {m}",
+                                         legendgroup=f"mitigation {m}", showlegend=dash == "solid",
+                                         line={"color": _METHOD_COLOURS[m], "dash": dash},
+                                         hovertemplate=f"{m}<br>step %{{x}}<br>{col} %{{y:.4f}}<extra></extra>"),
+                              row, 1)
     shades = {"1 initial drop": "rgba(255,127,14,0.10)", "2 plateau": "rgba(127,127,127,0.13)",
               "3 knowledge": "rgba(44,160,44,0.10)"}
     for name, lo, hi in res.phases():
@@ -445,7 +534,9 @@ def plot_mechanisms(res: MechanismsResult, title: str | None = None):
     sup = res.suppression_from()
     if sup is not None:
         fig.add_vline(x=sup, line={"color": "red", "dash": "dot"}, row=6, col=1)
-    y_titles = ["nats", "P / accuracy", "Δ iw (logits)", "attention / score", "R² / purity", "Δ P", "Δ logit"]
+    y_titles = ["nats", "P / accuracy", "Δ iw (logits)", "attention / score", "R² / purity", "Δ P", "Δ logit",
+                *(["P(answer)"] if res.lens is not None else []),
+                *(["P / accuracy"] if res.mitigations is not None and len(res.mitigations) else [])]
     for i, t in enumerate(y_titles, start=1):
         fig.update_yaxes(title_text=t, row=i, col=1)
     fig.update_xaxes(title_text="training step", row=len(rows), col=1)
@@ -454,7 +545,7 @@ def plot_mechanisms(res: MechanismsResult, title: str | None = None):
     fig.update_layout(
         title=title or (f"Recall mechanisms over training — {Path(res.run_dir).name or 'run'} ({phase_note}; "
                         f"final-layer suppression from {sup if sup is not None else '—'})"),
-        template="plotly_white", height=1700, width=1000, legend={"tracegroupgap": 4})
+        template="plotly_white", height=1700 + 240 * len(extra), width=1000, legend={"tracegroupgap": 4})
     return fig
 
 

@@ -33,6 +33,7 @@ from factlens.bios.patching.references import Reference
 from factlens.bios.run import Run
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
+from factlens.inputs import at_least_fp32
 from factlens.resources import track
 
 CIRCUITS = ("name_grouping→name", "extraction→name", "extraction→text")
@@ -52,7 +53,7 @@ def circuit_attention(patterns: dict[int, Float[torch.Tensor, "batch head q k"]]
     rows = torch.arange(len(batch))[:, None].expand_as(starts)
     out = []
     for layer in sorted(patterns):
-        p = patterns[layer].float().mean(1).cpu()  # [b, q, k], averaged over heads
+        p = at_least_fp32(patterns[layer]).mean(1).cpu()  # [b, q, k], averaged over heads
         # name grouping: attention from the last name token to the other (earlier) name tokens
         ng = (p * name[:, None, :].float()).sum(-1)  # [b, q] attention mass on name tokens
         self_w = torch.diagonal(p, dim1=1, dim2=2)  # the query attends to itself, a name token: exclude it

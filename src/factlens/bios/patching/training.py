@@ -46,6 +46,7 @@ from factlens.errors import (
     InterventionNoEffectError,
 )
 from factlens.indices import head_indices, layer_indices
+from factlens.inputs import at_least_fp32
 from factlens.models import unwrap
 
 if TYPE_CHECKING:
@@ -294,7 +295,7 @@ class AttentionPatcher:
         patched = self.forward(input_ids).logits
         if not was_installed:
             self.remove()
-        delta = float((patched.float() - plain.float()).abs().max())
+        delta = float((at_least_fp32(patched) - at_least_fp32(plain)).abs().max())
         if delta <= atol:
             raise InterventionNoEffectError(
                 "attention patching left the logits unchanged: the reference's patterns equal the model's own "
