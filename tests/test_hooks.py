@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformer_lens import patching
 
 import factlens
-from factlens import add_vector, attend_to_self, capitals, hook, intervene, patch_pattern
+from factlens import add_vector, attend_to_self, hook, intervene, patch_pattern
 
 
 def uniform_pattern(model, tokens):
@@ -217,7 +217,7 @@ def test_property_identity_edits_change_nothing_and_say_so(tiny_models, data):
         with intervene(model, edit):  # no hooks, nothing to verify
             assert torch.equal(model(tokens), base)
     # mitigation (b) with c = 0 through the context manager: the identity by construction
-    with capitals.mitigate(model, intercept=torch.zeros(model.cfg.d_model), attention=False) as run:
+    with factlens.mitigate(model, intercept=torch.zeros(model.cfg.d_model), attention=False) as run:
         assert torch.equal(model(tokens), base)
     assert not run.records
 
