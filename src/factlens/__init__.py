@@ -36,25 +36,18 @@ from factlens.errors import (
     TokenizationError,
     UnknownModelError,
 )
-from factlens.hooks import (
-    HookRecord,
-    Intervention,
-    add_vector,
-    attend_to_self,
-    edit_scores,
-    hook,
-    intervene,
-    patch_pattern,
-    run_with_interventions,
-)
-from factlens.models import SUPPORTED, bridge_from_hf, build_hf, full_size, load, prepare, resolve, tiny
-from factlens.resources import memory_usage, run_with_cache
 
 __version__ = "0.1.0"
 
-# Paper packages and heavy modules, imported on first attribute access (PEP 562) so that `import factlens`
-# stays light: name -> (module, attribute or None for the module itself).
+# Everything that imports torch is imported on first attribute access (PEP 562), so that `import factlens` and
+# `factlens --help` stay light: name -> (module, attribute or None for the module itself).
 _LAZY = {
+    **{name: ("factlens.hooks", name) for name in ("HookRecord", "Intervention", "add_vector", "attend_to_self",
+                                                   "edit_scores", "hook", "intervene", "patch_pattern",
+                                                   "run_with_interventions")},
+    **{name: ("factlens.models", name) for name in ("SUPPORTED", "bridge_from_hf", "build_hf", "full_size", "load",
+                                                    "prepare", "resolve", "tiny")},
+    **{name: ("factlens.resources", name) for name in ("memory_usage", "run_with_cache")},
     "bios": ("factlens.bios", None),
     "capitals": ("factlens.capitals", None),
     "plot": ("factlens.plot", None),

@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import os
 import warnings
@@ -86,13 +87,27 @@ _ALIASES = {
 FAMILIES = ("gpt2", "opt")
 
 
+def did_you_mean(name: str, extra: tuple[str, ...] = ()) -> str:
+    """`` (did you mean 'gpt2-small'?)`` for a misspelt model name, else ``""``.
+
+    Example:
+        >>> did_you_mean("gpt2-smal")
+        " (did you mean 'gpt2-small'?)"
+        >>> did_you_mean("llama-70b")
+        ''
+    """
+    known = [*SUPPORTED, *(a for a in _ALIASES if "/" not in a), *extra]
+    close = difflib.get_close_matches(str(name).lower(), known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def resolve(name: str) -> ModelSpec:
     """The :class:`ModelSpec` for a short name or HF id; :class:`UnknownModelError` lists the choices."""
     key = _ALIASES.get(name, _ALIASES.get(name.lower(), name.lower()))
     if key not in SUPPORTED:
         choices = ", ".join(list(SUPPORTED) + sorted(_ALIASES))
         raise UnknownModelError(
-            f"factlens does not support model {name!r}. Supported: {choices}. For a random-weight twin of an "
+            f"factlens does not support model {name!r}{did_you_mean(name)}. Supported: {choices}. For a random-weight twin of an "
             "architecture use factlens.tiny('gpt2'|'opt') or factlens.full_size(name)."
         )
     return SUPPORTED[key]
@@ -192,7 +207,8 @@ def load(name: str | os.PathLike, device: str | torch.device | None = None, dtyp
         except UnknownModelError:
             if "/" not in text:  # not a path, not an HF id: a misspelt short name
                 raise UnknownModelError(
-                    f"factlens does not know model {text!r} and there is no folder of that name. Supported: "
+                    f"factlens does not know model {text!r}{did_you_mean(text)} and there is no folder of that "
+                    f"name. Supported: "
                     f"{', '.join(SUPPORTED)} (or their HF ids), any HF id or local save_pretrained folder of a "
                     "GPT-2 or OPT checkpoint, or a random-weight twin: factlens.tiny('gpt2'|'opt'), "
                     "factlens.full_size(name).") from None

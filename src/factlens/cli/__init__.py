@@ -17,15 +17,8 @@ import sys
 
 from factlens.cli import bios as bios_cli
 from factlens.cli import capitals as capitals_cli
+from factlens.cli.options import HelpParser
 from factlens.errors import FactlensError
-
-
-class HelpParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose ``--help`` shows every option's default; its subparsers inherit it."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     returns 2 instead of a traceback (``FACTLENS_TRACEBACK=1`` shows the traceback)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        from factlens.threads import use_threads
+
+        with use_threads(getattr(args, "threads", None), concurrent=getattr(args, "concurrent", 1)):
+            return args.func(args)
     except FactlensError as err:
         if os.environ.get("FACTLENS_TRACEBACK"):
             raise

@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from factlens.cli.options import add_compute, resolve_device
+
 
 def _train_config(args: argparse.Namespace, base=None):
     """The preset with the command line's overrides; without --preset, ``base`` (a reference run's config) with
@@ -263,7 +265,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from factlens.bios.patching.circuits import attention_to_name
     from factlens.storage import atomic_write
 
-    result = attention_to_name(_existing_run(args.run), n_sequences=args.sequences, device=args.device or "cpu",
+    result = attention_to_name(_existing_run(args.run), n_sequences=args.sequences, device=resolve_device(args.device),
                                progress=not args.quiet)
     atomic_write(Path(args.run) / "attention_to_name.csv", result.to_dataframe().to_csv(index=False))
     atomic_write(Path(args.run) / "attention_to_name.html", result.plot().to_html())
@@ -272,19 +274,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_mechanisms(args: argparse.Namespace) -> int:
-    import torch
-
     from factlens.testbeds.mechanisms import check_out, mechanisms, write_mechanisms
 
     out = check_out(args.out if args.out else Path(args.run) / "mechanisms")  # refuse a bad --out before the work
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        result = mechanisms(args.run, attributes=args.attributes, steps=args.steps, n=args.prompts,
-                            device=args.device or "cpu", progress=not args.quiet, folds=args.folds)
-    finally:
-        torch.set_num_threads(threads)
+    result = mechanisms(args.run, attributes=args.attributes, steps=args.steps, n=args.prompts,
+                        device=resolve_device(args.device), progress=not args.quiet, folds=args.folds)
     written = write_mechanisms(result, out)
     print(f"{result!r}\nmitigations at step {result.steps[-1]} ({result.folds}-fold intercepts):\n"
           f"{result.mitigation_table().round(4).to_string()}")
@@ -405,17 +399,18 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
-    p.add_argument("--preset", default=preset, help="paper | small | demo | tiny | recall-testbed")
-    p.add_argument("--people", type=int, help="population size N")
+    p.add_argument("--preset", default=preset, metavar="{paper,small,demo,tiny,recall-testbed}",
+                   help="run preset" if preset else "run preset; unset: the reference run's config "
+                                                    "(--reference), else demo")
+    p.add_argument("--people", type=int, help="population size N; unset: the preset's")
     p.add_argument("--steps", type=int, help="training steps; unset: the preset's")
     p.add_argument("--batch-size", type=int, help="sequences per step; unset: the preset's")
     p.add_argument("--lr", type=float, help="peak learning rate; unset: the preset's")
     p.add_argument("--seed", type=int, help="training seed; unset: the preset's")
     p.add_argument("--arch", choices=["gpt2", "opt"], help="architecture; unset: the preset's")
-    p.add_argument("--sampler", help='JSON, e.g. \'{"kind": "power_law", "alpha": 0.6}\'')
+    p.add_argument("--sampler", help='person sampler as JSON, e.g. \'{"kind": "power_law", "alpha": 0.6}\'; unset: the preset\'s')
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compute(p)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -436,7 +431,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = bios.add_parser("patch", help="train with attention patched from a reference run's checkpoint")
     _train_args(p, preset=None)
     p.add_argument("--reference", required=True, help="reference run directory (or checkpoint directory)")
-    p.add_argument("--reference-step", type=int, help="reference checkpoint step; unset: its last")
+    p.add_argument("--reference-step", type=int,
+                   help="the step of the reference checkpoint to patch from: needed when --reference is a run "
+                        "directory (one of the steps it saved); leave unset when --reference is a checkpoint directory")
     p.add_argument("--start", type=int, default=0, help="start_patching step")
     p.add_argument("--keep-optimizer", action="store_true", help="do not reset AdamW when patching starts")
     p.add_argument("--same-config", action="store_true",
@@ -466,8 +463,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plateau-ratio", type=float, default=0.98, help="plateau end: first loss < ratio x baseline")
     p.add_argument("--no-png", action="store_true", help="HTML only (PNGs need kaleido and a Chrome)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
-    p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_compute(p)
     _executor_args(p)
     p.set_defaults(func=cmd_reproduce)
     p = bios.add_parser("finetune", help="fine-tune a trained run's checkpoint on new (or rare, already-seen) "
@@ -506,7 +502,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = bios.add_parser("eval", help="evaluate a checkpoint of a run")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--step", type=int, help="checkpoint step; unset: the last")
-    p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
+    add_compute(p)
     p.set_defaults(func=cmd_eval)
     p = bios.add_parser("plot", help="write a run's learning-curve figure")
     p.add_argument("--run", required=True, help="run folder")
@@ -514,21 +510,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = bios.add_parser("attention", help="attention-to-name analysis over a run's checkpoints")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--sequences", type=int, default=512, help="biographies averaged over per checkpoint")
-    p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compute(p)
     p.set_defaults(func=cmd_attention)
     p = bios.add_parser("mechanisms", help="Lv et al.'s recall mechanisms (logit lens, movers, MLP intercept, "
                         "final-layer suppression, mitigations (a)/(b)) at every checkpoint of a run, on the "
                         "training-step axis")
     p.add_argument("--run", required=True, help="run directory (config.json + checkpoints/)")
-    p.add_argument("--attributes", nargs="+", help="attributes to analyse (default: all six)")
-    p.add_argument("--steps", type=int, nargs="+", help="checkpoint steps (default: all)")
+    p.add_argument("--attributes", nargs="+", help="attributes to analyse; unset: all six")
+    p.add_argument("--steps", type=int, nargs="+", help="checkpoint steps; unset: all")
     p.add_argument("--prompts", type=int, default=128, help="held-out-template prompts per attribute")
     p.add_argument("--folds", type=int, default=5, help="folds (by template) of the out-of-fold intercepts of "
                    "mitigation (b)")
-    p.add_argument("--out", help="output folder (default: RUN/mechanisms)")
-    p.add_argument("--device", help="torch device; unset: CPU")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for the small "
-                   "biography models, by far on a shared machine; 0 = torch's default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", help="output folder; unset: RUN/mechanisms")
+    add_compute(p)
     p.set_defaults(func=cmd_mechanisms)

@@ -21,12 +21,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import factlens
-from factlens.models import SUPPORTED
+from factlens.cli.options import add_compute
+
+SUPPORTED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "opt-1.3b")  # factlens.models.SUPPORTED (checked in tests)
 
 
 def build_model(name: str, device: str | None = None):
     """A bridge for a CLI model name, folder or HF id (compatibility mode on, as the Lv analyses need)."""
+    import factlens
+
     if not Path(name).expanduser().exists():
         if name.startswith("tiny-"):
             return factlens.tiny(name.removeprefix("tiny-"), compat=True, device=device)
@@ -43,7 +46,7 @@ def _label(name: str) -> str:
 def model_names(requested: list[str]) -> list[str]:
     names: list[str] = []
     for name in requested:
-        names.extend(SUPPORTED if name == "all" else [name])
+        names.extend(SUPPORTED_NAMES if name == "all" else [name])
     return names
 
 
@@ -60,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
         if args.capitals_command == "analyze":
             for shots in args.shots:
                 folder = target / f"{shots}shot" if len(args.shots) > 1 else target
-                report = analyze(model, rel, shots=shots, out_dir=folder)
+                report = analyze(model, rel, shots=shots, out_dir=folder, progress=not args.quiet)
                 print(f"{name}, {rel.name}, {shots}-shot: report {folder / 'report.html'}")
                 print(report.to_markdown())
         else:
-            table = mitigation_table(model, rel, shots=args.shots)
+            table = mitigation_table(model, rel, shots=args.shots, progress=not args.quiet)
             target.mkdir(parents=True, exist_ok=True)
             from factlens.storage import atomic_write
 
@@ -89,8 +92,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "for offline random-weight twins")
         p.add_argument("--relation", default="capitals",
                        help="a ready relation of factlens.recall.catalog: capitals | capitals-appendix | languages | "
-                            "currencies | developers | city-countries (default: capitals)")
+                            "currencies | developers | city-countries")
         p.add_argument("--shots", type=int, nargs="+", default=[0], help="few-shot settings (demonstrations)")
         p.add_argument("--out", required=True, help="output folder (one subfolder per model when several)")
-        p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
+        add_compute(p)
         p.set_defaults(func=run)
