@@ -312,7 +312,7 @@ def test_records_to_dataframe_report_real_sizes(model, tokens):
     # the vector is added at the last position of both prompts: its largest entry is the largest change
     assert mlp.n_masked == 0 and abs(mlp.max_abs_change - float(vector.abs().max())) < 1e-4
     assert df["max_abs_change"].max() < 1e3
-    assert "1 call(s), changed" in repr(run.records) and "<table" in run.records._repr_html_()
+    assert "1 call(s), changed, max |Δ| " in repr(run.records) and "<table" in run.records._repr_html_()
 
 
 def test_each_hook_is_checked(model, tokens):

@@ -19,6 +19,12 @@ Example:
     Scores(values=Tensor[1000] float32, label='demo')
     >>> "<table" in Scores(torch.arange(1000.0))._repr_html_()
     True
+    >>> print(Scores(torch.arange(3.0)))
+    Scores(values=Tensor[3] float32, label='demo')
+     i  value
+     0      0
+     1      1
+     2      2
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import torch
 
 MAX_ROWS = 8
 """Rows shown by ``_repr_html_``."""
+MAX_PRINT_ROWS = 40
+"""Rows shown by ``print(result)``."""
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -125,6 +133,21 @@ class ResultDisplay:
             return one_line
         return f"{type(self).__name__}(\n" + "".join(f"    {p},\n" for p in parts) + ")"
 
+    def __str__(self) -> str:
+        """What ``print(result)`` shows: the concise repr, then the result's table (up to :data:`MAX_PRINT_ROWS`
+        rows of ``to_dataframe()``, numbers to 4 significant digits)."""
+        head = repr(self)
+        to_df = getattr(self, "to_dataframe", None)
+        try:
+            frame = to_df() if callable(to_df) else self._display_frame()
+        except Exception:  # printing must never raise
+            return head
+        if frame is None or not len(frame.columns):
+            return head
+        more = f"\n... {len(frame) - MAX_PRINT_ROWS} more rows (to_dataframe())" if len(frame) > MAX_PRINT_ROWS else ""
+        text = frame.head(MAX_PRINT_ROWS).to_string(index=False, float_format=fmt, max_colwidth=40)
+        return f"{head}\n{text}{more}"
+
     def _display_frame(self, n: int = MAX_ROWS):
         """The rows ``_repr_html_`` shows: ``top(n)`` where the result ranks rows, else ``to_dataframe().head(n)``."""
         top = getattr(self, "top", None)
@@ -153,4 +176,4 @@ class ResultDisplay:
                 f"<ul style='margin:2px 0 6px 0'>{fields}</ul>{table}{note}</div>")
 
 
-__all__ = ["MAX_ROWS", "ResultDisplay", "describe", "fmt"]
+__all__ = ["MAX_PRINT_ROWS", "MAX_ROWS", "ResultDisplay", "describe", "fmt"]

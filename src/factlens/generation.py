@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ def install_kv_cache_fix(bridge: TransformerBridge) -> int:
         The number of attention layers wrapped (0 for OPT, whose attention never calls ``_update_kv_cache``
         with the cache, and on a second call).
     """
+    _quiet_generate(bridge)
     n = 0
     for block in bridge.blocks:
         attn = block.attn
@@ -57,6 +60,23 @@ def install_kv_cache_fix(bridge: TransformerBridge) -> int:
             _wrap(attn)
             n += 1
     return n
+
+
+def _quiet_generate(bridge: TransformerBridge) -> None:
+    """``bridge.generate`` without transformers' ``past_key_values is deprecated`` FutureWarning, which TL's
+    generation loop triggers on every step (a user cannot act on it). Other warnings pass. Idempotent."""
+    generate = bridge.generate
+    if getattr(generate, _FLAG, False):
+        return
+
+    @functools.wraps(generate)
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+            return generate(*args, **kwargs)
+
+    setattr(quiet, _FLAG, True)
+    bridge.generate = quiet
 
 
 def _reconstructs_attention(attn) -> bool:

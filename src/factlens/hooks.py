@@ -121,9 +121,11 @@ class HookRecords(dict):
     """Hook name → :class:`HookRecord`, with :meth:`to_dataframe` (and a table in a notebook)."""
 
     def __repr__(self) -> str:
-        rows = ", ".join(f"{r.name}: {r.calls} call(s), {'changed' if r.changed else 'unchanged'}"
-                         for r in self.values())
-        return f"HookRecords({rows})"
+        from factlens.display import fmt
+
+        rows = [f"{r.name}: {r.calls} call(s), " + (f"changed, max |Δ| {fmt(r.max_abs_change)}" if r.changed
+                                                     else "unchanged") for r in self.values()]
+        return "HookRecords(" + (rows[0] if len(rows) == 1 else "".join(f"\n    {r}," for r in rows) + "\n") + ")"
 
     def _repr_html_(self) -> str:
         return self.to_dataframe()._repr_html_()

@@ -83,15 +83,36 @@ def _summarise(history) -> str:
             f"plateau end: {end if end is not None else 'not reached'}")
 
 
-def cmd_train(args: argparse.Namespace, config=None) -> int:
+def _keep_last_checkpoint(out: Path) -> None:
+    """``--keep-checkpoints last``: delete every evaluation checkpoint but the final one, and every resume
+    checkpoint but the newest (the run stays finished: a re-run writes nothing)."""
+    from factlens.checkpoints import prune_checkpoints
+
+    prune_checkpoints(out / "checkpoints", 1)
+    prune_checkpoints(out / "resume", 1)
+
+
+def cmd_train(args: argparse.Namespace, config=None, what: str | None = None) -> int:
+    import torch
+
+    from factlens.bios.estimate import measure, plan
     from factlens.bios.run import Run, pin_reference
-    from factlens.bios.trainer import train
+    from factlens.bios.trainer import Trainer
 
     config = pin_reference(config or _train_config(args))  # a patching reference by its checksum
     out = Path(args.out)
     Run(out).check(config)  # refuse a bad --out before building anything
     t0 = time.perf_counter()
-    history = train(config, out, device=args.device, progress=not args.quiet)
+    trainer = Trainer(config, out, device=args.device, progress=not args.quiet)
+    keep = getattr(args, "keep_checkpoints", "all")
+    if not args.quiet and not Run(out).finished(config):
+        what = what or (f"factlens bios {getattr(args, 'bios_command', 'train')}: train a {config.n_people:,}-person biography run "
+                        f"({config.arch}, {config.steps:,} steps)")
+        print(plan(what, measure(trainer), out, device=trainer.device, threads=torch.get_num_threads(), keep=keep),
+              flush=True)
+    history = trainer.run()
+    if keep == "last":
+        _keep_last_checkpoint(out)
     _write_curves(history, out)
     print(f"{out}: {_summarise(history)}; {time.perf_counter() - t0:.0f} s; figure {out / 'curves.html'}")
     return 0
@@ -122,7 +143,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     args.preset = "demo"
     t0 = time.perf_counter()
-    code = cmd_train(args)
+    config = _train_config(args)
+    code = cmd_train(args, config, what=f"factlens demo: train a {config.n_people:,}-person biography run "
+                                        f"({config.steps:,} steps) and shade its three phases")
     run = Run(args.out)
     history, p = run.history, run.phases()
     fig = demo_figure(history, p)
@@ -215,6 +238,32 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--collect", action="store_true", help="start nothing: report the cells that have finished")
 
 
+def _grid_plan(args: argparse.Namespace, config) -> None:
+    """Print what the grid trains (cells still to train, each measured on one of its steps), how long, where."""
+    import tempfile
+
+    import torch
+
+    from factlens.bios.estimate import measure, plan
+    from factlens.bios.trainer import Trainer
+
+    cells = sum(len({s for s in args.starts if s <= ref} | ({ref} if args.freeze else set()))
+                for ref in args.reference_steps)
+    runs = cells + (0 if args.reference else 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        est = measure(Trainer(config, tmp, device=args.device, progress=False))
+    print(plan(f"factlens bios grid: {'' if args.reference else 'a reference run and '}{cells} patched runs of "
+               f"{config.n_people:,} people x {config.steps:,} steps, (finished cells are reused)",
+               est, args.out, runs=runs, device=args.device or est_device(), threads=torch.get_num_threads()),
+          flush=True)
+
+
+def est_device() -> str:
+    from factlens.cli.options import resolve_device
+
+    return resolve_device(None)
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from factlens.bios.executor import CellsNotFinished
     from factlens.bios.patching.grid import run_grid
@@ -224,6 +273,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         config = _train_config(args, reference_config(args.reference))
     else:
         config = _train_config(args)
+    if not args.quiet:
+        _grid_plan(args, config)
     try:
         result = run_grid(config, args.out, reference_steps=args.reference_steps, start_steps=args.starts,
                           reference=args.reference, include_freeze=args.freeze, device=args.device,
@@ -398,6 +449,12 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keep_checkpoints(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-checkpoints", choices=["all", "last"], default="all",
+                   help="all: every evaluation checkpoint (what bios attention / mechanisms / patch read); last: "
+                        "only the final one (the learning curves need none)")
+
+
 def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None:
     p.add_argument("--preset", default=preset, metavar="{paper,small,demo,tiny,recall-testbed}",
                    help="run preset" if preset else "run preset; unset: the reference run's config "
@@ -418,6 +475,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="train the CPU demo run: initial drop, plateau, knowledge emergence")
     _train_args(demo)
     demo.add_argument("--out", default="out/demo", help="run folder")
+    _keep_checkpoints(demo)
     demo.add_argument("--check", action="store_true",
                       help="exit 1 unless the plateau (±3%% band) lasts as long as the drop and accuracy ends >= 0.8")
     demo.set_defaults(func=cmd_demo)
@@ -426,6 +484,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         dest="bios_command", required=True)
     p = bios.add_parser("train", help="train (or resume) a biography run")
     _train_args(p)
+    _keep_checkpoints(p)
     p.add_argument("--out", required=True, help="run folder")
     p.set_defaults(func=cmd_train)
     p = bios.add_parser("patch", help="train with attention patched from a reference run's checkpoint")

@@ -93,7 +93,11 @@ class CapitalsReport(ResultDisplay):
 
     def to_markdown(self) -> str:
         """A short markdown summary: headline numbers and the mitigation table."""
-        lines = ["# Capitals analysis", "", "| quantity | value |", "|---|---|"]
+        lines = ["# Capitals analysis", ""]
+        if self.model_info.get("twin"):  # the same warning as the HTML report's banner
+            lines += [f"> **Random weights.** {self.model_info.get('name', 'This model')} is a factlens random-weight "
+                      "twin: it recalls nothing, so these numbers test the pipeline, not a trained model.", ""]
+        lines += ["| quantity | value |", "|---|---|"]
         for k, v in self.summary().items():
             lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
         lines += ["", "## Mitigations", "", self.mitigation.to_markdown()]

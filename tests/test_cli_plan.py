@@ -1,0 +1,45 @@
+"""Long commands say what they will do, how long (from a measured step) and where, before they start; the
+measurement leaves the run as an uninterrupted one; --keep-checkpoints last keeps what the figure needs."""
+
+from __future__ import annotations
+
+import torch
+
+from factlens.bios.estimate import measure
+from factlens.bios.trainer import TrainConfig, Trainer, train
+from factlens.checkpoints import list_checkpoints, load_checkpoint, step_dir
+from factlens.cli import main
+
+
+def test_train_prints_its_plan_first_and_the_measurement_does_not_change_the_run(tmp_path, capsys):
+    assert main(["bios", "train", "--preset", "tiny", "--out", str(tmp_path / "cli"), "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    first = out.splitlines()[:3]
+    assert "30 steps" in first[0] and first[1].lstrip().startswith("time:  about")
+    assert "measured" in first[1] and str(tmp_path / "cli") in first[2]
+    train(TrainConfig.preset("tiny"), tmp_path / "plain", progress=False)  # the golden run: nothing measured
+    for step in list_checkpoints(tmp_path / "plain" / "checkpoints"):
+        a = load_checkpoint(step_dir(tmp_path / "cli" / "checkpoints", step)).state
+        b = load_checkpoint(step_dir(tmp_path / "plain" / "checkpoints", step)).state
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+
+
+def test_keep_last_checkpoint_leaves_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["bios", "train", "--preset", "tiny", "--out", str(out), "--keep-checkpoints", "last",
+                 "--quiet"]) == 0
+    assert list_checkpoints(out / "checkpoints") == [30] and list_checkpoints(out / "resume") == [30]
+    assert (out / "curves.html").exists()
+    capsys.readouterr()
+    assert main(["bios", "train", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0  # finished: no retraining
+    assert list_checkpoints(out / "checkpoints") == [30]
+
+
+def test_measure_leaves_model_optimizer_and_rng_untouched(tmp_path):
+    trainer = Trainer(TrainConfig.preset("tiny"), tmp_path, progress=False)
+    weights = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    rng = torch.get_rng_state()
+    est = measure(trainer)
+    assert est.step_s > 0 and est.eval_s > 0 and est.evals == len(trainer.config.checkpoint_steps())
+    assert all(torch.equal(weights[k], v) for k, v in trainer.raw_model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and not trainer.optimizer.state
