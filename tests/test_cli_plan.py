@@ -13,7 +13,7 @@ from factlens.cli import main
 
 def test_train_prints_its_plan_first_and_the_measurement_does_not_change_the_run(tmp_path, capsys):
     assert main(["bios", "train", "--preset", "tiny", "--out", str(tmp_path / "cli"), "--threads", "1"]) == 0
-    out, err = capsys.readouterr()
+    out, _ = capsys.readouterr()
     first = out.splitlines()[:3]
     assert "30 steps" in first[0] and first[1].lstrip().startswith("time:  about")
     assert "measured" in first[1] and str(tmp_path / "cli") in first[2]
