@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,10 +39,13 @@ import pandas as pd
 
 import factlens
 from factlens import capitals, recall
+from factlens.figures import notebook_renderer, png_support, write_png
 
 model = factlens.tiny("gpt2", compat=True) if TINY else factlens.load("gpt2")
 model.eval()
 print("tiny random twin" if TINY else "GPT-2 small", f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads")
+
+notebook_renderer()  # figures carry plotly.js: they survive saving and `jupyter nbconvert --to html`
 
 
 def show(fig, name):
@@ -122,11 +128,12 @@ table.to_dataframe()
 
 # %% [markdown]
 # ## Static export
-# A PNG of the main figure (path patching), if `kaleido` can export on this machine.
+# A PNG of the main figure (path patching), where this machine can export PNGs (the `png` extra and a Chrome or
+# Chromium browser; `png_support()` says what is missing otherwise).
 
 # %%
-try:
-    main_fig.write_image(OUT / "path_patching.png", width=900, height=600)
-    print("wrote", OUT / "path_patching.png")
-except Exception as exc:  # kaleido missing or no Chrome available
-    print("PNG export skipped:", exc)
+ok, why = png_support()
+if ok:
+    print("wrote", write_png(main_fig, OUT / "path_patching.png", width=900, height=600))
+else:
+    print(why)

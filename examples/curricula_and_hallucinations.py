@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,6 +40,7 @@ import pandas as pd
 
 from factlens.bios import TrainConfig, make_sampler, train
 from factlens.bios.history import compare_runs
+from factlens.figures import notebook_renderer, png_support, write_png
 
 base = TrainConfig.preset("tiny", steps=30, checkpoint_every=10) if TINY else TrainConfig.preset("demo")
 n, steps, bs = base.n_people, base.steps, base.batch_size
@@ -52,6 +56,8 @@ for name, spec in SAMPLERS.items():
     print(f"{name:18s} {make_sampler(spec, n=n, batch_size=bs).describe()}")
 RUNS = OUT / "runs"
 shutil.rmtree(RUNS, ignore_errors=True)  # start from scratch (train() would otherwise resume)
+
+notebook_renderer()  # figures carry plotly.js: they survive saving and `jupyter nbconvert --to html`
 
 
 def show(fig, name):
@@ -107,11 +113,12 @@ halluc.round(3)
 
 # %% [markdown]
 # ## Static export
-# A PNG of the learning curves, if `kaleido` can export on this machine.
+# A PNG of the learning curves, where this machine can export PNGs (the `png` extra and a Chrome or
+# Chromium browser; `png_support()` says what is missing otherwise).
 
 # %%
-try:
-    main_fig.write_image(OUT / "learning_curves.png")
-    print("wrote", OUT / "learning_curves.png")
-except Exception as exc:  # kaleido missing or no Chrome available
-    print("PNG export skipped:", exc)
+ok, why = png_support()
+if ok:
+    print("wrote", write_png(main_fig, OUT / "learning_curves.png"))
+else:
+    print(why)

@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,6 +39,7 @@ from factlens.bios import PatchConfig, TrainConfig, train
 from factlens.bios.history import TrainingHistory
 from factlens.bios.patching.circuits import attention_to_name
 from factlens.checkpoints import list_checkpoints
+from factlens.figures import notebook_renderer, png_support, write_png
 
 if TINY:
     config = TrainConfig.preset("tiny", steps=40, checkpoint_every=10, n_people=64)
@@ -43,6 +47,8 @@ else:
     config = TrainConfig.preset("demo")
 RUNS = OUT / "runs"
 shutil.rmtree(RUNS, ignore_errors=True)  # start from scratch (train() would otherwise resume)
+
+notebook_renderer()  # figures carry plotly.js: they survive saving and `jupyter nbconvert --to html`
 
 
 def show(fig, name):
@@ -103,11 +109,12 @@ atn.to_dataframe().pivot_table(index="step", columns=["circuit", "layer"], value
 
 # %% [markdown]
 # ## Static export
-# A PNG of the learning curves, if `kaleido` can export on this machine.
+# A PNG of the learning curves, where this machine can export PNGs (the `png` extra and a Chrome or
+# Chromium browser; `png_support()` says what is missing otherwise).
 
 # %%
-try:
-    main_fig.write_image(OUT / "learning_curves.png")
-    print("wrote", OUT / "learning_curves.png")
-except Exception as exc:  # kaleido missing or no Chrome available
-    print("PNG export skipped:", exc)
+ok, why = png_support()
+if ok:
+    print("wrote", write_png(main_fig, OUT / "learning_curves.png"))
+else:
+    print(why)

@@ -73,18 +73,15 @@ def _parsers(parser: argparse.ArgumentParser, prefix: str = "factlens"):
                 yield from _parsers(sub, f"{prefix} {name}")
 
 
-def test_every_cli_option_has_help_and_shows_its_default():
+def test_every_cli_option_has_help():
+    """Every option has a help line (that it states its default exactly once: tests/test_cli_help.py)."""
     from factlens.cli import build_parser
 
     seen = 0
     for name, parser in _parsers(build_parser()):
-        assert isinstance(parser.formatter_class("x"), argparse.ArgumentDefaultsHelpFormatter), name
-        text = " ".join(parser.format_help().split())
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction | argparse._SubParsersAction) or not action.option_strings:
                 continue
             seen += 1
             assert action.help, f"{name} {action.option_strings[0]} has no help text"
-            assert f"(default: {action.default})".replace("'", "") in text.replace("'", ""), \
-                f"{name} {action.option_strings[0]}: default not shown in --help"
     assert seen > 30

@@ -72,6 +72,10 @@ class DivergenceError(FactlensError, FloatingPointError):
     """Training produced a non-finite loss or weights (the message names the settings to change)."""
 
 
+class MissingDependencyError(FactlensError, ImportError):
+    """An optional feature whose package or program is not installed (the message names what to install)."""
+
+
 class RunNotFoundError(CheckpointError, FileNotFoundError):
     """A directory that is not a training run, or a run without the file asked for."""
 
@@ -85,6 +89,7 @@ __all__ = [
     "FactlensError",
     "HookDidNotFireError",
     "InterventionNoEffectError",
+    "MissingDependencyError",
     "ModeError",
     "ResourceError",
     "RunNotFoundError",

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
-from tqdm.auto import tqdm
 
 from factlens.errors import ConfigError, ResourceError
+from factlens.progress import tqdm
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -43,6 +43,7 @@ from factlens.bios.executor import CellsNotFinished, CellsReport, CellStatus, Ex
 from factlens.bios.history import TrainingHistory
 from factlens.bios.patching.config import PatchConfig
 from factlens.errors import ConfigError
+from factlens.figures import png_support
 from factlens.storage import atomic_write
 
 PAPER_FIT = (0.43, 0.81)  # plateau end ≈ 0.43 · N^0.81 steps at batch 128 (Zucchet et al., Fig. 3)
@@ -150,10 +151,18 @@ class ReproduceResult:
         """Plateau end against population, log-log, with the fit and the paper's law."""
         return self.figures()["plateau_vs_population"]
 
+    def fit_text(self) -> str:
+        """``"plateau end ≈ 2.25 · N^0.89 steps"``, or why there is no fit (never NaN)."""
+        if math.isnan(self.fit["coef"]):
+            return (f"no fit of plateau end vs N ({self.fit.get('n_points', 0)} population(s) reached a plateau end; "
+                    "a fit needs 2)")
+        return f"plateau end ≈ {self.fit['coef']:.3g} · N^{self.fit['exponent']:.2f} steps"
+
     def __repr__(self) -> str:
         ends = ", ".join(f"N={int(r.n_people)}: {r.plateau_end}" for r in self.scaling.itertuples())
-        return (f"ReproduceResult(scale={self.scale!r}, plateau ends [{ends}], fit {self.fit['coef']:.3g}·N^"
-                f"{self.fit['exponent']:.2f} (paper 0.43·N^0.81 at batch 128), {len(self.patching)} patched cells, "
+        smoke = "SMOKE RUN (tiny scale: tests the pipeline, its numbers mean nothing), " if self.scale == "tiny" else ""
+        return (f"ReproduceResult({smoke}scale={self.scale!r}, plateau ends [{ends}], {self.fit_text()} "
+                f"(paper 0.43·N^0.81 at batch 128), {len(self.patching)} patched cells, "
                 f"{len(self.curriculum)} samplers, trained {len(self.trained)} cells, report {self.report})")
 
 
@@ -403,6 +412,10 @@ _TEMPLATE = """<!doctype html><html><head><meta charset="utf-8"><title>factlens 
 <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>
 <h1>Zucchet et al. (2025) with factlens: {{ scale }} scale</h1>
+{% if scale == "tiny" %}<p style="background:#fde2e1;border:1px solid #e0a5a1;padding:10px 14px;border-radius:6px">
+<b>Smoke run.</b> The tiny scale trains a few dozen steps on a handful of people to test that every stage runs;
+none of its numbers says anything about knowledge acquisition. Run <code>--scale cpu</code> (or
+<code>gpu</code>) for results.</p>{% endif %}
 <p>Command: <code>factlens bios reproduce --scale {{ scale }} --out {{ out }}</code>. Plateau end: first checkpoint
 with attribute loss &lt; {{ ratio }} × baseline ({{ "%.3f"|format(baseline) }} nats) after the initial drop.
 This call trained {{ trained|length }} cells in {{ "%.0f"|format(wall_s) }} s; finished cells are read, not retrained.
@@ -410,7 +423,8 @@ This call trained {{ trained|length }} cells in {{ "%.0f"|format(wall_s) }} s; f
 {% if failed %}<h2>Failed cells</h2>{% for f in failed %}<p><b>{{ f.cell }}</b>{% if f.job_id %} (SLURM job {{ f.job_id }},
 log <code>{{ f.log }}</code>){% endif %}</p><pre>{{ f.error }}</pre>{% endfor %}{% endif %}
 <h2>1. Plateau vs population</h2>{{ figs.plateau_vs_population }}{{ scaling }}
-<p>Fit: plateau end ≈ {{ "%.3g"|format(fit.coef) }} · N<sup>{{ "%.2f"|format(fit.exponent) }}</sup> steps
+<p>{% if fit.coef == fit.coef %}Fit: plateau end ≈ {{ "%.3g"|format(fit.coef) }} · N<sup>{{ "%.2f"|format(fit.exponent) }}</sup> steps
+{% else %}No fit: {{ fit.n_points|default(0) }} population(s) reached a plateau end, and a fit needs 2 {% endif %}
 (paper: 0.43 · N<sup>0.81</sup> steps at batch 128).</p>
 <h2>2. Attention patching</h2>{{ figs.patching }}{{ patching }}
 <p>Unpatched control: loss {{ "%.3f"|format(control.loss_early) }} at step {{ early_step }},
@@ -431,7 +445,10 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
         patching=result.patching_table().to_html(float_format=lambda v: f"{v:.3f}"),
         curriculum=result.curriculum.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="not reached"),
         png_note="{png_note}", missing=result.missing, failed=_failed(result))
-    if write_png:
+    png_ok, png_why = png_support()
+    if write_png and not png_ok:
+        result.png_note = f"No PNGs: {png_why}; the HTML is complete."
+    elif write_png:
         failed = []
         for name, fig in figs.items():
             path = out / f"{name}.png"
@@ -440,12 +457,11 @@ def _write_report(result: ReproduceResult, sc: Scale, out: Path, rule: dict, wri
                     atomic_write(path, fig.to_image(format="png", scale=1.5))
                     result.pngs.append(path)
                     break
-                except Exception as exc:  # kaleido or Chrome missing: the HTML is the report
+                except Exception as exc:  # a browser that failed twice: the HTML is the report
                     if attempt:
-                        failed.append(f"{name} ({type(exc).__name__}: {str(exc)[:80]})")
+                        failed.append(f"{name} ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})")
         result.png_note = (f"PNGs: {', '.join(p.name for p in result.pngs) or 'none'}."
-                           + (f" PNG export failed for {'; '.join(failed)}; the HTML is complete (PNGs need kaleido "
-                              "and a Chrome)." if failed else ""))
+                           + (f" PNG export failed for {'; '.join(failed)}; the HTML is complete." if failed else ""))
     else:
         result.png_note = "PNG export not requested."
     atomic_write(result.report, html.replace("{png_note}", result.png_note))

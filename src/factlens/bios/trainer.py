@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from factlens.bios import memory
 from factlens.bios.config import (  # re-exported: the trainer's public configuration
@@ -71,6 +70,7 @@ from factlens.checkpoints import (
 )
 from factlens.errors import CheckpointError, ConfigError, DivergenceError, FactlensError
 from factlens.models import build_hf
+from factlens.progress import tqdm
 from factlens.resources import format_bytes, memory_usage
 
 
@@ -130,9 +130,11 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, *, device: str | torch.device | None = None,
-                 progress: bool = True, population: Population | None = None, task: BiosTask | None = None) -> None:
+                 progress: bool = True, population: Population | None = None, task: BiosTask | None = None,
+                 tracker=None) -> None:
         self.out = Path(out_dir)
         self.config = config = pin_reference(config)  # a reference that changed since the config was pinned: refused
+        self.tracker = tracker  # factlens.bios.tracking: gets every metrics record and checkpoint step (rank 0)
         self.device, self.rank, self.world, self.own_dist = _setup_device(device)
         if config.batch_size % self.world:
             raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {self.world} ranks; pass a "
@@ -324,6 +326,8 @@ class Trainer:
         root = self.out / ("resume" if resume else "checkpoints")
         save_checkpoint(root, self.raw_model, step=step, config=self.config.to_dict(),
                         optimizer=self.optimizer if resume else None, data_seed=self.config.data_seed, extra=extra)
+        if self.tracker is not None and not resume:
+            self.tracker.checkpoint(step)
         if resume:
             prune_checkpoints(root, self.config.keep_resume)
 
@@ -390,7 +394,14 @@ class Trainer:
             if not self._finished():
                 if self.rank == 0:
                     truncate_metrics(self.out / "metrics.jsonl", self.step)
-                self._loop()
+                tracker = self.tracker if self.rank == 0 else None
+                if tracker is not None:
+                    tracker.start(self.step)
+                try:
+                    self._loop()
+                finally:
+                    if tracker is not None:
+                        tracker.close()
         if self.world > 1:
             dist.barrier()
         if self.patcher is not None:
@@ -402,10 +413,16 @@ class Trainer:
     def _log_train(self, window: list[torch.Tensor], tokens_per_s: float) -> str:
         """Append the training record of the last ``log_every`` steps; returns the memory line for the bar."""
         mem = memory_usage(self.device)
-        append_jsonl(self.out / "metrics.jsonl", {
+        self._record(self.out / "metrics.jsonl", {
             "kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
             "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s, **mem.to_dict()})
         return mem.short()
+
+    def _record(self, path: Path, record: dict) -> None:
+        """Append a metrics record to ``metrics.jsonl`` and hand it to the tracker, if any."""
+        append_jsonl(path, record)
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def _loop(self) -> None:
         """The step loop: evaluate + checkpoint on schedule, one optimiser step, log, save a resume point."""
@@ -422,7 +439,7 @@ class Trainer:
                 self.check_finite(step, window)
                 record = {"kind": "eval", "step": step, **self.evaluate()}
                 if self.rank == 0:
-                    append_jsonl(metrics, record)
+                    self._record(metrics, record)
                     self._save(step, resume=False)
                 postfix.update({k: f"{v:.3f}" for k, v in record.items() if k.endswith(("attr_loss", "attr_acc"))})
                 bar.set_postfix(postfix)
@@ -445,14 +462,20 @@ class Trainer:
 
 
 def train(config: TrainConfig, out_dir: str | Path, *, device=None, progress: bool = True,
-          population: Population | None = None) -> TrainingHistory:
+          population: Population | None = None, log_to: str | None = None) -> TrainingHistory:
     """Train (or resume) a biography run into ``out_dir``; returns its :class:`TrainingHistory`.
+
+    ``log_to="tensorboard"`` or ``"wandb"`` also sends the metrics, checkpoint steps and config to that
+    tracker (:mod:`factlens.bios.tracking`).
 
     Example:
         >>> history = train(TrainConfig.preset("tiny"), "runs/tiny", progress=False)   # doctest: +SKIP
         >>> history.plot().write_html("runs/tiny/curves.html")                        # doctest: +SKIP
     """
-    return Trainer(config, out_dir, device=device, progress=progress, population=population).run()
+    from factlens.bios.tracking import make_tracker
+
+    tracker = make_tracker(log_to, out_dir, config)
+    return Trainer(config, out_dir, device=device, progress=progress, population=population, tracker=tracker).run()
 
 
 __all__ = ["MODEL_PRESETS", "RUN_PRESETS", "PatchConfig", "TrainConfig", "Trainer", "cosine_lr", "hf_field_names",

@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import time
@@ -68,11 +67,16 @@ def _write_curves(history, out: Path) -> None:
 
 
 def _write_curves_fig(fig, out: Path) -> None:
+    """``curves.html`` and, where this machine can export PNGs (:func:`factlens.figures.png_support`),
+    ``curves.png``; a stale ``curves.png`` of an earlier figure is removed when it cannot."""
+    from factlens.figures import png_support
     from factlens.storage import atomic_write
 
     atomic_write(out / "curves.html", fig.to_html())
-    with contextlib.suppress(Exception):  # kaleido/Chrome not installed: the HTML is the figure
+    if png_support()[0]:
         atomic_write(out / "curves.png", fig.to_image(format="png"))
+    else:
+        (out / "curves.png").unlink(missing_ok=True)
 
 
 def _summarise(history) -> str:
@@ -97,13 +101,15 @@ def cmd_train(args: argparse.Namespace, config=None, what: str | None = None) ->
 
     from factlens.bios.estimate import measure, plan
     from factlens.bios.run import Run, pin_reference
+    from factlens.bios.tracking import make_tracker
     from factlens.bios.trainer import Trainer
 
     config = pin_reference(config or _train_config(args))  # a patching reference by its checksum
     out = Path(args.out)
     Run(out).check(config)  # refuse a bad --out before building anything
+    tracker = make_tracker(args.log_to, out, config)
     t0 = time.perf_counter()
-    trainer = Trainer(config, out, device=args.device, progress=not args.quiet)
+    trainer = Trainer(config, out, device=args.device, progress=not args.quiet, tracker=tracker)
     keep = getattr(args, "keep_checkpoints", "all")
     if not args.quiet and not Run(out).finished(config):
         what = what or (f"factlens bios {getattr(args, 'bios_command', 'train')}: train a {config.n_people:,}-person biography run "
@@ -273,6 +279,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
         config = _train_config(args, reference_config(args.reference))
     else:
         config = _train_config(args)
+    if args.log_to:
+        from factlens.errors import ConfigError
+
+        raise ConfigError("bios grid does not send its cells to a tracker: pass --log-to to bios train or bios "
+                          "patch, or read each cell's metrics.jsonl.")
     if not args.quiet:
         _grid_plan(args, config)
     try:
@@ -365,6 +376,9 @@ def _reproduce_dynamics(args: argparse.Namespace) -> int:
     from factlens.bios.executor import CellsNotFinished
     from factlens.bios.reproduce import reproduce
 
+    if args.scale == "tiny" and not args.quiet:
+        print("factlens bios reproduce --scale tiny: a SMOKE RUN (a few dozen steps per cell; tests the pipeline, "
+              f"its numbers mean nothing); writes {Path(args.out) / 'report.html'}", flush=True)
     try:
         result = reproduce(args.scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
                            progress=not args.quiet, write_png=not args.no_png,
@@ -376,7 +390,11 @@ def _reproduce_dynamics(args: argparse.Namespace) -> int:
     print(result.patching_table().round(3).to_string())
     print(result.curriculum.to_string(index=False))
     missing = f"; not finished: {result.missing}" if result.missing else ""
+    print(f"{result.fit_text()} (paper: 0.43 · N^0.81 steps at batch 128)")
     print(f"trained {len(result.trained)} cells in {result.wall_s:.0f} s{missing}; report {result.report}; {result.png_note}")
+    if result.scale == "tiny":
+        print("smoke run: the tiny scale only tests that every stage runs; its numbers mean nothing "
+              "(--scale cpu or gpu for results)")
     return _print_cells(result.cells) if result.missing else 0
 
 
@@ -467,6 +485,9 @@ def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None
     p.add_argument("--arch", choices=["gpt2", "opt"], help="architecture; unset: the preset's")
     p.add_argument("--sampler", help='person sampler as JSON, e.g. \'{"kind": "power_law", "alpha": 0.6}\'; unset: the preset\'s')
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--log-to", choices=["tensorboard", "wandb"],
+                   help="also log metrics, checkpoint steps and config to TensorBoard (RUN/tensorboard) or W&B "
+                        "(WANDB_MODE=offline works without a network); unset: metrics.jsonl only")
     add_compute(p)
 
 
@@ -520,7 +541,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="dynamics: plateau vs N, attention patching, curriculum; hallucination, finetune, toy: §4 "
                         "(report in OUT/forgetting_report.html)")
     p.add_argument("--plateau-ratio", type=float, default=0.98, help="plateau end: first loss < ratio x baseline")
-    p.add_argument("--no-png", action="store_true", help="HTML only (PNGs need kaleido and a Chrome)")
+    p.add_argument("--no-png", action="store_true",
+                   help="HTML only (PNGs need the png extra and a Chrome or Chromium browser)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
     add_compute(p)
     _executor_args(p)
