@@ -86,8 +86,8 @@ print(f"patched from step {ref_step}: final attribute loss {patched.final['attr_
 # ## 3. The two learning curves
 # Attribute loss on held-out templates against training step. With patched attention the plateau shrinks
 # or disappears: the model only has to learn the MLP-side associations. (In tiny mode the two curves are a
-# smoke run and show nothing; the figure in the docs, `docs/img/example_patch_attention_into_training.png`,
-# comes from `factlens bios reproduce --scale cpu`, see docs/reproduction.md.)
+# smoke run and show nothing; the CPU-scale patching figure in docs/reproduction.md comes from
+# `factlens bios reproduce --scale cpu`.)
 
 # %%
 # a tiny-mode run is a smoke test (a 2 x 32 model, 40 steps, no plateau): its title says so

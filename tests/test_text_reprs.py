@@ -8,7 +8,7 @@ import warnings
 import torch
 
 import factlens
-from factlens.recall.logit_lens import logit_lens
+from factlens.recall.lens import logit_lens
 from factlens.recall.report import analyze
 
 

@@ -1,4 +1,4 @@
-"""TransformerLens compatibility mode at a fraction of TL's memory peak (issue 19).
+"""TransformerLens compatibility mode at a fraction of TL's memory peak.
 
 ``bridge.enable_compatibility_mode()`` (TL 4.3) folds LayerNorms and centres weights by running
 ``ProcessWeights.process_weights`` on a state dict of the **whole** model. Each of its steps (``fold_layer_norm``,

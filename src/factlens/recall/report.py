@@ -28,6 +28,7 @@ import torch
 
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
+from factlens.progress import tqdm
 from factlens.recall.datasets import RelationDataset, dataset_for
 from factlens.recall.final_layer import FinalLayerEffect, final_layer_effect, final_layer_hooks
 from factlens.recall.forward import require_eval, run_at_end
@@ -47,6 +48,17 @@ from factlens.storage import atomic_write
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+
+
+SUMMARY_LABELS = {
+    "n_prompts": "prompts", "prob_before": "P(answer) before the last layer",
+    "prob_after": "P(answer) after the last layer", "delta_prob": "change of P(answer) in the last layer",
+    "rank_before": "answer rank before the last layer", "rank_after": "answer rank after the last layer",
+    "top_sender": "strongest sender (path patching)", "top_sender_pct": "its change of the answer logit (%)",
+    "top_mover": "top mover head", "P baseline": "P(answer), no mitigation",
+    "P a": "P(answer), (a) last-layer heads attend to themselves", "P b": "P(answer), (b) MLP intercept removed",
+    "P a+b": "P(answer), (a) + (b)", "seconds": "wall time (s)"}
+"""Plain labels for the keys of :meth:`CapitalsReport.summary` in :meth:`CapitalsReport.to_markdown`."""
 
 
 @dataclass
@@ -99,6 +111,7 @@ class CapitalsReport(ResultDisplay):
                       "twin: it recalls nothing, so these numbers test the pipeline, not a trained model.", ""]
         lines += ["| quantity | value |", "|---|---|"]
         for k, v in self.summary().items():
+            k = SUMMARY_LABELS.get(k, k)
             lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
         lines += ["", "## Mitigations", "", self.mitigation.to_markdown()]
         if self.notes:
@@ -183,20 +196,25 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
     timings: dict[str, float] = {}
     notes: list[str] = []
 
+    # one progress display for every stage (the stages' own bars stay off), labelled in plain words
+    bar = tqdm(total=8, desc="capitals analysis", unit="stage", disable=not progress)
+
     def timed(name, fn, *args, **kwargs):
+        bar.set_postfix_str(name)
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         timings[name] = time.perf_counter() - t0
+        bar.update(1)
         return out
 
     L = model.cfg.n_layers
     ds = timed("dataset", dataset_for, model, relation, shots=shots, seed=seed, n=n)
-    clean = timed("shared clean pass", run_at_end, model, ds, shared_hooks(model), max_batch=max_batch,
-                  progress=progress, desc="shared clean pass")  # serves every analysis below
-    lens = timed("logit lens", logit_lens, model, ds, max_batch=max_batch, progress=progress, run=clean)
+    clean = timed("clean run", run_at_end, model, ds, shared_hooks(model), max_batch=max_batch,
+                  progress=False, desc="clean run")  # serves every analysis below
+    lens = timed("logit lens", logit_lens, model, ds, max_batch=max_batch, progress=False, run=clean)
     pp = timed("path patching", path_patch, model, ds, metric="iw", max_batch=patch_batch, seed=seed,
-               progress=progress, run=clean)
-    movers = timed("movers", mover_scores, model, ds, max_batch=max_batch, progress=progress, run=clean)
+               progress=False, run=clean)
+    movers = timed("mover heads", mover_scores, model, ds, max_batch=max_batch, progress=False, run=clean)
     cand = pp.top(top_k, by="neg", component="head")[["layer", "head", "name", "pct_change"]]
     stats = movers.to_dataframe().set_index(["layer", "head"])
     cand = cand.join(stats[["r", "mean_attention", "mean_projection", "score"]], on=["layer", "head"])
@@ -204,17 +222,20 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
     top_mover = (int(best["layer"]), int(best["head"]))
     decomps: dict[str, MLPDecompositionResult] = {}
     t0 = time.perf_counter()
+    bar.set_postfix_str("MLP decomposition")
     for layer in dict.fromkeys([min(top_mover[0] + 1, L - 1), L - 1]):
-        acts = capture_mlp_activations(model, ds, layer, max_batch=max_batch, progress=progress, run=clean)
+        acts = capture_mlp_activations(model, ds, layer, max_batch=max_batch, progress=False, run=clean)
         decomps[f"MLP{layer}/pooled"] = decompose_from_activations(model, acts, ds)
         try:
             decomps[f"MLP{layer}/subject"] = decompose_from_activations(model, acts, ds, group_by="subject")
         except ConfigError as err:
             notes.append(f"per-subject decomposition of MLP{layer} skipped: {err}")
     timings["MLP decomposition"] = time.perf_counter() - t0
+    bar.update(1)
     final = timed("final layer", final_layer_effect, model, ds, max_batch=max_batch, run=clean)
     table = timed("mitigation table", mitigation_table, model, relation, shots=[shots], folds=folds, seed=seed,
-                  n=n, max_batch=max_batch, progress=progress, runs={shots: clean})
+                  n=n, max_batch=max_batch, progress=False, runs={shots: clean})
+    bar.close()
     if torch.device(model.cfg.device).type == "cpu":
         notes.append(f"CPU, {torch.get_num_threads()} threads; timings in seconds: "
                      + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

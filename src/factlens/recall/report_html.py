@@ -131,9 +131,17 @@ def sections(report, info: dict[str, Any]) -> list[dict[str, Any]]:
 
     figs, tables = [], []
     for key, res in report.decompositions.items():
-        figs.append(res.plot())
-        tables.append(dict(caption=f"{key}: tokens of the intercept c read through the unembedding",
-                           html=_table(res.intercept_table(), 10)))
+        pooled = key.endswith("/pooled")
+        mean_rank = float(res.answer_ranks["rank"].mean())
+        figs.append(res.plot(title=f"MLP{res.layer}, {'one fit over all prompts' if pooled else 'one fit per subject'}: "
+                                   f"Σ β·head + c (R² = {res.r2:.3f}; mean answer rank under c = {mean_rank:.1f})"))
+        df = res.intercept_table()
+        if not pooled:  # one row per subject: its intercept's top tokens, so that every country is shown
+            top = df[df["kind"] == "top"].sort_values("rank")
+            df = top.groupby("group", sort=False)["token"].apply(lambda t: " · ".join(map(repr, t.head(5))))
+            df = df.rename("top tokens of c").reset_index().rename(columns={"group": "subject"})
+        tables.append(dict(caption=f"{key}: tokens of the intercept c read through the unembedding"
+                                   + ("" if pooled else ", per subject"), html=_table(df, 10 if pooled else len(df))))
     out.append(dict(id="decomposition", title="4. MLP-output decomposition", figures=figs, tables=tables, explain=[
         "<b>What it shows.</b> The MLP output at <code>end</code> regressed on the outputs of the attention heads "
         "before it: <code>mlp_out ≈ Σ β_j head_j + c</code>, one fit over all prompts (pooled, bars) or one per "
@@ -191,7 +199,7 @@ def _meta(report, info: dict[str, Any]) -> dict[str, Any]:
             ("versions", f"factlens {versions['factlens']}, TransformerLens {versions['transformer_lens']}, "
                          f"torch {versions['torch']}, transformers {versions['transformers']}"),
             ("machine", f"{machine()}; device {info['device']}"),
-            ("wall time", f"{fmt(seconds, 3)} s (" + ", ".join(f"{k} {fmt(v, 2)} s" for k, v in report.timings.items())
+            ("wall time", f"{seconds:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings.items())
                           + ")")]
     return {"model": info["name"], "twin": info["twin"], "rows": rows, "versions": versions, "machine": machine(),
             "relation_title": "Country → capital" if relation == "capitals" else relation,
