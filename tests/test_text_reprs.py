@@ -37,9 +37,22 @@ def test_print_shows_a_results_table_content():
     assert len(text.splitlines()) >= min(len(df), MAX_PRINT_ROWS) + 2
 
 
-def test_random_weight_console_summary_warns_like_the_html(tmp_path):
-    report = analyze(factlens.tiny("gpt2"), n=6, folds=2, progress=False)
-    assert "Random weights" in report.to_markdown().split("| quantity")[0]
+def test_capitals_report_speaks_plainly(tmp_path, capsys):
+    report = analyze(factlens.tiny("gpt2"), folds=2, out_dir=tmp_path, progress=True)  # 15 prompts per subject
+    err = capsys.readouterr().err
+    assert "capitals analysis" in err and "pass A" not in err and "D_new" not in err  # one display, plain words
+    text = report.to_markdown()
+    assert "Random weights" in text.split("| quantity")[0]  # the HTML banner's warning, on the console too
+    for raw in ("| P a |", "| P b |", "| prob_before |", "| seconds |"):
+        assert raw not in text, raw
+    html = (tmp_path / "report.html").read_text()
+    assert not re.search(r"\d\.\de\+0\d s", html)  # wall times in seconds, not 3.6e+02 s
+    titles = re.findall(r'"title":\{"text":"(MLP\d[^"]*)"', html)
+    assert len(titles) == len(set(titles)) >= 2  # pooled and per-subject figures are told apart
+    subjects = set(report.dataset.to_dataframe()["subject"])
+    start = html.index("read through the unembedding, per subject")
+    table = html[start:html.index("</table>", start)]
+    assert len(subjects) > 1 and all(s in table for s in subjects)  # every subject, not the first one's rows
 
 
 def test_generate_prints_no_transformers_future_warning():
