@@ -34,6 +34,8 @@ def test_reproduce_tiny_runs_every_stage_and_resumes(tmp_path):
     for heading in ("Plateau vs population", "Attention patching", "Curriculum", "0.43"):
         assert heading in html
     assert "PNG export not requested" in html
+    assert "Smoke run." in html and "SMOKE RUN" in repr(result)  # a tiny run says what it is
+    assert "≈ nan" not in html and "<sup>nan" not in html and "nan" not in result.fit_text()  # never a NaN fit
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["scaling"]) == len(sc.populations)
 

@@ -111,13 +111,13 @@ def cmd_train(args: argparse.Namespace, config=None, what: str | None = None) ->
     t0 = time.perf_counter()
     trainer = Trainer(config, out, device=args.device, progress=not args.quiet, tracker=tracker)
     keep = getattr(args, "keep_checkpoints", "all")
-    if not args.quiet and not Run(out).finished(config):
+    if not args.quiet and trainer.rank == 0 and not Run(out).finished(config):
         what = what or (f"factlens bios {getattr(args, 'bios_command', 'train')}: train a {config.n_people:,}-person biography run "
                         f"({config.arch}, {config.steps:,} steps)")
         print(plan(what, measure(trainer), out, device=trainer.device, threads=torch.get_num_threads(), keep=keep),
               flush=True)
     history = trainer.run()
-    if keep == "last":
+    if keep == "last" and trainer.rank == 0:
         _keep_last_checkpoint(out)
     _write_curves(history, out)
     print(f"{out}: {_summarise(history)}; {time.perf_counter() - t0:.0f} s; figure {out / 'curves.html'}")

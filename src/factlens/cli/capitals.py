@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         if args.capitals_command == "analyze":
             for shots in args.shots:
                 folder = target / f"{shots}shot" if len(args.shots) > 1 else target
+                if not args.quiet:
+                    print(f"factlens capitals analyze: {name}, {rel.name}, {shots}-shot: logit lens, path patching, "
+                          f"mover heads, MLP decomposition, final layer, mitigation table (each stage timed in the "
+                          f"report); writes {folder / 'report.html'}", flush=True)
                 report = analyze(model, rel, shots=shots, out_dir=folder, progress=not args.quiet)
                 print(f"{name}, {rel.name}, {shots}-shot: report {folder / 'report.html'}")
                 print(report.to_markdown())
