@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from factlens.threads import use_threads
 
-        with use_threads(getattr(args, "threads", None), concurrent=getattr(args, "concurrent", 1)):
+        # processes sharing this machine's cores: the ranks torchrun started here, else this one
+        concurrent = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        with use_threads(getattr(args, "threads", None), concurrent=max(concurrent, 1)):
             return args.func(args)
     except FactlensError as err:
         if os.environ.get("FACTLENS_TRACEBACK"):
