@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from factlens.bios.history import read_jsonl
+from factlens.bios.metrics_log import read_jsonl
 from factlens.bios.tracking import make_tracker
 from factlens.bios.trainer import TrainConfig, train
 from factlens.checkpoints import list_checkpoints
