@@ -27,7 +27,7 @@ def test_print_shows_a_results_table_content():
     from factlens.display import MAX_PRINT_ROWS
 
     model = factlens.tiny("gpt2")
-    ds = factlens.capitals.dataset_for(model, n=6)
+    ds = factlens.capitals.dataset(model, n=6)
     lens = logit_lens(model, ds, progress=False)
     df = lens.to_dataframe()
     text = str(lens)
