@@ -4,7 +4,7 @@ The trainer writes every record to ``metrics.jsonl``; a tracker receives the sam
 loss, learning rate, tokens/s, memory; ``"eval"``: the attribute loss/accuracy and hallucination metrics) and
 logs each number as ``<kind>/<name>`` at the record's step, plus ``checkpoint/step`` at every checkpoint and the
 run's config (TensorBoard: a text summary ``config``; W&B: the run config). Choose one with
-``train(..., log_to="tensorboard")``, ``run_grid(..., log_to="wandb")`` or ``--log-to`` on the command line.
+``train(..., log_to="tensorboard")`` or ``--log-to`` on ``factlens bios train``, ``bios patch`` and ``demo``.
 
 - ``"tensorboard"``: event files in ``<run>/tensorboard`` (``tensorboard --logdir runs/``). A resumed run
   purges the events past its resume step, as ``metrics.jsonl`` is truncated.
