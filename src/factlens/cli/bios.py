@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from factlens.cli.options import add_compute, resolve_device
+from factlens.cli.options import add_compute, add_threads, resolve_device
 
 
 def _train_config(args: argparse.Namespace, base=None):
@@ -229,16 +229,16 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=["local", "slurm"], help="local (default): this machine, one cell at a "
                    "time (one per GPU with several GPUs); slurm: one job per cell, as a job array")
     g.add_argument("--executor-config", help="TOML or JSON file of executor settings (the options below, with "
-                   "underscores); command-line values win")
-    g.add_argument("--partition", help="SLURM partition")
-    g.add_argument("--gpus-per-job", type=int, help="GPUs per SLURM job (one cell per job)")
-    g.add_argument("--cpus-per-task", type=int, help="CPUs per job, and each cell's torch threads")
-    g.add_argument("--mem-gb", type=float, help="memory per SLURM job (GB)")
+                   "underscores); command-line values win; unset: none")
+    g.add_argument("--partition", help="SLURM partition; unset: the executor config's value, else the executor's own")
+    g.add_argument("--gpus-per-job", type=int, help="GPUs per SLURM job (one cell per job); unset: the executor config's value, else the executor's own")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per job, and each cell's torch threads; unset: the executor config's value, else the executor's own")
+    g.add_argument("--mem-gb", type=float, help="memory per SLURM job (GB); unset: the executor config's value, else the executor's own")
     g.add_argument("--time-min", type=int, help="time limit per SLURM job (minutes); a cell that reaches it is "
-                   "requeued and resumes from its newest checkpoint")
-    g.add_argument("--array-parallelism", type=int, help="at most this many SLURM jobs of the array at once")
+                   "requeued and resumes from its newest checkpoint; unset: the executor config's value, else the executor's own")
+    g.add_argument("--array-parallelism", type=int, help="at most this many SLURM jobs of the array at once; unset: the executor config's value, else the executor's own")
     g.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="extra sbatch option (repeatable), "
-                   "e.g. --sbatch account=mylab --sbatch qos=high")
+                   "e.g. --sbatch account=mylab --sbatch qos=high; unset: none")
     g.add_argument("--no-wait", action="store_true", help="slurm: return once the cells are submitted; run the same "
                    "command again (or with --collect) to gather the finished cells")
     g.add_argument("--collect", action="store_true", help="start nothing: report the cells that have finished")
@@ -553,7 +553,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=int, help="its checkpoint to start from; unset: the last")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--new-people", type=int, default=4000, help="new people to fine-tune on")
-    who.add_argument("--seen-from", type=int, help="instead, fine-tune on the run's own people I..N-1 (already seen)")
+    who.add_argument("--seen-from", type=int, help="instead, fine-tune on the run's own people I..N-1 (already seen); unset: new people")
     who.add_argument("--non-celebrities", action="store_true",
                      help="instead, fine-tune on a celebrity run's non-celebrities (its people n_celebrities..N-1)")
     p.add_argument("--replay", type=float, default=0.0,
@@ -567,8 +567,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drift-sequences", type=int, default=64,
                    help="old people's biographies for the attention-drift figure (0: skip it)")
     p.add_argument("--out", required=True, help="fine-tuning run folder")
-    p.add_argument("--device", help="torch device; unset: CUDA when available, else CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compute(p)
     p.set_defaults(func=cmd_finetune)
     p = bios.add_parser("toy", help="the toy associative memory: forgetting of old pairs when fine-tuning on new "
                         "ones, with and without replay (Zucchet et al. §4)")
@@ -576,8 +575,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-sizes", type=int, nargs="+", help="new-set sizes without replay; unset: the preset's")
     p.add_argument("--replay-weights", type=float, nargs="+",
                    help="replay weight of each old pair (new pairs weigh 1); unset: the preset's")
-    p.add_argument("--seed", type=int, help="seed of the pairs, the initialisation and the batches")
+    p.add_argument("--seed", type=int, help="seed of the pairs, the initialisation and the batches; unset: the preset's")
     p.add_argument("--out", required=True, help="output folder (toy.json, toy_curves.csv, toy.html)")
+    add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_toy)
     p = bios.add_parser("eval", help="evaluate a checkpoint of a run")
