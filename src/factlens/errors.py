@@ -80,6 +80,10 @@ class RunNotFoundError(CheckpointError, FileNotFoundError):
     """A directory that is not a training run, or a run without the file asked for."""
 
 
+class IllConditionedWarning(UserWarning):
+    """A least-squares fit whose normal matrix is nearly singular: its coefficients are unstable."""
+
+
 __all__ = [
     "ArchitectureMismatchError",
     "CheckpointError",
@@ -88,6 +92,7 @@ __all__ = [
     "EmptyDatasetError",
     "FactlensError",
     "HookDidNotFireError",
+    "IllConditionedWarning",
     "InterventionNoEffectError",
     "MissingDependencyError",
     "ModeError",

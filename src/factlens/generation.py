@@ -79,6 +79,33 @@ def _quiet_generate(bridge: TransformerBridge) -> None:
     bridge.generate = quiet
 
 
+def install_generate_checks(bridge: TransformerBridge) -> bool:
+    """Refuse ``bridge.generate(max_new_tokens=...)`` below 1 with a ConfigError naming the fix. Idempotent.
+
+    Returns:
+        ``True`` when installed now, ``False`` when it already was.
+    """
+    import functools
+
+    if getattr(bridge, "_factlens_generate_check", False):
+        return False
+    original = bridge.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any):
+        n = kwargs.get("max_new_tokens")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            from factlens.errors import ConfigError
+
+            raise ConfigError(f"max_new_tokens={n!r}; generate at least one token (max_new_tokens >= 1). To score "
+                              "the prompt without generating, call model(tokens).")
+        return original(*args, **kwargs)
+
+    object.__setattr__(bridge, "generate", generate)
+    object.__setattr__(bridge, "_factlens_generate_check", True)
+    return True
+
+
 def _reconstructs_attention(attn) -> bool:
     """True for attention bridges that compute attention themselves (and so own the KV-cache update)."""
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
@@ -88,4 +115,4 @@ def _reconstructs_attention(attn) -> bool:
     return isinstance(attn, JointQKVAttentionBridge)
 
 
-__all__ = ["install_kv_cache_fix"]
+__all__ = ["install_generate_checks", "install_kv_cache_fix"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,13 @@ import torch
 from jaxtyping import Float, Int
 
 from factlens.attention import causal_bool_mask
-from factlens.errors import ConfigError, HookDidNotFireError, InterventionNoEffectError, ShapeError
+from factlens.errors import (
+    ArchitectureMismatchError,
+    ConfigError,
+    HookDidNotFireError,
+    InterventionNoEffectError,
+    ShapeError,
+)
 from factlens.indices import check_index, head_indices, layer_indices, position_indices
 from factlens.inputs import at_least_fp32
 
@@ -91,10 +98,13 @@ class HookRecord:
     n_changed: int = 0
     n_masked: int = 0
     expect_change: bool = True  # False for hooks that set a value which may already be there (freezing)
+    output_changed: bool | None = None  # whether the model's output moved (checked where the tensor may be unused)
+    non_float: bool = False  # the hook's tensor is not floating point (a mask, ids, positions)
 
     def note(self, before: torch.Tensor, after: torch.Tensor) -> None:
         """Record one call that turned ``before`` into ``after``."""
         self.calls += 1
+        self.non_float = self.non_float or not after.is_floating_point()
         if after.shape != before.shape:
             self.changed = True
             self.n_changed += after.numel()
@@ -152,6 +162,8 @@ class Intervention:
     fwd_hooks: list[tuple[str, Callable]] = field(default_factory=list)
     identity: bool = False  # the identity by construction: no hooks, no checks
     records: dict[str, HookRecord] = field(default_factory=HookRecords)
+    built_for: dict | None = None  # model_signature() of the model it was built for (None: any model)
+    key: object = None  # what "the same edit" means for stacking checks (None: this object)
 
     def add(self, name: str, fn: HookFn, *, copy_input: bool = True, expect_change: bool = True) -> None:
         """Add a hook on TL hook ``name``; the call and the change are recorded.
@@ -176,6 +188,7 @@ class Intervention:
             if not isinstance(out, torch.Tensor):
                 raise ShapeError(f"{self.description}: the hook on {name!r} returned {type(out).__name__}; a hook "
                                  "returns the (edited) tensor, or None after editing it in place")
+            check_hook_output(out, before, name, self.description)
             record.note(before, out)
             return out
 
@@ -185,6 +198,12 @@ class Intervention:
         for record in self.records.values():
             record.calls, record.changed, record.max_abs_change = 0, False, 0.0
             record.n_changed = record.n_masked = 0
+            record.output_changed, record.non_float = None, False
+
+    def bind(self, model: TransformerBridge) -> Intervention:
+        """Mark this intervention as built for ``model``: :func:`intervene` refuses it on another architecture."""
+        self.built_for = model_signature(model)
+        return self
 
     def verify(self, on_no_effect: OnNoEffect = "raise") -> None:
         """Raise if a hook never fired or (per ``on_no_effect``, hook by hook) changed nothing."""
@@ -201,6 +220,16 @@ class Intervention:
             )
         checked = [r for r in self.records.values() if r.expect_change]
         idle = [r.name for r in checked if not r.changed]
+        unused = [r.name for r in checked if r.changed and r.output_changed is False]
+        if unused and on_no_effect != "ignore":
+            msg = (f"{self.description}: its hook(s) {unused} changed their tensor but the model's output is the same "
+                   "as without the edit, so the computation does not consume that tensor (e.g. on OPT "
+                   "pos_embed.hook_in carries the attention mask, not the positions). Hook the value the model "
+                   "uses (hook_pos_embed, hook_embed, hook_resid_pre...), or pass on_no_effect='ignore' if an "
+                   "unchanged output is expected.")
+            if on_no_effect == "raise":
+                raise InterventionNoEffectError(msg)
+            warnings.warn(msg, stacklevel=3)
         if on_no_effect == "ignore" or not idle:
             return
         n = len(checked)
@@ -213,6 +242,93 @@ class Intervention:
         if on_no_effect == "raise":
             raise InterventionNoEffectError(msg)
         warnings.warn(msg, stacklevel=3)
+
+
+def check_hook_output(out: torch.Tensor, before: torch.Tensor, name: str, description: str) -> None:
+    """Refuse what a hook returns when the model cannot take it: another shape or dtype, or new NaN."""
+    if out.shape != before.shape:
+        raise ShapeError(f"{description}: the hook on {name!r} returned shape {tuple(out.shape)} for a tensor of "
+                         f"shape {tuple(before.shape)}; return a tensor of the same shape (edit entries, e.g. "
+                         "t[:, -1] = ..., rather than reshaping or reducing it).")
+    if out.dtype != before.dtype:
+        raise ShapeError(f"{description}: the hook on {name!r} returned dtype {out.dtype} for a {before.dtype} "
+                         f"tensor; the model would compute in the wrong precision. Return out.to(tensor.dtype).")
+    if out.is_floating_point():
+        with torch.no_grad():
+            if bool((torch.isnan(out) & ~torch.isnan(before)).any()):
+                raise ShapeError(f"{description}: the hook on {name!r} wrote NaN into the tensor; every later "
+                                 "activation and the logits would be NaN. Check the edit (a division by zero, a log "
+                                 "of 0?), or mask attention with torch.finfo(dtype).min.")
+
+
+def check_names_filter(model: TransformerBridge, names_filter) -> None:
+    """Refuse a ``names_filter`` that caches nothing, or a list with names that are not hook points of ``model``.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.hooks import check_names_filter
+        >>> check_names_filter(factlens.tiny("gpt2"), ["blocks.0.attn.hook_z", "blocks.9.attn.hook_z"])
+        Traceback (most recent call last):
+        ...
+        factlens.errors.HookDidNotFireError: names_filter lists 1 name(s) that are not hook points of this model, so they would be missing from the cache: ['blocks.9.attn.hook_z'] (closest: ...). Build names with transformer_lens.utilities.get_act_name and the model's n_layers.
+    """
+    if names_filter is None:
+        return
+    known = model.hook_dict
+    if isinstance(names_filter, str) or (isinstance(names_filter, (list, tuple, set)) and
+                                         all(isinstance(n, str) for n in names_filter)):
+        names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        if not names:
+            raise HookDidNotFireError("names_filter is empty, so nothing would be cached; list the hooks you need "
+                                      "(e.g. ['blocks.0.attn.hook_z']) or pass None for all of them.")
+        bad = [n for n in names if n not in known]
+        if bad:
+            close = difflib.get_close_matches(bad[0], list(known), n=3)
+            raise HookDidNotFireError(
+                f"names_filter lists {len(bad)} name(s) that are not hook points of this model, so they would be "
+                f"missing from the cache: {bad[:5]} (closest: {close}). Build names with "
+                "transformer_lens.utilities.get_act_name and the model's n_layers.")
+        return
+    if callable(names_filter):
+        if not any(names_filter(n) for n in known):
+            raise HookDidNotFireError(
+                f"names_filter {getattr(names_filter, '__name__', names_filter)!r} matches no hook point of this "
+                "model, so the cache would be empty; check it against list(model.hook_dict) (e.g. "
+                "lambda n: n.endswith('hook_z')).")
+        return
+    raise ConfigError(f"names_filter={names_filter!r:.60}; pass a hook name, a list of names, a function "
+                      "name -> bool, or None.")
+
+
+def model_signature(model: TransformerBridge) -> dict:
+    """What an intervention, metric or run is bound to: the architecture and sizes of ``model``.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.hooks import model_signature
+        >>> model_signature(factlens.tiny("gpt2"))
+        {'family': 'gpt2', 'n_layers': 2, 'n_heads': 4, 'd_model': 64, 'd_vocab': 50257, 'n_ctx': 128}
+    """
+    cfg = model.cfg
+    family = getattr(model, "factlens_family", None) or getattr(
+        getattr(getattr(model, "original_model", None), "config", None), "model_type", None)
+    return {"family": family, "n_layers": int(cfg.n_layers), "n_heads": int(cfg.n_heads),
+            "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab), "n_ctx": int(cfg.n_ctx)}
+
+
+def check_bound(model: TransformerBridge, interventions: Sequence[Intervention]) -> None:
+    """Refuse an intervention built for a model of another architecture (its layers were resolved for that one)."""
+    here = None
+    for iv in interventions:
+        if iv.built_for is None:
+            continue
+        here = here or model_signature(model)
+        if iv.built_for != here:
+            diff = ", ".join(f"{k}: {iv.built_for.get(k)} vs {here[k]}" for k in here if iv.built_for.get(k) != here[k])
+            raise ArchitectureMismatchError(
+                f"{iv.description} was built for another model ({diff}; built-for vs this one): its layers, heads "
+                "and sizes were resolved for that model (layers=-1 there is another layer here). Build it again "
+                "with this model, e.g. attend_to_self(model, layers=-1) or add_vector(model, ...).")
 
 
 # ----------------------------------------------------------------------------------------------- indices
@@ -327,7 +443,7 @@ def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: in
     """
     layer_ids = resolve_layers(model, layers)
     head_ids = resolve_heads(model, heads)
-    iv = Intervention(f"patch_pattern(layers={layer_ids}, heads={head_ids or 'all'})")
+    iv = Intervention(f"patch_pattern(layers={layer_ids}, heads={head_ids or 'all'})").bind(model)
     if head_ids == [] or not layer_ids:
         iv.identity = True
         return iv
@@ -403,7 +519,7 @@ def edit_scores(model: TransformerBridge, fn: Callable[[torch.Tensor, int], torc
 
 
 def _edit_scores(model: TransformerBridge, fn, *, layers, description: str, copy_input: bool) -> Intervention:
-    iv = Intervention(description)
+    iv = Intervention(description).bind(model)
     for layer in resolve_layers(model, layers):
         name = act_name("attn_scores", layer)
 
@@ -441,7 +557,7 @@ def attend_to_self(model: TransformerBridge, *, layers: int | Sequence[int] | No
     head_ids = resolve_heads(model, heads)
     layer_ids = resolve_layers(model, layers)
     if head_ids == [] or not layer_ids:
-        return Intervention("attend_to_self (no heads)", identity=True)
+        return Intervention("attend_to_self (no heads)", identity=True).bind(model)
 
     def fn(scores: torch.Tensor, layer: int) -> torch.Tensor:  # [b, h, q, k]
         _, _, q, k = scores.shape
@@ -477,6 +593,11 @@ def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_mode
     """
     if hook_name is None:
         hook_name = act_name(component, check_index(layer, model.cfg.n_layers, "layer", "layers"))
+    if hook_name.endswith(_NOT_RESIDUAL):
+        raise ShapeError(f"add_vector adds a [d_model] vector to a [batch, pos, d_model] activation, but {hook_name!r} "
+                         "is not one (hook_z/q/k/v are [batch, pos, head, d_head], patterns and scores [batch, head, "
+                         "q, k], mlp hook_pre/hook_post [batch, pos, d_mlp]). Add it to hook_resid_pre/mid/post, "
+                         "hook_attn_out or hook_mlp_out, or edit that hook with factlens.hook(name, fn).")
     if not isinstance(vector, torch.Tensor) or not vector.is_floating_point() or vector.ndim not in (1, 2):
         raise ShapeError(f"add_vector: vector must be a floating-point [d_model] or [batch, d_model] tensor, got "
                          f"{type(vector).__name__} {tuple(getattr(vector, 'shape', ()))}; e.g. "
@@ -485,12 +606,19 @@ def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_mode
         raise ShapeError("add_vector: the vector contains NaN or inf.")
     if vector.shape[-1] != model.cfg.d_model:
         raise ShapeError(f"add_vector: vector has size {vector.shape[-1]}, the model's d_model is {model.cfg.d_model}.")
-    iv = Intervention(f"add_vector({hook_name}, coeff={coeff})")
+    if not isinstance(coeff, (int, float)) or isinstance(coeff, bool) or not math.isfinite(coeff):
+        raise ConfigError(f"add_vector: coeff={coeff!r}; pass a finite number (-1 subtracts the vector).")
+    iv = Intervention(f"add_vector({hook_name}, coeff={coeff})").bind(model)
+    iv.key = ("add_vector", hook_name, _digest(coeff * vector.detach().float().cpu()), _positions_key(positions))
     if coeff == 0 or not bool(vector.any()):
         iv.identity = True
         return iv
 
     def fn(t: torch.Tensor, hook) -> torch.Tensor:  # [b, p, d]
+        if t.ndim != 3 or t.shape[-1] != vector.shape[-1]:
+            raise ShapeError(f"add_vector: {hook_name!r} carries shape {tuple(t.shape)}, not [batch, pos, d_model="
+                             f"{vector.shape[-1]}]; add vectors to residual-width hooks (hook_resid_*, hook_attn_out, "
+                             "hook_mlp_out) or edit this one with factlens.hook(name, fn).")
         v = (coeff * vector).to(device=t.device, dtype=t.dtype)
         rows, pos = _rows_and_positions(positions, t.shape[0], t.shape[1], t.device)
         out = t.clone()
@@ -505,6 +633,22 @@ def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_mode
 
     iv.add(hook_name, fn, copy_input=False)
     return iv
+
+
+_NOT_RESIDUAL = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_pattern", "hook_attn_scores", "mlp.hook_pre",
+                 "mlp.hook_post", "hook_result", "hook_scale")
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _positions_key(positions: Positions) -> object:
+    if isinstance(positions, torch.Tensor):
+        return _digest(positions.detach().cpu().to(torch.int64))
+    return repr(positions)
 
 
 def hook(name: str, fn: HookFn, description: str | None = None) -> Intervention:
@@ -523,6 +667,7 @@ def hook(name: str, fn: HookFn, description: str | None = None) -> Intervention:
         True
     """
     iv = Intervention(description or f"hook({name})")
+    iv.key = ("hook", name, id(fn))
     iv.add(name, fn)
     return iv
 
@@ -536,6 +681,8 @@ def hooks_from_tl(model: TransformerBridge, fwd_hooks) -> Intervention:
     pairs = [fwd_hooks] if _is_hook_pair(fwd_hooks) else list(fwd_hooks)
     iv = Intervention("hooks " + ", ".join(n if isinstance(n, str) else getattr(n, "__name__", "filter")
                                            for n, _ in (p if _is_hook_pair(p) else (p, None) for p in pairs)))
+    iv.key = ("hooks", tuple((n if isinstance(n, str) else id(n), id(f)) for n, f in
+                             (p if _is_hook_pair(p) else (p, None) for p in pairs)))
     for pair in pairs:
         if not _is_hook_pair(pair):
             raise ConfigError(f"{pair!r} is not a (hook name, hook function) pair; pass TransformerLens-style "
@@ -641,27 +788,113 @@ def intervene(model: TransformerBridge, *interventions: Intervention | Sequence[
     if not getattr(model, "factlens_family", None):
         prepare(model)
     interventions = tuple(as_interventions(model, interventions))
+    check_bound(model, interventions)  # before the names: a stale layer index is named as what it is
     _check_names(model, interventions)
-    for iv in interventions:
-        iv.reset()
-    fwd_hooks = [h for iv in interventions for h in iv.fwd_hooks]
-    with contextlib.ExitStack() as stack:
-        caught = stack.enter_context(warnings.catch_warnings(record=True))
-        warnings.simplefilter("always", UserWarning)
-        try:
-            stack.enter_context(model.hooks(fwd_hooks=fwd_hooks))
-        except ValueError as err:  # TL refuses e.g. hook_result without set_use_attn_result(True)
-            raise HookDidNotFireError(f"TransformerLens refused a hook, so it could never fire: {err}") from err
-        yield InterventionRun(list(interventions))
-    for w in caught:
-        if "edit is discarded" in str(w.message):
-            raise InterventionNoEffectError(
-                f"TransformerLens discarded an edit: {w.message} Call factlens.prepare(model) on this bridge "
-                "(factlens.load/tiny do it for you) so pattern and score edits reach the computation."
-            )
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    keys = _claim(model, interventions)
+    try:
+        for iv in interventions:
+            iv.reset()
+        fwd_hooks = [h for iv in interventions for h in iv.fwd_hooks]
+        first: dict = {}
+
+        def capture(module, args, kwargs, output) -> None:  # the first forward pass: replayed for the proof
+            if not first:
+                first.update(args=args, kwargs=kwargs, output=output)
+
+        with contextlib.ExitStack() as stack:
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always", UserWarning)
+            try:
+                stack.enter_context(model.hooks(fwd_hooks=fwd_hooks))
+            except ValueError as err:  # TL refuses e.g. hook_result without set_use_attn_result(True)
+                raise HookDidNotFireError(f"TransformerLens refused a hook, so it could never fire: {err}") from err
+            if any(_needs_output_proof(name) for name, _ in fwd_hooks):
+                stack.callback(model.register_forward_hook(capture, with_kwargs=True).remove)
+            yield InterventionRun(list(interventions))
+        for w in caught:
+            if "edit is discarded" in str(w.message):
+                raise InterventionNoEffectError(
+                    f"TransformerLens discarded an edit: {w.message} Call factlens.prepare(model) on this bridge "
+                    "(factlens.load/tiny do it for you) so pattern and score edits reach the computation."
+                )
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        _prove_on_output(model, interventions, first)
+    finally:
+        _release(model, keys)
     for iv in interventions:
         iv.verify(on_no_effect)
+
+
+_ACTIVE = "_factlens_active_edits"
+
+
+def _claim(model: TransformerBridge, interventions: Sequence[Intervention]) -> list:
+    """Register the interventions as active on ``model``; refuse one already active (it would apply twice)."""
+    active = model.__dict__.setdefault(_ACTIVE, {})
+    keys = []
+    for iv in interventions:
+        if iv.identity:
+            continue
+        key = iv.key if iv.key is not None else ("object", id(iv))
+        if key in active or key in keys:
+            where = "twice in one call" if key in keys else "in an enclosing intervene/mitigate block"
+            raise ConfigError(
+                f"{iv.description} is already applied {where}; applying it again would stack the same edit (e.g. "
+                "subtract the intercept twice). Pass each edit once: leave the inner block out, or build a "
+                "different edit (e.g. add_vector(..., coeff=2) for a double step).")
+        keys.append(key)
+    for key, iv in zip(keys, [iv for iv in interventions if not iv.identity], strict=True):
+        active[key] = iv.description
+    return keys
+
+
+def _release(model: TransformerBridge, keys: list) -> None:
+    active = model.__dict__.get(_ACTIVE, {})
+    for key in keys:
+        active.pop(key, None)
+
+
+def _needs_output_proof(name: str) -> bool:
+    """Hook points whose tensor may not be what the model computes with: a component's input (``hook_in``),
+    which a component can ignore (OPT's position embedding gets the attention mask there)."""
+    return name.endswith("hook_in") or "mask" in name
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return [v for v in getattr(out, "values", lambda: [])() if isinstance(v, torch.Tensor)]
+
+
+def _prove_on_output(model: TransformerBridge, interventions: Sequence[Intervention], first: dict) -> None:
+    """For edits of tensors the model may not consume, compare the first forward's output with a clean replay.
+
+    Sets ``output_changed`` on the records of those hooks; :meth:`Intervention.verify` refuses a changed tensor
+    whose output did not move.
+    """
+    records = [r for iv in interventions for r in iv.records.values()
+               if r.changed and (_needs_output_proof(r.name) or r.non_float)]
+    if not records or not first:
+        return
+    kwargs = first["kwargs"]
+    if any("cache" in k or "past" in k for k in kwargs):  # incremental decoding: a replay would reuse the cache
+        return
+    edited = _outputs(first["output"])
+    if not edited:
+        return
+    try:
+        with torch.no_grad():
+            clean = _outputs(model(*first["args"], **kwargs))
+    except Exception:  # a replay that cannot run proves nothing either way
+        return
+    same = len(clean) == len(edited) and all(
+        a.shape == b.shape and bool(torch.allclose(a.detach().float(), b.detach().float(), rtol=CHANGE_RTOL,
+                                                   atol=CHANGE_ATOL, equal_nan=True))
+        for a, b in zip(edited, clean, strict=True))
+    for r in records:
+        r.output_changed = not same
 
 
 def run_with_interventions(model: TransformerBridge, tokens, *interventions: Intervention | Sequence[tuple[str, HookFn]],

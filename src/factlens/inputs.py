@@ -136,6 +136,106 @@ def check_heads(config) -> None:
                           f"the residual stream evenly; pick {names[1]} from {divisors} (or change {names[0]}).")
 
 
+# ------------------------------------------------------------------------------------------- config keys
+TL_TO_HF = {
+    "gpt2": {"n_layers": "n_layer", "n_heads": "n_head", "d_model": "n_embd", "d_mlp": "n_inner",
+             "n_ctx": "n_positions", "d_vocab": "vocab_size", "act_fn": "activation_function"},
+    "opt": {"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "d_model": "hidden_size",
+            "d_mlp": "ffn_dim", "n_ctx": "max_position_embeddings", "d_vocab": "vocab_size",
+            "act_fn": "activation_function", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+            "n_embd": "hidden_size", "n_inner": "ffn_dim", "n_positions": "max_position_embeddings"},
+}
+"""TransformerLens (and, for OPT, GPT-2) spellings of config fields → the HF field each family reads."""
+
+
+def check_keys(given, known, where: str, renames: dict[str, str] | None = None) -> None:
+    """Refuse keys nothing reads, suggesting the right name (``renames`` first, then the closest known key).
+
+    Example:
+        >>> from factlens.inputs import check_keys
+        >>> check_keys({"n_layers": 4}, {"n_layer", "n_head"}, "tiny('gpt2')", {"n_layers": "n_layer"})
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ConfigError: tiny('gpt2') got unknown key 'n_layers' (did you mean 'n_layer'?); nothing reads it, so it would be silently ignored. Known keys: n_head, n_layer.
+    """
+    import difflib
+
+    known = sorted(set(known))
+    for key in given:
+        if key in known:
+            continue
+        guess = (renames or {}).get(key)
+        if guess is None:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            guess = close[0] if close else None
+        hint = f" (did you mean {guess!r}?)" if guess else ""
+        shown = ", ".join(known) if len(known) <= 30 else ", ".join(known[:30]) + ", ..."
+        raise ConfigError(f"{where} got unknown key {key!r}{hint}; nothing reads it, so it would be silently "
+                          f"ignored. Known keys: {shown}.")
+
+
+def refuse_unknown_keys(cls):
+    """Class decorator (outside ``@dataclass``): unknown keyword arguments are a ConfigError with "did you mean",
+    not a ``TypeError``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from factlens.inputs import refuse_unknown_keys
+        >>> @refuse_unknown_keys
+        ... @dataclass
+        ... class Settings:
+        ...     steps: int = 1
+        >>> Settings(step=3)
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ConfigError: Settings(...) got unknown key 'step' (did you mean 'steps'?); nothing reads it, so it would be silently ignored. Known keys: steps.
+    """
+    import dataclasses
+    import functools
+
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        check_keys(kwargs, names, f"{cls.__name__}(...)")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` if it is an integer >= 0 (what numpy's and torch's generators take); else a ConfigError.
+
+    Example:
+        >>> from factlens.inputs import check_seed
+        >>> check_seed(-1)
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ConfigError: seed=-1; pass an integer >= 0 (e.g. seed=0).
+    """
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"{name}={seed!r}; pass an integer >= 0 (e.g. {name}=0).")
+    return int(seed)
+
+
+def hf_config_keys(family: str) -> set[str]:
+    """Every field name an HF GPT-2 / OPT config reads (its defaults and aliases)."""
+    from transformers import GPT2Config, OPTConfig
+
+    cls = GPT2Config if family == "gpt2" else OPTConfig
+    base = cls()
+    return set(base.to_dict()) | set(cls.attribute_map) | {"dtype", "torch_dtype", "name_or_path"}
+
+
+def check_config_overrides(family: str, overrides, where: str) -> None:
+    """Refuse HF config overrides of ``family`` that the config does not read (TL's spelling gets the HF name)."""
+    check_keys(overrides, hf_config_keys(family), where, TL_TO_HF.get(family))
+
+
 # ------------------------------------------------------------------------------------------- forward passes
 _HANDLE = "_factlens_input_check"
 
@@ -206,5 +306,6 @@ def install_input_checks(bridge: TransformerBridge) -> bool:
     return True
 
 
-__all__ = ["DTYPES", "at_least_fp32", "check_device", "check_heads", "check_tokens", "compute_dtype", "install_input_checks",
-           "resolve_dtype"]
+__all__ = ["DTYPES", "TL_TO_HF", "at_least_fp32", "check_config_overrides", "check_device", "check_heads", "check_keys",
+           "check_seed", "check_tokens", "compute_dtype", "hf_config_keys", "install_input_checks",
+           "refuse_unknown_keys", "resolve_dtype"]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,7 +195,7 @@ def open_folder(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, 
         dtype: Weight dtype (default: float32).
         tokenizer: Use this tokenizer instead of the folder's (e.g. weights saved without one).
     """
-    from transformers import AutoTokenizer, GPT2LMHeadModel, OPTForCausalLM
+    from transformers import GPT2LMHeadModel, OPTForCausalLM
 
     folder = snapshot_folder(folder, revision)
     family = architecture(folder)
@@ -206,13 +207,132 @@ def open_folder(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, 
             "tokenizer=AutoTokenizer.from_pretrained(<its source>).")
     try:
         with _quiet():
-            hf_model = cls.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except OSError as err:  # weights missing or truncated
+            hf_model, info = cls.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True,
+                                                 output_loading_info=True, ignore_mismatched_sizes=True)
+    except OSError as err:  # weights missing
         raise CheckpointError(f"cannot read the checkpoint in {str(folder)!r}: {err}. Re-save it with "
                               "model.save_pretrained(folder).") from err
+    except Exception as err:  # truncated or corrupt safetensors, unreadable shards: another library's error
+        raise CheckpointError(f"cannot read the weights in {str(folder)!r} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}): the file is truncated or corrupt. "
+                              "Re-save it with model.save_pretrained(folder), or copy it again.") from err
+    info = dict(info)
+    info["unexpected_keys"] = set(info.get("unexpected_keys") or ()) | unread_keys(folder, hf_model)
+    check_loading_info(folder, family, info)
+    if tokenizer is None:
+        tokenizer = _open_tokenizer(folder)
+    check_vocabulary(folder, hf_model.config, tokenizer)
     return Weights(hf_model.eval(), tokenizer, family, folder, source or str(folder))
+
+
+def check_loading_info(folder: Path, family: str, info: dict) -> None:
+    """Refuse weights that do not match their config: missing, unexpected or mis-shaped tensors, named.
+
+    ``info`` is transformers' loading report (``from_pretrained(..., output_loading_info=True)``); a model
+    built from it would be partly random (missing or mis-shaped tensors are freshly initialised) or ignore
+    weights (unexpected ones), so any entry is a :class:`~factlens.errors.CheckpointError`.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    errors = list(info.get("error_msgs") or ())
+    if not (missing or unexpected or mismatched or errors):
+        return
+
+    def show(keys) -> str:
+        keys = [k if isinstance(k, str) else f"{k[0]} (checkpoint {tuple(k[1])} vs config {tuple(k[2])})"
+                if isinstance(k, tuple) and len(k) == 3 else str(k) for k in keys]
+        return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) the config needs are missing from the weights ({show(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) in the weights are not in the model the config describes "
+                     f"({show(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} tensor(s) have another shape than the config says ({show(mismatched)})")
+    if errors:
+        parts.append("; ".join(map(str, errors))[:300])
+    other = {"gpt2": "model.decoder.", "opt": "transformer."}[family]
+    hint = ""
+    if unexpected and sum(k.startswith(other) or k.startswith(other.split(".")[-2] + ".") for k in unexpected) > len(
+            unexpected) // 2:
+        hint = (f" The weights look like {'OPT' if family == 'gpt2' else 'GPT-2'} weights but config.json says "
+                f"model_type {family!r}: fix model_type.")
+    raise CheckpointError(
+        f"the weights in {str(folder)!r} do not match its config.json: {'; '.join(parts)}. A model built from "
+        f"them would be partly random or ignore weights.{hint} Fix config.json (n_layer / num_hidden_layers, "
+        "vocab_size, n_positions / max_position_embeddings, widths) to describe the weights, or re-save both "
+        "with model.save_pretrained(folder).")
+
+
+_LEGACY_BUFFERS = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(masked_)?bias$")
+"""GPT-2's causal-mask buffers, stored by old checkpoints (the hub's ``gpt2``) and rebuilt by the model."""
+
+
+def unread_keys(folder: Path, hf_model: torch.nn.Module) -> set[str]:
+    """Tensors in a folder's safetensors files that no parameter or buffer of ``hf_model`` reads.
+
+    transformers ignores some stored keys by pattern (``attn.bias`` matches any key containing it), so its
+    report can miss a stray tensor; this compares the stored names with the model's state dict directly.
+    """
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return set()
+    prefix = getattr(hf_model, "base_model_prefix", "")
+    own = set(hf_model.state_dict())
+    unread = set()
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception:  # unreadable files were reported by from_pretrained already
+            return set()
+        for key in keys:
+            candidates = {key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")}
+            if not candidates & own and not _LEGACY_BUFFERS.match(key):
+                unread.add(key)
+    return unread
+
+
+def _open_tokenizer(folder: Path):
+    """The folder's own tokenizer; an unreadable tokenizer file is a CheckpointError naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet():
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # a corrupt tokenizer.json / vocab.json: JSON, tokenizers or OS errors
+        files = [f for f in _TOKENIZER_FILES if (folder / f).is_file()]
+        raise CheckpointError(
+            f"cannot read the tokenizer in {str(folder)!r} ({', '.join(files)}): {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}. The file is corrupt or truncated: re-save it with "
+            "tokenizer.save_pretrained(folder), or pass tokenizer=AutoTokenizer.from_pretrained(<its source>)."
+        ) from err
+
+
+def check_vocabulary(folder: Path, config, tokenizer) -> None:
+    """Refuse a tokenizer whose ids run past the embedding (its vocabulary is larger than the weights')."""
+    try:
+        n_tok = len(tokenizer)
+    except TypeError:
+        return
+    if n_tok > int(config.vocab_size):
+        raise CheckpointError(
+            f"the tokenizer in {str(folder)!r} has {n_tok} tokens but the weights embed {config.vocab_size}: ids "
+            f"{config.vocab_size}..{n_tok - 1} would index past the embedding. Use the tokenizer saved with these "
+            "weights (tokenizer.save_pretrained(folder) from the same model), or resize the embedding "
+            "(model.resize_token_embeddings(len(tokenizer))) and re-save.")
+
+
+def is_bios_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a factlens training run folder (or one of its checkpoints), not a save_pretrained one."""
+    path = Path(path).expanduser()
+    return path.is_dir() and ((path / "manifest.json").is_file() or (path / "checkpoints").is_dir()
+                              or (path / "metrics.jsonl").is_file())
 
 
 def open_weights(source: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype | None = None,
@@ -224,6 +344,11 @@ def open_weights(source: str | os.PathLike, *, revision: str | None = None, dtyp
         CheckpointError: Nothing found (offline with an empty cache): the message names the three ways out.
     """
     text = os.fspath(source)
+    if is_bios_run(text):
+        raise CheckpointError(
+            f"{text!r} is a factlens training run (checkpoints, manifest.json or metrics.jsonl), not a "
+            "save_pretrained folder. Load it with factlens.bios.load_bridge(run_dir, step=None) (the task "
+            "tokenizer and the checkpoint's config), or factlens.bios.runs.load_hf(run_dir) for the plain HF model.")
     if Path(text).expanduser().exists():
         return open_folder(text, dtype=dtype, tokenizer=tokenizer, revision=revision, source=text)
     cached = cached_snapshot(text, revision)
@@ -274,5 +399,5 @@ def is_twin(model: TransformerBridge) -> bool:
     return bool(getattr(model, "factlens_random_weights", False))
 
 
-__all__ = ["SUPPORTED_TYPES", "TWINS", "Weights", "architecture", "cached_snapshot", "is_compat", "is_twin",
+__all__ = ["SUPPORTED_TYPES", "TWINS", "Weights", "architecture", "cached_snapshot", "check_loading_info", "check_vocabulary", "is_bios_run", "is_compat", "is_twin",
            "open_folder", "open_weights", "require_compat", "snapshot_folder", "weights_not_found"]

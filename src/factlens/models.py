@@ -47,8 +47,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
 from factlens.attention import install_bridge_hooks, use_factlens_attention
 from factlens.compat import enable_compatibility_mode
 from factlens.errors import ConfigError, UnknownModelError
-from factlens.generation import install_kv_cache_fix
-from factlens.inputs import check_device, check_heads, install_input_checks, resolve_dtype
+from factlens.generation import install_generate_checks, install_kv_cache_fix
+from factlens.inputs import (
+    check_config_overrides,
+    check_device,
+    check_heads,
+    install_input_checks,
+    resolve_dtype,
+)
 from factlens.tokenizers import gpt2_tokenizer, opt_style_tokenizer
 
 if TYPE_CHECKING:
@@ -129,6 +135,7 @@ def prepare(bridge: TransformerBridge):
     install_bridge_hooks(bridge)
     fuse_activations(bridge.original_model)
     install_kv_cache_fix(bridge)
+    install_generate_checks(bridge)
     install_input_checks(bridge)
     bridge.factlens_family = hf_type
     return bridge
@@ -234,6 +241,8 @@ def hf_config(arch: str, *, full_size: bool = False, **overrides):
     else:
         spec = resolve(arch)
         arch = spec.family
+    check_config_overrides(arch, overrides, f"the {arch} config (HF field names, e.g. "
+                           f"{'n_layer' if arch == 'gpt2' else 'num_hidden_layers'}=3)")
     if arch == "gpt2":
         base = dict(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=256,
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256)
@@ -331,7 +340,7 @@ def from_config(config) -> PreTrainedModel:
     """An HF GPT-2/OPT model (random init, factlens attention) from an HF config or its ``to_dict()``."""
     from transformers import AutoConfig
 
-    if isinstance(config, dict):
+    if isinstance(config, dict):  # a stored config (to_dict()): fields of other transformers versions are kept
         config = AutoConfig.for_model(**config)
     if config.model_type not in FAMILIES:
         raise UnknownModelError(f"factlens trains GPT-2 and OPT models, got {config.model_type!r}.")
@@ -363,6 +372,11 @@ def bridge_from_hf(hf_model: PreTrainedModel, tokenizer=None, *, device=None, co
         raise UnknownModelError(f"bridge_from_hf supports GPT-2 and OPT models, got {family!r}.")
     if tokenizer is None:
         tokenizer = _own_tokenizer(hf_model, family)
+    n_tok = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if n_tok is not None and n_tok > hf_model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {n_tok} tokens but the model embeds {hf_model.config.vocab_size}: ids past "
+                          "the embedding would fail or read another model's rows. Pass the tokenizer the model was "
+                          "trained with, or resize the embedding (hf_model.resize_token_embeddings(len(tokenizer))).")
     model = copy.deepcopy(hf_model) if copy_model else hf_model
     device = device or next(model.parameters()).device
     name = "openai-community/gpt2" if family == "gpt2" else "facebook/opt-125m"

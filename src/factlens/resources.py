@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -65,7 +66,11 @@ def format_bytes(n: float) -> str:
 
 def parse_bytes(text: str | int | float) -> int:
     """``'8GiB'``, ``'512 MB'``, ``'1e9'`` or a number → bytes (``G``/``GB``/``GiB`` are all powers of 1024)."""
+    if isinstance(text, bool):
+        raise ConfigError(f"cannot read the memory size {text!r}; write e.g. '8GiB', '512MiB' or a number of bytes")
     if isinstance(text, int | float):
+        if not (math.isfinite(text) and text > 0):
+            raise ConfigError(f"memory size {text!r}: pass a positive number of bytes, or e.g. '8GiB'")
         return int(text)
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
     try:
@@ -523,6 +528,9 @@ def run_with_cache(model: TransformerBridge, tokens, *, names_filter: NamesFilte
         >>> sorted(cache.keys())[:1]
         ['blocks.0.attn.hook_z']
     """
+    from factlens.hooks import check_names_filter
+
+    check_names_filter(model, names_filter)
     if isinstance(tokens, str | list):
         tokens = model.to_tokens(tokens)
     batch, seq_len = tokens.shape[0], tokens.shape[-1]

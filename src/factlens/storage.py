@@ -106,6 +106,50 @@ def storage_error(path: str | Path, err: OSError, needed: int | None = None) -> 
                         "or not yours). Pass a writable directory (out_dir / --out) or fix its permissions.")
 
 
+def check_writable_dir(path: str | Path, fix: str = "pass a writable folder as --out / out_dir", *,
+                       create: bool = False) -> Path:
+    """The folder results will be written to, checked before any work: not a file, creatable and writable.
+
+    Nothing is left behind: the check writes (and removes) a probe file in the folder, or in its nearest
+    existing parent when the folder does not exist yet; ``create=True`` also creates the folder.
+
+    Raises:
+        ConfigError: ``path`` is an existing file.
+        StorageError: the folder cannot be created or written (read-only disk, permissions, full disk),
+            naming the path and ``fix``.
+
+    Example:
+        >>> from factlens.storage import check_writable_dir
+        >>> check_writable_dir("/proc/version")
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ConfigError: the output folder /proc/version is an existing file; pass a folder path (it is created if missing).
+    """
+    from factlens.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"the output folder {path} is an existing file; pass a folder path (it is created if "
+                          "missing).")
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            where = path
+        if where.exists() and not where.is_dir():
+            raise ConfigError(f"the output folder {path} is inside {where}, which is a file; pass a folder path.")
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".factlens-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "no space left on the device" if err.errno in _NO_SPACE else \
+            (err.strerror or "permission denied") + " (read-only or not yours)"
+        raise StorageError(f"cannot write results to {path}: {reason}. Fix: {fix}.") from err
+    return path
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically, with the umask's mode; returns ``path``.
 
@@ -224,4 +268,5 @@ def _pid_alive(pid: int) -> bool:  # pragma: no cover
     return True
 
 
-__all__ = ["FolderLock", "atomic_write", "chmod_default", "free_bytes", "storage_error", "storage_errors", "umask"]
+__all__ = ["FolderLock", "atomic_write", "check_writable_dir", "chmod_default", "free_bytes", "storage_error",
+           "storage_errors", "umask"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from factlens.bios.data.pools import Pools
 from factlens.bios.patching.config import PatchConfig
 from factlens.errors import ConfigError
+from factlens.inputs import TL_TO_HF, check_keys, hf_config_keys, refuse_unknown_keys
 
 MODEL_PRESETS: dict[str, dict] = {
     "paper": dict(n_layer=8, n_head=8, n_embd=512, n_inner=2048),
@@ -64,6 +65,7 @@ def paper_schedule(total_steps: int, dense_until: int = 2000, dense_every: int =
     return sorted(s for s in steps if 0 <= s <= total_steps)
 
 
+@refuse_unknown_keys
 @dataclass
 class FinetuneConfig:
     """Fine-tuning a pre-trained run on new people, with replay of old ones (Zucchet et al. §4).
@@ -118,6 +120,7 @@ class FinetuneConfig:
             raise ConfigError(f"keep_optimizer={self.keep_optimizer!r}: pass True or False.")
 
 
+@refuse_unknown_keys
 @dataclass
 class TrainConfig:
     """Everything that defines a biography training run (serialised into every checkpoint)."""
@@ -193,6 +196,20 @@ class TrainConfig:
         if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip <= 0):
             raise ConfigError(f"grad_clip={self.grad_clip!r}; pass a positive maximum gradient norm (e.g. 1.0), "
                               "or None for no clipping.")
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"model={self.model!r}; pass a dict of HF config fields such as {{'n_layer': 4}}.")
+        if self.arch not in ("gpt2", "opt"):
+            raise ConfigError(f"arch={self.arch!r}; the trainer builds 'gpt2' or 'opt' models.")
+        known = hf_config_keys("gpt2") | (hf_config_keys("opt") if self.arch == "opt" else set())
+        check_keys(self.model, known, f"TrainConfig.model ({self.arch}; GPT-2 field names such as n_layer, n_head, "
+                   "n_embd, n_positions)", TL_TO_HF["gpt2"])
+        if self.pools is not None:
+            import inspect
+
+            if not isinstance(self.pools, dict):
+                raise ConfigError(f"pools={self.pools!r}; pass a dict of pool sizes for Pools.sized(...), or None.")
+            check_keys(self.pools, [p for p in inspect.signature(Pools.sized).parameters if p != "cls"],
+                       "TrainConfig.pools (Pools.sized)")
         if not isinstance(self.sampler, dict):
             raise ConfigError(f"sampler={self.sampler!r}; pass a dict such as {{'kind': 'power_law', 'alpha': 0.6}}.")
 
@@ -201,6 +218,9 @@ class TrainConfig:
         """A preset (``paper``, ``small``, ``demo``, ``tiny``, ``recall-testbed``) with overrides."""
         if name not in RUN_PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(RUN_PRESETS)}.")
+        model_keys = {k: f"model={{'{TL_TO_HF['gpt2'].get(k, k)}': ...}}"
+                      for k in [*hf_config_keys("gpt2"), *TL_TO_HF["gpt2"]]}  # a model field passed at the top level
+        check_keys(overrides, [f.name for f in dataclasses.fields(cls)], f"TrainConfig.preset({name!r})", model_keys)
         model = dict(MODEL_PRESETS[name], **overrides.pop("model", {}))
         return cls(model=model, **{**RUN_PRESETS[name], **overrides})
 
@@ -210,7 +230,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
+        check_keys(d, [f.name for f in dataclasses.fields(cls)], "TrainConfig.from_dict")
         if d.get("patch"):
+            check_keys(d["patch"], [f.name for f in dataclasses.fields(PatchConfig)], "TrainConfig.from_dict patch")
             d["patch"] = PatchConfig(**d["patch"])
         if d.get("finetune"):
             d["finetune"] = FinetuneConfig(**d["finetune"])

@@ -238,9 +238,10 @@ def attribute_metrics(
         entropy = -(p * logp).nan_to_num().sum(-1)
         attr = v.slot % N_ATTR
         b = v.batch_size
-        per_value_nll = torch.zeros(b * N_ATTR, device=nll.device).index_add(0, v.slot, nll).view(b, N_ATTR)
-        wrong = torch.zeros(b * N_ATTR, device=nll.device).index_add(0, v.slot, (top != v.targets).float())
-        n_tok = torch.zeros(N_ATTR, device=nll.device).index_add(0, attr, torch.ones_like(nll))
+        zeros = dict(device=nll.device, dtype=nll.dtype)  # the logits' dtype, whatever the default dtype is
+        per_value_nll = torch.zeros(b * N_ATTR, **zeros).index_add(0, v.slot, nll).view(b, N_ATTR)
+        wrong = torch.zeros(b * N_ATTR, **zeros).index_add(0, v.slot, (top != v.targets).to(nll.dtype))
+        n_tok = torch.zeros(N_ATTR, **zeros).index_add(0, attr, torch.ones_like(nll))
 
         def tok_mean(x: torch.Tensor) -> torch.Tensor:  # [m] per value token -> [6] means (float64 sums)
             sums = torch.zeros(N_ATTR, device=x.device, dtype=torch.float64).index_add(0, attr, x.double())

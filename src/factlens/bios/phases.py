@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,6 +55,24 @@ def drop_end(steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.nda
     return int(steps[hit[0]]) if len(hit) else None
 
 
+def check_plateau_ratio(ratio: float) -> float:
+    """``ratio`` if it is a number in (0, 1) (the plateau ends when the loss drops below ``ratio × baseline``).
+
+    Example:
+        >>> from factlens.bios.phases import check_plateau_ratio
+        >>> check_plateau_ratio(98)
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ConfigError: plateau ratio 98 is not in (0, 1): the plateau ends when the loss falls below ratio × baseline, so a ratio >= 1 ends it at once and <= 0 never. Pass a fraction such as 0.98 (not a percentage).
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) or not math.isfinite(ratio) \
+            or not 0 < ratio < 1:
+        raise ConfigError(f"plateau ratio {ratio!r} is not in (0, 1): the plateau ends when the loss falls below ratio "
+                          "× baseline, so a ratio >= 1 ends it at once and <= 0 never. Pass a fraction such as 0.98 "
+                          "(not a percentage).")
+    return float(ratio)
+
+
 def plateau_end(
     steps: Sequence[int] | np.ndarray,
     losses: Sequence[float] | np.ndarray,
@@ -71,8 +90,9 @@ def plateau_end(
         500
     """
     steps, losses = _curve(steps, losses)
-    if not (baseline > 0 and ratio > 0):
-        raise ConfigError(f"baseline={baseline}, ratio={ratio}; pass positive values")
+    check_plateau_ratio(ratio)
+    if not (isinstance(baseline, (int, float, np.floating)) and math.isfinite(baseline) and baseline > 0):
+        raise ConfigError(f"baseline={baseline}; pass the (positive) no-knowledge loss of the population")
     hit = np.nonzero((steps >= min_step) & (losses < ratio * baseline))[0]
     return int(steps[hit[0]]) if len(hit) else None
 
@@ -135,4 +155,4 @@ def three_phases(history, band: float = 0.03) -> dict:
             "first_in_band": int(steps[runs[0][0]]), "final_acc": final_acc, "band": band}
 
 
-__all__ = ["NEAR", "drop_end", "plateau_end", "ratio_phases", "three_phases"]
+__all__ = ["NEAR", "check_plateau_ratio", "drop_end", "plateau_end", "ratio_phases", "three_phases"]

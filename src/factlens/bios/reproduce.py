@@ -246,6 +246,9 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce",
             every cell's status.
     """
     sc = _scale(scale)
+    from factlens.bios.phases import check_plateau_ratio
+
+    check_plateau_ratio(plateau_ratio)  # before any training: a bad rule would only show in the report
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -31,12 +31,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse, before any work, options every command shares: a device torch does not know (or this machine
+    lacks), a thread count below 1, a plateau ratio outside (0, 1)."""
+    from factlens.errors import ConfigError
+    from factlens.inputs import check_device
+
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: pass a number of CPU threads >= 1 (e.g. --threads 1).")
+    if getattr(args, "plateau_ratio", None) is not None:
+        from factlens.bios.phases import check_plateau_ratio
+
+        check_plateau_ratio(args.plateau_ratio)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a factlens error (bad input, a run that will not fit in memory) prints its message and
     returns 2 instead of a traceback (``FACTLENS_TRACEBACK=1`` shows the traceback)."""
     args = build_parser().parse_args(argv)
     try:
         from factlens.threads import use_threads
+
+        check_common_args(args)
 
         # processes sharing this machine's cores: the ranks torchrun started here, else this one
         concurrent = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

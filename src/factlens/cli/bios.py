@@ -316,18 +316,25 @@ def _cuda() -> bool:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from factlens.bios.run import Run
+    from factlens.storage import check_writable_dir, storage_errors
 
     history = Run(_existing_run(args.run)).history
-    _write_curves(history, Path(args.run))
+    check_writable_dir(args.run, "the figure is written into the run folder: make it writable (chmod u+w RUN) or "
+                       "copy the run to a writable disk")
+    with storage_errors(args.run):
+        _write_curves(history, Path(args.run))
     print(f"{args.run}: {_summarise(history)}; figure {Path(args.run) / 'curves.html'}")
     return 0
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from factlens.bios.patching.circuits import attention_to_name
-    from factlens.storage import atomic_write
+    from factlens.storage import atomic_write, check_writable_dir
 
-    result = attention_to_name(_existing_run(args.run), n_sequences=args.sequences, device=resolve_device(args.device),
+    run_dir = _existing_run(args.run)
+    check_writable_dir(run_dir, "the results are written into the run folder: make it writable (chmod u+w RUN) "
+                       "or copy the run to a writable disk")  # before the work, not after it
+    result = attention_to_name(run_dir, n_sequences=args.sequences, device=resolve_device(args.device),
                                progress=not args.quiet)
     atomic_write(Path(args.run) / "attention_to_name.csv", result.to_dataframe().to_csv(index=False))
     atomic_write(Path(args.run) / "attention_to_name.html", result.plot().to_html())

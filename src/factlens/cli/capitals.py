@@ -43,6 +43,40 @@ def _label(name: str) -> str:
     return Path(name.rstrip("/")).name or name
 
 
+def output_folders(names: list[str]) -> dict[str, str]:
+    """One folder name per model, unique and stable: the last path component, with as many parent components as
+    it takes to tell models apart (``A/model``, ``B/model`` → ``A-model``, ``B-model``). The same model twice is
+    refused, since its second table would overwrite the first.
+
+    Example:
+        >>> from factlens.cli.capitals import output_folders
+        >>> output_folders(["gpt2", "runs/A/model", "runs/B/model"])
+        {'gpt2': 'gpt2', 'runs/A/model': 'A-model', 'runs/B/model': 'B-model'}
+    """
+    from factlens.errors import ConfigError
+
+    parts = {n: [p for p in Path(n.rstrip("/")).parts if p not in ("/", ".", "")] or [n] for n in names}
+    seen: dict[str, str] = {}
+    for n in names:
+        key = str(Path(n).expanduser().resolve()) if Path(n).expanduser().exists() else n
+        if key in seen:
+            raise ConfigError(f"--model lists {seen[key]!r} and {n!r}, which are the same model: its second result "
+                              "would overwrite the first. List each model once.")
+        seen[key] = n
+    depth = dict.fromkeys(names, 1)
+    while True:
+        labels = {n: "-".join(parts[n][-depth[n]:]) for n in names}
+        clash = {n for n in names if list(labels.values()).count(labels[n]) > 1}
+        if not clash:
+            return labels
+        grow = {n for n in clash if depth[n] < len(parts[n])}
+        if not grow:
+            raise ConfigError(f"the models {sorted(clash)} would write to the same output folder "
+                              f"{labels[next(iter(clash))]!r}; run them with separate --out folders.")
+        for n in grow:
+            depth[n] += 1
+
+
 def model_names(requested: list[str]) -> list[str]:
     names: list[str] = []
     for name in requested:
@@ -54,12 +88,16 @@ def run(args: argparse.Namespace) -> int:
     from factlens.recall.catalog import relation
     from factlens.recall.mitigation import mitigation_table
     from factlens.recall.report import analyze
+    from factlens.storage import check_writable_dir
 
     rel = relation(getattr(args, "relation", "capitals"))
-    out = Path(args.out)
-    for name in model_names(args.model):
+    names = model_names(args.model)
+    several = len(args.model) > 1 or args.model == ["all"]
+    labels = output_folders(names)  # refuse colliding folders before any model is built
+    out = check_writable_dir(args.out)
+    for name in names:
         model = build_model(name, args.device)
-        target = out / _label(name) if len(args.model) > 1 or args.model == ["all"] else out
+        target = out / labels[name] if several else out
         if args.capitals_command == "analyze":
             for shots in args.shots:
                 folder = target / f"{shots}shot" if len(args.shots) > 1 else target

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from jaxtyping import Int
 
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, EmptyDatasetError, TokenizationError
+from factlens.inputs import check_seed
 from factlens.models import family_of
 from factlens.recall.relations import CAPITALS, PromptSpec, Relation, contains_subject, nfc, subject_pattern
 
@@ -139,6 +141,53 @@ def _build(rel: Relation, tokenizer: Any, specs: Sequence[PromptSpec], *, shots:
         n_special_prefix=len(rows[0]["ids"]) - len(_ids(tokenizer, rows[0]["text"])), tokenizer=tokenizer)
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of a tokenizer's vocabulary (every token and its id, added tokens included): its identity by content.
+
+    Example:
+        >>> from factlens.tokenizers import gpt2_tokenizer, opt_style_tokenizer
+        >>> from factlens.recall.datasets import tokenizer_fingerprint
+        >>> tokenizer_fingerprint(gpt2_tokenizer()) == tokenizer_fingerprint(opt_style_tokenizer())
+        False
+    """
+    if tokenizer is None:
+        return "none"
+    cached = getattr(tokenizer, "_factlens_fingerprint", None)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    with contextlib.suppress(AttributeError):
+        tokenizer._factlens_fingerprint = (len(tokenizer), digest)
+    return digest
+
+
+def check_dataset(model: TransformerBridge, dataset: RelationDataset, where: str = "this analysis") -> None:
+    """Refuse a dataset tokenized for another model: another vocabulary, or the wrong BOS convention.
+
+    The check is by content: the dataset's tokenizer vocabulary must be the model's (ids mean the same tokens),
+    and on OPT, which is always run with its BOS, the prompts must start with it.
+    """
+    if not isinstance(dataset, RelationDataset):
+        raise ConfigError(f"{where} needs a RelationDataset, got {type(dataset).__name__}; build one with "
+                          "factlens.capitals.dataset_for(model)")
+    mine = getattr(model, "tokenizer", None)
+    if mine is None or dataset.tokenizer is None:
+        return
+    if tokenizer_fingerprint(dataset.tokenizer) != tokenizer_fingerprint(mine):
+        raise TokenizationError(
+            f"{where}: the dataset was tokenized with another tokenizer ({len(dataset.tokenizer)} tokens) than the "
+            f"model's ({len(mine)} tokens), so its ids mean other tokens here. Build it with this model's tokenizer: "
+            "factlens.capitals.dataset_for(model) (or make_dataset(relation, model.tokenizer)).")
+    if family_of(model) == "opt" and dataset.n_special_prefix < 1:
+        raise TokenizationError(
+            f"{where}: the dataset's prompts have no BOS, but OPT is always run with its BOS (</s>) first: without "
+            "it the model sees other inputs than in training. Build it with factlens.capitals.dataset_for(model).")
+
+
 # ---------------------------------------------------------------------------------------------- the dataset
 @dataclass
 class RelationDataset(ResultDisplay):
@@ -186,6 +235,24 @@ class RelationDataset(ResultDisplay):
     def template_ids(self) -> Int[torch.Tensor, " batch"]:
         """Index into ``relation.templates`` of each prompt."""
         return torch.tensor([s.template_idx for s in self.specs], dtype=torch.long)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what the dataset is: its token ids, answers, subjects, ends and its tokenizer's vocabulary.
+
+        Metrics (:func:`factlens.recall.metrics.metric`) and shared runs (:func:`~factlens.recall.metrics.run_at_end`)
+        carry it, and refuse another dataset's logits or activations.
+        """
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for t in (self.tokens, self.answer_ids, self.subject_ids, self.end):
+                h.update(t.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+            h.update(tokenizer_fingerprint(self.tokenizer).encode())
+            cached = self.__dict__["_fingerprint"] = h.hexdigest()[:16]
+        return cached
 
     def position(self, name: str) -> Int[torch.Tensor, " batch"]:
         """A named position, with an error naming the fix when it is not defined for these prompts."""
@@ -329,6 +396,7 @@ def make_dataset(
         >>> ds.prompts[0].startswith("The capital of "), ds.tokens.shape[0]
         (True, 4)
     """
+    check_seed(seed)
     rel = relation.variant(variant)
     _check_shots(rel, shots)
     chosen = (rel.subjects if subjects is None else (subjects,) if isinstance(subjects, str)
@@ -407,6 +475,7 @@ def make_prompt_dataset(
         >>> tok.decode(ds.tokens[1, ds.positions["N"][1]:ds.positions["N_last"][1] + 1])
         'Alan Turing'
     """
+    check_seed(seed)
     if not items:
         raise EmptyDatasetError("items is empty; pass at least one (prompt, subject, answer) triple")
     pairs: dict[str, str] = {}

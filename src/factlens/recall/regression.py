@@ -20,6 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +33,11 @@ import torch
 from jaxtyping import Float, Int
 
 from factlens.display import ResultDisplay
-from factlens.errors import ConfigError, EmptyDatasetError, ShapeError
+from factlens.errors import ConfigError, EmptyDatasetError, IllConditionedWarning, ShapeError
 from factlens.inputs import at_least_fp32
 
 COND_LIMIT = 1e12  # G with a larger condition number is treated as singular
+COND_WARN = 1e8  # above this the fit warns: relative noise e in the data can move the betas by up to cond·e
 
 
 def head_names(layer: int, n_heads: int) -> list[str]:
@@ -95,6 +99,12 @@ class Decomposition(ResultDisplay):
     regressor_names: list[str]
     ridge: float = 0.0
     fit_intercept: bool = True
+    condition_number: float = float("nan")  # of the solved normal matrix G (after ridge); > COND_WARN is warned
+
+    @property
+    def ill_conditioned(self) -> bool:
+        """Whether G's condition number exceeds ``COND_WARN`` (the betas are unstable: small noise moves them)."""
+        return bool(self.condition_number > COND_WARN)
 
     def predict(self, regressors: Float[torch.Tensor, "n k d"]) -> Float[torch.Tensor, "n d"]:
         """``Σ_j beta_j · regressors[:, j] + intercept`` (float64 inside, returned in the input dtype)."""
@@ -140,6 +150,22 @@ class Decomposition(ResultDisplay):
         return fig
 
 
+def check_ridge(ridge: float) -> float:
+    """``ridge`` as a float if it is a finite number >= 0; else a ConfigError naming the fix.
+
+    Example:
+        >>> from factlens.recall.decompose import check_ridge
+        >>> check_ridge(float("nan"))
+        Traceback (most recent call last):
+        ...
+        factlens.errors.ConfigError: ridge=nan; pass a finite ridge >= 0 (0 = plain least squares, 1e-6 = a tiny penalty relative to G's mean diagonal).
+    """
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not math.isfinite(ridge) or ridge < 0:
+        raise ConfigError(f"ridge={ridge!r}; pass a finite ridge >= 0 (0 = plain least squares, 1e-6 = a tiny "
+                          "penalty relative to G's mean diagonal).")
+    return float(ridge)
+
+
 def fit_decomposition(
     target: Float[torch.Tensor, "n d"],
     regressors: Float[torch.Tensor, "n k d"],
@@ -180,8 +206,7 @@ def fit_decomposition(
     names = [f"x{j}" for j in range(k)] if regressor_names is None else [str(x) for x in regressor_names]
     if len(names) != k:
         raise ShapeError(f"got {len(names)} regressor_names for k={k} regressors; pass exactly {k} names")
-    if ridge < 0:
-        raise ConfigError(f"ridge={ridge}; pass ridge >= 0")
+    ridge = check_ridge(ridge)
     y, h = target.double(), regressors.double()  # [n, d], [n, k, d]
     y_mean = y.mean(0) if fit_intercept else torch.zeros_like(y[0])  # [d]
     h_mean = h.mean(0) if fit_intercept else torch.zeros_like(h[0])  # [k, d]
@@ -198,6 +223,13 @@ def fit_decomposition(
         raise ConfigError(
             f"the regression is rank-deficient: G (k={k} regressors) has rank < {k} with {few}; add prompts "
             "(k+1 varied samples normally suffice), drop duplicate or constant regressors, or use ridge>0")
+    cond = float(eig[-1] / eig[0])
+    if cond > COND_WARN:
+        warnings.warn(IllConditionedWarning(
+            f"the regression is ill-conditioned: G has condition number {cond:.2g} (> {COND_WARN:.0e}), so the betas "
+            "are unstable (nearly collinear regressors: relative noise of 1e-5 can move them by a factor "
+            f"{min(cond * 1e-5, 1e6):.2g}). Pass ridge=1e-6 (or larger) to stabilise them, or drop near-duplicate "
+            "regressors; result.condition_number records it."), stacklevel=2)
     beta = torch.linalg.solve(G, g)  # [k]
     intercept = y_mean - torch.einsum("k,kd->d", beta, h_mean)  # [d]
     pred = torch.einsum("nkd,k->nd", h, beta) + intercept  # [n, d]
@@ -206,7 +238,8 @@ def fit_decomposition(
     r2 = (1.0 if sse <= 1e-30 else float("nan")) if sst == 0 else 1.0 - sse / sst
     dtype = target.dtype if target.is_floating_point() else torch.float64
     return Decomposition(beta=beta.to(dtype), intercept=intercept.to(dtype), r2=r2, n_samples=n,
-                         regressor_names=names, ridge=float(ridge), fit_intercept=fit_intercept)
+                         regressor_names=names, ridge=float(ridge), fit_intercept=fit_intercept,
+                         condition_number=cond)
 
 
 @dataclass

@@ -121,8 +121,9 @@ class CapitalsReport(ResultDisplay):
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write CSV/markdown tables into ``out_dir`` and ``report.html``: one self-contained page with every
         figure inline and an explanation under each (:func:`factlens.recall.report_html.render_html`)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        from factlens.storage import check_writable_dir
+
+        out = check_writable_dir(out_dir, create=True)  # a file, a read-only or full disk: a StorageError naming the path
         files: list[tuple[str, Path]] = []
 
         def table(name: str, df: pd.DataFrame, label: str) -> None:
@@ -193,6 +194,10 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
         >>> report = analyze(factlens.full_size("gpt2"), out_dir="gpt2_report")    # doctest: +SKIP
     """
     require_eval(model, "analyze")
+    if out_dir is not None:  # refuse an unwritable out_dir before the analysis, not after it
+        from factlens.storage import check_writable_dir
+
+        check_writable_dir(out_dir)
     timings: dict[str, float] = {}
     notes: list[str] = []
 

@@ -285,6 +285,9 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
         raise ConfigError(f"n={n}, top={top}, k={k}, n_sequences={n_sequences}; pass values >= 1")
 
     population, vocab = run.population(), run.vocab()
+    if n > len(population):
+        raise ConfigError(f"n={n} prompts per attribute, but the run has {len(population)} people (one prompt each); "
+                          f"pass n <= {len(population)}.")
     datasets = {a: bios_relation_dataset(population, vocab, a, n=n, seed=seed) for a in attrs}
     counterfactuals = {a: ds.counterfactual(seed) for a, ds in datasets.items()}
     value_ids = {a: value_first_tokens(population, vocab, a) for a in attrs}
@@ -328,7 +331,7 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
                                 ["step", "attribute", "method", "mean_prob", "accuracy", "mean_rank", "n_prompts"]],
                             folds=folds,
                             loss_curve=curve, baseline=baseline, drop_end=drop, plateau_end=plateau,
-                            run_dir=str(run_dir), n_prompts=n, seconds=time.perf_counter() - t0)
+                            run_dir=str(run_dir), n_prompts=len(next(iter(datasets.values()))), seconds=time.perf_counter() - t0)
 
 
 def _analyse(model, ds, counterfactual, value_ids: list[int], *, top: int, k: int, folds: int = 5, seed: int = 0
@@ -414,10 +417,9 @@ def span_attention(run, dataset, n_layers: int) -> Float[torch.Tensor, "layer he
 
 def check_out(out: str | Path) -> Path:
     """The output folder, refused (ConfigError) when it is an existing file."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output folder {out} is a file; pass a folder (it is created if missing)")
-    return out
+    from factlens.storage import check_writable_dir
+
+    return check_writable_dir(out, "pass a writable folder as --out (the run folder may be read-only)")
 
 
 def write_mechanisms(result: MechanismsResult, out: str | Path, *, png: bool = True) -> list[Path]:

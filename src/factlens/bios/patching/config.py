@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factlens.errors import ConfigError
+from factlens.inputs import refuse_unknown_keys
 
 
 def _is_step(value) -> bool:
@@ -33,6 +34,7 @@ def _check_indices(name: str, values: list[int] | None, negative_ok: bool) -> No
         raise ConfigError(f"{name}={list(values)}: {name} are 0-based indices, 0..n_{name}-1.")
 
 
+@refuse_unknown_keys
 @dataclass
 class PatchConfig:
     """Attention patching from a reference checkpoint (Zucchet et al. §2.2).
