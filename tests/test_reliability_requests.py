@@ -15,17 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factlens.bios.runs import run_population
 from factlens.recall.decompose import COND_WARN, check_ridge, fit_decomposition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import factlens
-from factlens import capitals
+from factlens import recall
 from factlens.bios.phases import check_plateau_ratio, plateau_end
+from factlens.bios.run import Run
 from factlens.cli import main
 from factlens.cli.capitals import output_folders
 from factlens.errors import ConfigError, IllConditionedWarning
+from factlens.recall.regression import COND_WARN, check_ridge, fit_decomposition
 from factlens.testbeds import mechanisms as mech
 
 RUN = Path(__file__).parent / "data" / "bios_demo_run"
@@ -55,10 +56,10 @@ def test_check_ridge_accepts_exactly_the_finite_non_negative_numbers(ridge):
 
 
 def test_analysis_entry_points_refuse_a_bad_ridge_before_any_forward_pass(gpt2):
-    ds = capitals.dataset_for(gpt2).select(range(20))
-    for call in (lambda: capitals.fit_intercept(gpt2, ds, ridge=float("nan")),
-                 lambda: capitals.decompose_mlp(gpt2, ds, ridge=float("inf")),
-                 lambda: capitals.mitigation_table(gpt2, shots=[0], ridge=-1.0, progress=False)):
+    ds = recall.dataset_for(gpt2).select(range(20))
+    for call in (lambda: recall.fit_intercept(gpt2, ds, ridge=float("nan")),
+                 lambda: recall.decompose_mlp(gpt2, ds, ridge=float("inf")),
+                 lambda: recall.mitigation_table(gpt2, shots=[0], ridge=-1.0, progress=False)):
         with pytest.raises(ConfigError, match="finite ridge"):
             call()
 
@@ -86,18 +87,18 @@ def test_reproduce_refuses_a_percentage_before_training(tmp_path):
 
 def test_mitigate_refuses_requests_that_apply_nothing_or_cannot_apply(gpt2):
     with pytest.raises(ConfigError, match=r"applies nothing; pass intercept=c"), \
-            capitals.mitigate(gpt2, attention=False):
+            recall.mitigate(gpt2, attention=False):
         pass
     c = torch.randn(gpt2.cfg.d_model, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match=r"per-subject intercept dict.*evaluate\(model, dataset, intercept=\.\.\.\)"), \
-            capitals.mitigate(gpt2, intercept={"France": c}):
+            recall.mitigate(gpt2, intercept={"France": c}):
         pass
-    with pytest.raises(ConfigError, match="coeff=nan"), capitals.mitigate(gpt2, intercept=c, coeff=float("nan")):
+    with pytest.raises(ConfigError, match="coeff=nan"), recall.mitigate(gpt2, intercept=c, coeff=float("nan")):
         pass
 
 
 def test_mechanisms_refuses_more_prompts_than_people():
-    people = len(run_population(RUN)[0])
+    people = len(Run(RUN).population())
     with pytest.raises(ConfigError, match=f"the run has {people} people.*pass n <= {people}"):
         mech.mechanisms(RUN, attributes=["birth_place"], n=people + 1, progress=False)
 
@@ -274,9 +275,9 @@ def test_bios_metrics_under_a_float64_default_dtype():
 @pytest.mark.parametrize("seed", [-1, float("nan"), 1.5, "0", True])
 def test_seeds_must_be_non_negative_integers(gpt2, seed):
     with pytest.raises(ConfigError, match=r"seed=.*pass an integer >= 0"):
-        capitals.dataset_for(gpt2, seed=seed)
+        recall.dataset_for(gpt2, seed=seed)
     with pytest.raises(ConfigError, match=r"seed=.*pass an integer >= 0"):
-        capitals.path_patch(gpt2, capitals.dataset_for(gpt2, n=4), seed=seed, progress=False)
+        recall.path_patch(gpt2, recall.dataset_for(gpt2, n=4), seed=seed, progress=False)
 
 
 @pytest.mark.parametrize("budget", [-1, 0, float("nan"), float("inf"), True])

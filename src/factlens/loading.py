@@ -348,7 +348,7 @@ def open_weights(source: str | os.PathLike, *, revision: str | None = None, dtyp
         raise CheckpointError(
             f"{text!r} is a factlens training run (checkpoints, manifest.json or metrics.jsonl), not a "
             "save_pretrained folder. Load it with factlens.bios.load_bridge(run_dir, step=None) (the task "
-            "tokenizer and the checkpoint's config), or factlens.bios.runs.load_hf(run_dir) for the plain HF model.")
+            "tokenizer and the checkpoint's config), or factlens.bios.load_hf(run_dir) for the plain HF model.")
     if Path(text).expanduser().exists():
         return open_folder(text, dtype=dtype, tokenizer=tokenizer, revision=revision, source=text)
     cached = cached_snapshot(text, revision)

@@ -179,6 +179,8 @@ def final_layer_effect(model: TransformerBridge, dataset: RelationDataset, *, k:
         >>> eff = final_layer_effect(model, ds)
         >>> eff.summary()["delta_prob"] < 0          # anti-overconfidence           # doctest: +SKIP
     """
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.cfg.d_vocab:
+        raise ConfigError(f"k={k!r}; pass 1 <= k <= {model.cfg.d_vocab} (the vocabulary size) tokens to report")
     require_eval(model, "final_layer_effect")
     H, last = model.cfg.n_heads, model.cfg.n_layers - 1
     run = reuse_run(model, dataset, run, final_layer_hooks(model), logits=True, max_batch=max_batch,

@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from factlens.errors import ConfigError, HookDidNotFireError, ModeError
 from factlens.hooks import Intervention, OnNoEffect, intervene
 from factlens.loading import require_compat
-from factlens.recall.datasets import RelationDataset
+from factlens.recall.datasets import RelationDataset, check_dataset
 from factlens.resources import track
 
 if TYPE_CHECKING:
@@ -157,15 +157,15 @@ def reuse_run(model: TransformerBridge, dataset: RelationDataset, run: EndRun | 
     names = list(dict.fromkeys(names))
     if run is None:
         return run_at_end(model, dataset, names, logits=logits, max_batch=max_batch, progress=progress, desc=desc)
+    rows = next(iter(run.acts.values())).shape[0] if run.acts else len(run.logits if run.logits is not None else dataset)
+    if rows != len(dataset) or (run.dataset_key is not None and run.dataset_key != dataset_key(dataset)):
+        raise ConfigError(f"the shared run was made on other prompts ({rows} rows) than this dataset "
+                          f"({len(dataset)} prompts) for {desc}; pass the run of the same dataset, or run=None")
     missing = [name for name in names if name not in run.acts]
     if missing or (logits and run.logits is None):
         what = missing + (["the logits"] if logits and run.logits is None else [])
         raise ConfigError(f"the shared run lacks {what} that {desc} reads; capture them: run_at_end(model, dataset, "
                           "names) with the analysis's declared hooks (e.g. report.shared_hooks(model)), or pass run=None")
-    rows = next(iter(run.acts.values())).shape[0] if run.acts else len(run.logits if run.logits is not None else dataset)
-    if rows != len(dataset) or (run.dataset_key is not None and run.dataset_key != dataset_key(dataset)):
-        raise ConfigError(f"the shared run was made on other prompts ({rows} rows) than this dataset "
-                          f"({len(dataset)} prompts) for {desc}; pass the run of the same dataset, or run=None")
     return run
 
 
@@ -205,6 +205,7 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
         torch.Size([225, 64])
     """
     require_eval(model, "run_at_end")
+    check_dataset(model, dataset, "run_at_end")  # another tokenizer's ids, or OPT prompts without their BOS
     names = list(dict.fromkeys(names))
     if max_batch < 1:
         raise ConfigError(f"max_batch={max_batch}; pass max_batch >= 1")
@@ -247,8 +248,10 @@ def run_at_end(model: TransformerBridge, dataset: RelationDataset, names: Iterab
     back = torch.empty_like(order)
     back[order] = torch.arange(n)  # chunk order -> dataset order
     acts = {name: torch.cat(chunks)[back.to(chunks[0].device)] for name, chunks in stored.items()}
-    return EndRun(torch.cat(out_logits)[back.to(out_logits[0].device)] if logits else None, acts,
-                  dataset_key(dataset))
+    at_end = torch.cat(out_logits)[back.to(out_logits[0].device)] if logits else None
+    if at_end is not None:
+        at_end._factlens_dataset = dataset.fingerprint  # metric(...) refuses them for another dataset
+    return EndRun(at_end, acts, dataset_key(dataset))
 
 
 __all__ = ["EndRun", "center", "dataset_key", "head_outputs", "require_eval", "reuse_run", "run_at_end",

@@ -43,6 +43,15 @@ def end_logits(logits: Float[torch.Tensor, "n *pos vocab"], dataset: RelationDat
     if logits.ndim not in (2, 3) or logits.shape[0] != len(dataset):
         raise ShapeError(f"logits of shape {tuple(logits.shape)} for a dataset of {len(dataset)} prompts; pass "
                          "[n, pos, vocab] model output or [n, vocab] logits at end, in dataset order")
+    tag = getattr(logits, "_factlens_dataset", None)
+    if tag is not None and tag != dataset.fingerprint:
+        raise ShapeError(f"these logits come from another dataset (fingerprint {tag} vs {dataset.fingerprint}); "
+                         "score each dataset's logits with a metric built for it: metric(dataset, kind).")
+    if logits.ndim == 3 and logits.shape[1] != dataset.tokens.shape[1]:
+        raise ShapeError(f"logits have {logits.shape[1]} positions but the dataset's prompts are "
+                         f"{dataset.tokens.shape[1]} tokens wide: they come from other tokens (another dataset?). "
+                         "Run the model on this dataset's tokens (model(dataset.tokens)), or build the metric for "
+                         "the dataset you ran: metric(dataset, kind).")
     if logits.ndim == 2:
         return logits
     ends = dataset.end.to(logits.device)
@@ -181,8 +190,18 @@ def metric(dataset: RelationDataset, kind: str = "iw", reduce: Literal["mean", "
         return values.mean() if reduce == "mean" else values
 
     fn.__name__ = f"metric_{kind}"
+    fn.factlens_dataset = dataset.fingerprint  # consumers refuse it for another dataset (check_metric)
     return fn
 
 
-__all__ = ["LINEAR_KINDS", "METRIC_KINDS", "answer_logprob", "answer_prob", "answer_rank", "end_logits",
+def check_metric(fn, dataset: RelationDataset) -> None:
+    """Refuse a metric built (by :func:`metric`) for another dataset than the one it is asked to score."""
+    bound = getattr(fn, "factlens_dataset", None)
+    if bound is not None and bound != dataset.fingerprint:
+        raise ConfigError(f"the metric {getattr(fn, '__name__', fn)!r} was built for another dataset (fingerprint "
+                          f"{bound} vs {dataset.fingerprint}): it reads that dataset's answers and positions. Build "
+                          "it for this one: metric(dataset, kind), or pass the metric's name (e.g. 'iw').")
+
+
+__all__ = ["LINEAR_KINDS", "METRIC_KINDS", "answer_logprob", "answer_prob", "answer_rank", "check_metric", "end_logits",
            "is_correct", "kind_values", "linear_kind", "logit_diff", "metric", "per_prompt"]

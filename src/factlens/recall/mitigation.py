@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,7 +53,7 @@ from factlens.recall.datasets import RelationDataset, dataset_for
 from factlens.recall.forward import EndRun, center, require_eval, reuse_run, run_at_end
 from factlens.recall.metrics import answer_prob, answer_rank
 from factlens.recall.mlp_decomposition import MLPActivations, capture_mlp_activations, mlp_activation_hooks
-from factlens.recall.regression import fit_decomposition, fit_per_group
+from factlens.recall.regression import check_ridge, fit_decomposition, fit_per_group
 from factlens.recall.relations import CAPITALS, Relation
 from factlens.resources import memory_usage, track
 from factlens.storage import atomic_write
@@ -106,6 +107,7 @@ def fit_intercept(model: TransformerBridge, calibration_dataset: RelationDataset
         >>> c.shape
         torch.Size([64])
     """
+    check_ridge(ridge)
     acts = capture_mlp_activations(model, calibration_dataset, layer, max_batch=max_batch)
     out = _fit_from_acts(acts, pooled, ridge)
     for c in ([out] if isinstance(out, torch.Tensor) else out.values()):
@@ -130,6 +132,13 @@ def _rows_vector(intercept: Intercept, dataset: RelationDataset | None, rows: to
     return intercept
 
 
+def check_coeff(coeff: float) -> float:
+    """``coeff`` (α in ``−α c``) if it is a finite number; else a ConfigError naming the fix."""
+    if not isinstance(coeff, (int, float)) or isinstance(coeff, bool) or not math.isfinite(coeff):
+        raise ConfigError(f"coeff={coeff!r}; pass a finite scale for the subtraction (1.0 subtracts c once).")
+    return float(coeff)
+
+
 def interventions_for(model: TransformerBridge, *, attention: bool = True, intercept: Intercept | None = None,
                       heads: int | Sequence[int] | None = None, positions: Positions = -1, coeff: float = 1.0,
                       layer: int = -1, dataset: RelationDataset | None = None, rows: Int[torch.Tensor, " n"] | None = None):
@@ -149,6 +158,8 @@ def interventions_for(model: TransformerBridge, *, attention: bool = True, inter
             vec = intercept
         ivs.append(add_vector(model, vec.detach(), coeff=-coeff, layer=layer,
                               component="mlp_out", positions=positions))
+    for iv, method in zip(ivs, ["(a)"] * attention + ["(b)"] * (intercept is not None), strict=True):
+        iv.key = ("mitigate", method, layer)  # one (a) and one (b) per layer at a time: nesting would apply it twice
     return ivs
 
 
@@ -175,6 +186,16 @@ def mitigate(model: TransformerBridge, intercept: Float[torch.Tensor, " d_model"
         >>> with mitigate(model, intercept=c, heads=[0, 3]) as run:
         ...     logits = model(tokens)
     """
+    if intercept is None and not attention:
+        raise ConfigError("mitigate(attention=False) without an intercept applies nothing; pass intercept=c "
+                          "(factlens.recall.fit_intercept) for (b), attention=True for (a), or both.")
+    if isinstance(intercept, Mapping):
+        raise ConfigError("mitigate got a per-subject intercept dict, but a forward pass has no subjects to pick "
+                          "from; evaluate(model, dataset, intercept=...) applies per-subject intercepts, or pass "
+                          "one [d_model] tensor (e.g. intercepts['France']).")
+    if intercept is not None and not isinstance(intercept, torch.Tensor):
+        raise ConfigError(f"intercept must be a [d_model] or [batch, d_model] tensor, got {type(intercept).__name__}.")
+    check_coeff(coeff)
     if intercept is not None:
         check_intercept(intercept, stacklevel=4)
     ivs = interventions_for(model, attention=attention, intercept=intercept, heads=heads, positions=positions,
@@ -197,6 +218,7 @@ def evaluate(model: TransformerBridge, dataset: RelationDataset, *, attention: b
         >>> c = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
         >>> evaluate(model, ds, attention=True, intercept=c)["prob"].mean()  # doctest: +SKIP
     """
+    check_coeff(coeff)
     if intercept is not None:
         check_intercept(intercept if isinstance(intercept, torch.Tensor) else torch.stack(list(intercept.values())))
 
@@ -408,6 +430,8 @@ def mitigation_table(model: TransformerBridge, relation: Relation = CAPITALS, sh
         >>> table = mitigation_table(model, shots=[0], folds=3, progress=False)
         >>> print(table.to_markdown())                                     # doctest: +SKIP
     """
+    check_coeff(coeff)
+    check_ridge(ridge)
     require_eval(model, "mitigation_table")
     t0, rss_before = time.perf_counter(), memory_usage().peak_rss
     if torch.device(model.cfg.device).type == "cuda":

@@ -47,6 +47,7 @@ from factlens.recall.regression import (
     Decomposition,
     GroupedDecomposition,
     VocabProjection,
+    check_ridge,
     fit_decomposition,
     fit_per_group,
     project_to_vocab,
@@ -267,6 +268,7 @@ def decompose_mlp(model: TransformerBridge, dataset: RelationDataset, layer: int
         >>> res = decompose_mlp(model, ds, layer=-1, group_by="subject")
         >>> res.answer_ranks["rank"].mean()                                # doctest: +SKIP
     """
+    check_ridge(ridge)
     acts = capture_mlp_activations(model, dataset, layer, regressors, max_batch=max_batch, progress=progress)
     return decompose_from_activations(model, acts, dataset, group_by=group_by, ln_scale=ln_scale, k=k, ridge=ridge)
 

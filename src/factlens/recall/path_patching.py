@@ -59,11 +59,11 @@ from jaxtyping import Float
 
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, ShapeError
-from factlens.inputs import at_least_fp32
+from factlens.inputs import at_least_fp32, check_seed
 from factlens.models import family_of
 from factlens.recall.datasets import RelationDataset
 from factlens.recall.forward import EndRun, require_eval, reuse_run, run_at_end
-from factlens.recall.metrics import LINEAR_KINDS, Metric, kind_values, linear_kind, metric
+from factlens.recall.metrics import LINEAR_KINDS, Metric, check_metric, kind_values, linear_kind, metric
 from factlens.resources import track
 
 if TYPE_CHECKING:
@@ -148,6 +148,7 @@ class PathPatchingResult(ResultDisplay):
 # --------------------------------------------------------------------------------------------------- shared
 def _metric_fn(spec: MetricSpec, dataset: RelationDataset) -> tuple[Callable[[torch.Tensor], float], str]:
     fn = metric(dataset, spec) if isinstance(spec, str) else spec
+    check_metric(fn, dataset)
     name = spec if isinstance(spec, str) else getattr(spec, "__name__", "metric")
 
     def scalar(logits: torch.Tensor) -> float:  # logits: [n, vocab] at end
@@ -323,6 +324,7 @@ def path_patch(model: TransformerBridge, dataset: RelationDataset, counterfactua
         >>> res = path_patch(model, ds, metric="iw", progress=False)
         >>> res.plot().write_html("path_patching.html")                    # doctest: +SKIP
     """
+    check_seed(seed)
     require_eval(model, "path patching")
     if max_batch < 1:
         raise ConfigError(f"max_batch={max_batch}; pass max_batch >= 1")

@@ -154,7 +154,7 @@ def check_ridge(ridge: float) -> float:
     """``ridge`` as a float if it is a finite number >= 0; else a ConfigError naming the fix.
 
     Example:
-        >>> from factlens.recall.decompose import check_ridge
+        >>> from factlens.recall.regression import check_ridge
         >>> check_ridge(float("nan"))
         Traceback (most recent call last):
         ...
