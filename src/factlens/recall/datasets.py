@@ -173,7 +173,7 @@ def check_dataset(model: TransformerBridge, dataset: RelationDataset, where: str
     """
     if not isinstance(dataset, RelationDataset):
         raise ConfigError(f"{where} needs a RelationDataset, got {type(dataset).__name__}; build one with "
-                          "factlens.capitals.dataset_for(model)")
+                          "factlens.recall.dataset_for(model)")
     mine = getattr(model, "tokenizer", None)
     if mine is None or dataset.tokenizer is None:
         return
@@ -181,11 +181,11 @@ def check_dataset(model: TransformerBridge, dataset: RelationDataset, where: str
         raise TokenizationError(
             f"{where}: the dataset was tokenized with another tokenizer ({len(dataset.tokenizer)} tokens) than the "
             f"model's ({len(mine)} tokens), so its ids mean other tokens here. Build it with this model's tokenizer: "
-            "factlens.capitals.dataset_for(model) (or make_dataset(relation, model.tokenizer)).")
+            "factlens.recall.dataset_for(model) (or make_dataset(relation, model.tokenizer)).")
     if family_of(model) == "opt" and dataset.n_special_prefix < 1:
         raise TokenizationError(
             f"{where}: the dataset's prompts have no BOS, but OPT is always run with its BOS (</s>) first: without "
-            "it the model sees other inputs than in training. Build it with factlens.capitals.dataset_for(model).")
+            "it the model sees other inputs than in training. Build it with factlens.recall.dataset_for(model).")
 
 
 # ---------------------------------------------------------------------------------------------- the dataset
