@@ -372,11 +372,6 @@ def bridge_from_hf(hf_model: PreTrainedModel, tokenizer=None, *, device=None, co
         raise UnknownModelError(f"bridge_from_hf supports GPT-2 and OPT models, got {family!r}.")
     if tokenizer is None:
         tokenizer = _own_tokenizer(hf_model, family)
-    n_tok = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-    if n_tok is not None and n_tok > hf_model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {n_tok} tokens but the model embeds {hf_model.config.vocab_size}: ids past "
-                          "the embedding would fail or read another model's rows. Pass the tokenizer the model was "
-                          "trained with, or resize the embedding (hf_model.resize_token_embeddings(len(tokenizer))).")
     model = copy.deepcopy(hf_model) if copy_model else hf_model
     device = device or next(model.parameters()).device
     name = "openai-community/gpt2" if family == "gpt2" else "facebook/opt-125m"
