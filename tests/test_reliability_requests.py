@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factlens.recall.decompose import COND_WARN, check_ridge, fit_decomposition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
