@@ -1,8 +1,49 @@
-"""Repository-wide pytest set-up. Docstring examples run with the test suite (``--doctest-modules``), each in
-a fresh namespace: every example imports and builds what it uses, so it runs as written in a notebook."""
+"""Repository-wide pytest set-up.
+
+* Docstring examples run with the test suite (``--doctest-modules``), each in an **empty namespace**: pytest
+  would hand every example a copy of its module's globals; the hook below replaces them with a namespace that
+  holds only ``__name__ == "__main__"`` and the builtins, so an example passes only if it imports and builds
+  everything it uses, as it would in a new notebook (``tests/test_doctest_namespace.py`` checks this).
+* jaxtyping shape annotations are checked while the tests run: ``factlens`` is imported through
+  ``jaxtyping.install_import_hook(..., "beartype.beartype")``, so a public function called with a tensor of the
+  wrong shape or dtype raises, and so does one that returns one. ``FACTLENS_NO_TYPECHECK=1`` turns this off.
+* Test tiers: ``python -m pytest -m "not slow"`` is the fast default tier (what the README and CI run);
+  ``@pytest.mark.slow`` marks the long cases, which CI runs in its own step.
+"""
 
 from __future__ import annotations
 
+import builtins
+import os
 import warnings
 
+import pytest
+from _pytest.doctest import DoctestItem
+
 warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
+
+if os.environ.get("FACTLENS_NO_TYPECHECK") != "1":
+    import sys
+
+    if "factlens" in sys.modules:  # pragma: no cover - only when a plugin imported factlens first
+        raise RuntimeError("factlens was imported before conftest.py could install the jaxtyping import hook")
+    from jaxtyping import install_import_hook
+
+    install_import_hook("factlens", "beartype.beartype")
+
+pytest_plugins = ["pytester"]
+
+
+def empty_namespace() -> dict:
+    """What a new notebook's namespace holds before its first cell: a name and the builtins."""
+    return {"__name__": "__main__", "__builtins__": builtins}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """After pytest sets a docstring example up (module globals, ``getfixture``, ``doctest_namespace``), empty its
+    namespace."""
+    yield
+    if isinstance(item, DoctestItem) and item.dtest.filename.endswith(".py"):
+        item.dtest.globs.clear()
+        item.dtest.globs.update(empty_namespace())

@@ -8,6 +8,7 @@ whole tensors.
 Example:
     >>> import torch
     >>> from dataclasses import dataclass
+    >>> from factlens.display import ResultDisplay
     >>> @dataclass
     ... class Scores(ResultDisplay):
     ...     values: torch.Tensor
@@ -48,6 +49,7 @@ def fmt(value: Any, digits: int = 4) -> str:
     """A number to ``digits`` significant digits (``0.0001234`` → ``'0.0001234'``, never ``'0.0000'``).
 
     Example:
+        >>> from factlens.display import fmt
         >>> fmt(0.00012346), fmt(25.93), fmt(3), fmt(1.5e-9), fmt(19552.7), fmt(float("nan"))
         ('0.0001235', '25.93', '3', '1.5e-09', '19,553', 'nan')
     """
@@ -69,6 +71,8 @@ def describe(value: Any, limit: int = 40) -> str:
     """A short description of a field value: shapes for tensors/arrays/tables, lengths for containers.
 
     Example:
+        >>> import torch
+        >>> from factlens.display import describe
         >>> describe(torch.zeros(3, 4, dtype=torch.int64)), describe([1, 2, 3]), describe(0.123456)
         ('Tensor[3, 4] int64', '[1, 2, 3]', '0.1235')
     """

@@ -434,6 +434,7 @@ def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: in
 
     Example:
         >>> import factlens
+        >>> from factlens import patch_pattern
         >>> model = factlens.tiny("gpt2")
         >>> tokens = model.to_tokens("The capital of France is")
         >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
@@ -507,6 +508,8 @@ def edit_scores(model: TransformerBridge, fn: Callable[[torch.Tensor, int], torc
 
     Example:
         >>> import factlens
+        >>> import torch
+        >>> from factlens import edit_scores
         >>> model = factlens.tiny("gpt2")
         >>> def no_bos(scores, layer):           # [b, h, q, k]: no query attends to the BOS token
         ...     scores[:, :, 1:, 0] = torch.finfo(scores.dtype).min
@@ -549,6 +552,7 @@ def attend_to_self(model: TransformerBridge, *, layers: int | Sequence[int] | No
 
     Example:
         >>> import torch, factlens
+        >>> from factlens import attend_to_self
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> dataset = dataset_for(model)
@@ -585,6 +589,7 @@ def add_vector(model: TransformerBridge, vector: Float[torch.Tensor, "... d_mode
 
     Example:
         >>> import torch, factlens
+        >>> from factlens import add_vector
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> from factlens.recall.datasets import dataset_for
         >>> dataset = dataset_for(model)
@@ -658,6 +663,7 @@ def hook(name: str, fn: HookFn, description: str | None = None) -> Intervention:
 
     Example:
         >>> import factlens
+        >>> from factlens import hook
         >>> model = factlens.tiny("gpt2")
         >>> def zero_head_0(z, hook):            # z: [batch, pos, head, d_head]
         ...     z[:, :, 0] = 0.0
@@ -775,6 +781,7 @@ def intervene(model: TransformerBridge, *interventions: Intervention | Sequence[
 
     Example:
         >>> import factlens
+        >>> from factlens import intervene
         >>> model = factlens.tiny("gpt2")
         >>> tokens = model.to_tokens("The capital of France is")
         >>> with intervene(model, [("blocks.0.hook_mlp_out", lambda t, hook: 2 * t)]) as run:
@@ -906,6 +913,7 @@ def run_with_interventions(model: TransformerBridge, tokens, *interventions: Int
 
     Example:
         >>> import factlens
+        >>> from factlens import run_with_interventions
         >>> model = factlens.tiny("gpt2")
         >>> logits = run_with_interventions(model, model.to_tokens("Hi"),
         ...                                 fwd_hooks=[("blocks.1.hook_resid_post", lambda t, hook: t * 0.5)])

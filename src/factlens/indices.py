@@ -79,6 +79,7 @@ def check_index(index, n: int, what: str, unit: str) -> int:
     """One index in ``-n..n-1`` → ``0..n-1`` (no wrap-around). ``unit`` names the axis for the message.
 
     Example:
+        >>> from factlens.indices import check_index
         >>> check_index(-1, 4, "head", "heads per layer")
         3
     """

@@ -252,6 +252,8 @@ def check_tokens(input_ids: torch.Tensor, vocab_size: int, n_ctx: int, past: int
     ``past`` is the number of positions already in the KV cache (incremental decoding).
 
     Example:
+        >>> import torch
+        >>> from factlens.inputs import check_tokens
         >>> check_tokens(torch.tensor([[1, 2, 3]]), vocab_size=50, n_ctx=4, past=2)
         Traceback (most recent call last):
         ...

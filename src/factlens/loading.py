@@ -26,6 +26,7 @@ it (:func:`factlens.build_hf`, and :func:`factlens.bridge_from_hf`'s default ``c
 Example:
     >>> import tempfile, factlens
     >>> from factlens.tokenizers import gpt2_tokenizer
+    >>> from factlens.loading import architecture, open_weights
     >>> folder = tempfile.mkdtemp()
     >>> factlens.build_hf("gpt2").save_pretrained(folder); gpt2_tokenizer().save_pretrained(folder)  # doctest: +ELLIPSIS
     (...)
@@ -88,6 +89,7 @@ def snapshot_folder(path: str | os.PathLike, revision: str | None = None) -> Pat
     (default ``main``, via ``refs/``), or to its only snapshot.
 
     Example:
+        >>> from factlens.loading import snapshot_folder
         >>> snapshot_folder("/no/such/folder")
         Traceback (most recent call last):
         ...
@@ -121,6 +123,7 @@ def architecture(folder: str | os.PathLike) -> str:
 
     Example:
         >>> import json, tempfile, pathlib
+        >>> from factlens.loading import architecture
         >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
         >>> architecture(d)
         Traceback (most recent call last):
@@ -379,6 +382,7 @@ def require_compat(model: TransformerBridge, analysis: str = "this analysis") ->
 
     Example:
         >>> import factlens
+        >>> from factlens.loading import require_compat
         >>> require_compat(factlens.tiny("gpt2"))                     # twins are built in compat mode
         >>> require_compat(factlens.tiny("gpt2", compat=False), "the logit lens")
         Traceback (most recent call last):

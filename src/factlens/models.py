@@ -289,6 +289,8 @@ def fuse_activations(hf_model: torch.nn.Module) -> int:
         The number of activations swapped.
 
     Example:
+        >>> from factlens import build_hf
+        >>> from factlens.models import fuse_activations
         >>> hf = build_hf("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=100)
         >>> type(hf.transformer.h[0].mlp.act).__name__, fuse_activations(hf)
         ('GELUTanh', 0)
@@ -319,6 +321,7 @@ def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, fu
     patched (:mod:`factlens.attention`), no TransformerLens overhead.
 
     Example:
+        >>> from factlens import build_hf
         >>> hf = build_hf("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=100)
         >>> type(hf).__name__, hf.config._attn_implementation
         ('GPT2LMHeadModel', 'factlens')
@@ -404,6 +407,7 @@ def tiny(arch: str = "gpt2", *, seed: int = 0, compat: bool = True, device=None,
     ``num_hidden_layers=3`` for OPT).
 
     Example:
+        >>> from factlens import tiny
         >>> tiny("opt").cfg.n_layers
         2
     """

@@ -5,6 +5,7 @@ activations. Several biography training runs on one figure: :func:`factlens.bios
 
 Example:
     >>> import torch, factlens
+    >>> from factlens.plot import attention_patterns
     >>> model = factlens.tiny("gpt2", compat=True)
     >>> fig = attention_patterns(model, "The capital of France is", heads=[(0, 1), (1, 3)])
     >>> fig.layout.title.text

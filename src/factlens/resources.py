@@ -19,6 +19,8 @@ free, on the CPU; ``cudaMemGetInfo`` plus the caching allocator's free blocks on
 
 Example:
     >>> import factlens
+    >>> from factlens.resources import estimate_cache
+    >>> from factlens import run_with_cache
     >>> model = factlens.tiny("gpt2")
     >>> est = estimate_cache(model, batch=8, seq_len=32, names_filter=lambda n: n.endswith("hook_pattern"))
     >>> est.total == 8 * 2 * 4 * 32 * 32 * 4      # batch × layers × heads × T × T × fp32 bytes
@@ -86,6 +88,7 @@ def set_memory_budget(budget: int | str | None) -> None:
     """Cap the memory factlens's checks allow (bytes or ``'8GiB'``); ``None`` = what the device has free.
 
     Example:
+        >>> from factlens.resources import set_memory_budget
         >>> set_memory_budget("8GiB"); set_memory_budget(None)
     """
     global _budget_override
@@ -228,6 +231,7 @@ def memory_usage(device: str | torch.device | None = None) -> MemoryUsage:
     """Read the process's memory (and ``device``'s when it is a GPU).
 
     Example:
+        >>> from factlens import memory_usage
         >>> memory_usage().rss > 0
         True
     """
@@ -246,6 +250,7 @@ def track(iterable: Iterable, *, device: str | torch.device | None = None, disab
     """``tqdm(iterable, **kwargs)`` whose postfix shows the process's memory, updated after every item.
 
     Example:
+        >>> from factlens.resources import track
         >>> sum(track(range(3), desc="demo", disable=True))
         3
     """
@@ -270,6 +275,7 @@ def check_fits(nbytes: int, device: str | torch.device, *, what: str, fixes: Ite
         fraction: Safety fraction of the free memory (the computation itself needs working space).
 
     Example:
+        >>> from factlens.resources import check_fits
         >>> check_fits(10, "cpu", what="a tiny tensor", fixes=["nothing"])
         >>> check_fits(10**15, "cpu", what="a huge cache", fixes=["a smaller batch"])
         Traceback (most recent call last):
@@ -296,6 +302,8 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor]
     optimiser state; the graph is freed when the call returns.
 
     Example:
+        >>> import torch
+        >>> from factlens.resources import saved_tensor_bytes
         >>> layer = torch.nn.Linear(8, 8)
         >>> saved_tensor_bytes(lambda: torch.relu(layer(torch.ones(4, 8))), exclude=layer.parameters())
         256
@@ -382,6 +390,7 @@ def cache_nbytes(cache) -> int:
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.resources import cache_nbytes, estimate_cache
         >>> model = factlens.tiny("gpt2", compat=True)
         >>> tokens = model.to_tokens("The capital of France is")
         >>> _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
@@ -403,6 +412,7 @@ def pos_slice_indices(pos_slice, seq_len: int) -> list[int] | None:
     positions, or a ``transformer_lens.utilities.Slice``.
 
     Example:
+        >>> from factlens.resources import pos_slice_indices
         >>> pos_slice_indices(-1, 6), pos_slice_indices(slice(0, 4, 2), 6)
         ([-1], [0, 2])
     """
@@ -444,6 +454,7 @@ def estimate_cache(model: TransformerBridge, batch: int, seq_len: int, names_fil
 
     Example:
         >>> import factlens
+        >>> from factlens.resources import estimate_cache
         >>> model = factlens.tiny("gpt2")
         >>> full = estimate_cache(model, 4, 64)
         >>> last = estimate_cache(model, 4, 64, pos_slice=-1)
@@ -522,6 +533,7 @@ def run_with_cache(model: TransformerBridge, tokens, *, names_filter: NamesFilte
 
     Example:
         >>> import factlens
+        >>> from factlens import run_with_cache
         >>> model = factlens.tiny("gpt2")
         >>> logits, cache = run_with_cache(model, model.to_tokens("Hello there"),
         ...                                names_filter=lambda n: n.endswith("hook_z"))

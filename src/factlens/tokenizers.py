@@ -107,6 +107,7 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
     """The real GPT-2 BPE tokenizer, offline. No BOS is added; pad = ``<|endoftext|>``; right padding.
 
     Example:
+        >>> from factlens.tokenizers import gpt2_tokenizer
         >>> gpt2_tokenizer()("The capital of France is")["input_ids"]
         [464, 3139, 286, 4881, 318]
     """
@@ -117,6 +118,7 @@ def opt_style_tokenizer() -> PreTrainedTokenizerBase:
     """GPT-2 BPE with OPT's conventions: ``</s>`` (id 50257) prepended as BOS, ``<pad>`` = 50258.
 
     Example:
+        >>> from factlens.tokenizers import opt_style_tokenizer
         >>> opt_style_tokenizer()(" Paris")["input_ids"]
         [50257, 6342]
     """

@@ -203,6 +203,7 @@ class RelationDataset(ResultDisplay):
     Example:
         >>> from factlens.recall.relations import CAPITALS
         >>> from factlens.tokenizers import opt_style_tokenizer
+        >>> from factlens.recall import make_dataset
         >>> ds = make_dataset(CAPITALS, opt_style_tokenizer(), shots=1, seed=0)
         >>> ds.tokens[0, 0].item(), ds.tokenizer.decode(ds.tokens[0, ds.positions["R"][0]])
         (50257, ' capital')
@@ -275,6 +276,7 @@ class RelationDataset(ResultDisplay):
         Example:
             >>> from factlens.recall.relations import CAPITALS
             >>> from factlens.tokenizers import gpt2_tokenizer
+            >>> from factlens.recall import make_dataset
             >>> len(make_dataset(CAPITALS, gpt2_tokenizer()).subset("France"))
             15
         """
@@ -293,6 +295,7 @@ class RelationDataset(ResultDisplay):
         Example:
             >>> from factlens.recall.relations import CAPITALS
             >>> from factlens.tokenizers import gpt2_tokenizer
+            >>> from factlens.recall import make_dataset
             >>> ds = make_dataset(CAPITALS, gpt2_tokenizer())
             >>> all(a != b for a, b in zip(ds.subjects, ds.counterfactual(seed=1).subjects))
             True
@@ -392,6 +395,7 @@ def make_dataset(
     Example:
         >>> from factlens.recall.relations import CAPITALS
         >>> from factlens.tokenizers import gpt2_tokenizer
+        >>> from factlens.recall import make_dataset
         >>> ds = make_dataset(CAPITALS, gpt2_tokenizer(), shots=1, n=4, seed=0)
         >>> ds.prompts[0].startswith("The capital of "), ds.tokens.shape[0]
         (True, 4)
@@ -431,6 +435,7 @@ def dataset_for(model: TransformerBridge, relation: Relation = CAPITALS, shots: 
 
     Example:
         >>> import factlens
+        >>> from factlens.recall import dataset_for
         >>> dataset_for(factlens.tiny("gpt2")).tokens[0, 0].item()       # "It", no BOS
         1026
     """
@@ -469,6 +474,7 @@ def make_prompt_dataset(
     Example:
         >>> from factlens.recall.relations import CAPITALS
         >>> from factlens.tokenizers import gpt2_tokenizer
+        >>> from factlens.recall import make_prompt_dataset
         >>> tok = gpt2_tokenizer()
         >>> ds = make_prompt_dataset([("Ada Lovelace was born in", "Ada Lovelace", "London"),
         ...                           ("Alan Turing was born in", "Alan Turing", "London")], tok)

@@ -52,6 +52,7 @@ def with_lead_in(lead_in: str, body: str) -> str:
     lead-in gets ", ". An empty lead-in capitalises the body.
 
     Example:
+        >>> from factlens.recall.relations import with_lead_in
         >>> with_lead_in("We confirm that", "the capital of {subject} is")
         'We confirm that the capital of {subject} is'
         >>> with_lead_in("Don't forget,", "the capital of {subject} is")
@@ -72,6 +73,7 @@ def nfc(text: str) -> str:
     prompts however they were typed.
 
     Example:
+        >>> from factlens.recall.relations import nfc
         >>> nfc("Cura\u0063\u0327ao") == "Cura\u00e7ao"
         True
     """
@@ -82,6 +84,7 @@ def subject_pattern(subject: str) -> re.Pattern:
     """A regex matching ``subject`` as a whole word (or run of words): never inside a longer word.
 
     Example:
+        >>> from factlens.recall.relations import subject_pattern
         >>> [m.start() for m in subject_pattern("Niger").finditer("Unlike Nigeria, Niger is")]
         [16]
     """
@@ -127,6 +130,7 @@ class Relation:
         variants: Other template sets by name, selected with ``make_dataset(variant=...)``.
 
     Example:
+        >>> from factlens.recall import CAPITALS
         >>> CAPITALS.answer_of("France"), len(CAPITALS.templates)
         ('Paris', 15)
     """
@@ -217,6 +221,7 @@ def make_relation(
     """Build a user relation; with ``lead_ins`` every template (and variant) body gets each lead-in.
 
     Example:
+        >>> from factlens.recall import make_relation
         >>> rel = make_relation("languages", {"France": "French", "Germany": "German"},
         ...                     "the official language of {subject} is",
         ...                     "The official language of {subject} is {answer}. ",

@@ -191,6 +191,7 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
 
     Example:
         >>> import factlens
+        >>> from factlens.recall import analyze
         >>> report = analyze(factlens.full_size("gpt2"), out_dir="gpt2_report")    # doctest: +SKIP
     """
     require_eval(model, "analyze")

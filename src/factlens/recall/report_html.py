@@ -10,6 +10,7 @@ reference values (15.5% → 25.9%) are never drawn beside it. Numbers use signif
 Example:
     >>> import factlens
     >>> from factlens.recall.report import analyze
+    >>> from factlens.recall.report_html import render_html
     >>> report = analyze(factlens.tiny("gpt2"), folds=2, n=24, progress=False)
     >>> page = render_html(report)
     >>> page.count("Random weights."), page.count('class="figure"') >= 4
@@ -56,6 +57,7 @@ def model_info(model: TransformerBridge) -> dict[str, Any]:
 
     Example:
         >>> import factlens
+        >>> from factlens.recall.report_html import model_info
         >>> info = model_info(factlens.tiny("opt"))
         >>> info["name"], info["twin"], info["compat"]
         ('tiny-opt', True, True)
