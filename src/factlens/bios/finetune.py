@@ -8,6 +8,8 @@ forgetting of old facts and the slower learning of new ones are both visible. Th
 pre-training run's own (checked by their fingerprint, :class:`~factlens.bios.config.FinetuneConfig`).
 
 Example:
+    >>> from factlens.bios import train
+    >>> from factlens.bios.finetune import finetune_config
     >>> config = finetune_config("runs/paper", n_new=4000, old_weight=1 / 32, steps=4000)   # doctest: +SKIP
     >>> history = train(config, "runs/finetune")                                             # doctest: +SKIP
 """

@@ -16,6 +16,7 @@ The phases read from a loss curve (plateau end, drop end) are in :mod:`factlens.
 Example:
     >>> import numpy as np, torch
     >>> from factlens.bios import BiosVocab, Population, make_batch
+    >>> from factlens.bios import attribute_loss
     >>> vocab = BiosVocab.default()
     >>> batch = make_batch(Population.generate(10, seed=0), vocab, np.arange(2), seq_len=128)
     >>> logits = torch.zeros(2, 128, vocab.size)  # uniform predictions

@@ -17,6 +17,7 @@ The two readings answer different questions (how long the loss stays flat; when 
 their plateau ends differ; each figure names the one it draws.
 
 Example:
+    >>> from factlens.bios.phases import ratio_phases
     >>> steps, losses = [0, 100, 200, 300, 400], [40.0, 6.9, 6.8, 6.7, 3.0]
     >>> ratio_phases(steps, losses, baseline=6.785)
     (100, 400)
@@ -47,6 +48,7 @@ def drop_end(steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.nda
     """Ratio reading: the first checkpoint whose attribute loss is within 10% of the baseline; ``None`` if never.
 
     Example:
+        >>> from factlens.bios.phases import drop_end
         >>> drop_end([0, 100, 200], [40.0, 7.0, 6.8], baseline=6.785)
         100
     """
@@ -86,6 +88,7 @@ def plateau_end(
     paper notes, §2). The order of the input does not matter.
 
     Example:
+        >>> from factlens.bios import plateau_end
         >>> plateau_end([0, 100, 300, 500], [40.0, 6.8, 6.8, 6.0], baseline=6.785)
         500
     """
@@ -105,6 +108,7 @@ def ratio_phases(steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np
     starts below ``ratio × baseline`` is not mistaken for knowledge.
 
     Example:
+        >>> from factlens.bios.phases import ratio_phases
         >>> ratio_phases([0, 100, 200, 300], [40.0, 6.8, 6.8, 5.0], baseline=6.785)
         (100, 300)
     """
@@ -132,6 +136,7 @@ def three_phases(history, band: float = 0.03) -> dict:
     Example:
         >>> import pandas as pd
         >>> from types import SimpleNamespace
+        >>> from factlens.bios import three_phases
         >>> ev = pd.DataFrame({"step": [0, 100, 200, 300, 400, 500, 600], "attr_acc": [0, 0, 0, 0, 0, 0.1, 0.9],
         ...                    "attr_loss": [14, 4.9, 5.2, 4.85, 4.9, 4.95, 1.0]})
         >>> three_phases(SimpleNamespace(evals=ev, baseline=4.9))

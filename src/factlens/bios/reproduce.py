@@ -19,6 +19,7 @@ retrained, so an interrupted ``reproduce`` resumes where it stopped (unfinished 
 resume checkpoint). The cells train here or as SLURM job arrays (``executor``; docs/cluster.md).
 
 Example:
+    >>> from factlens.bios.reproduce import reproduce
     >>> result = reproduce("tiny", "runs/repro-tiny", progress=False)      # doctest: +SKIP
     >>> result.fit                                                          # doctest: +SKIP
     >>> result                                                              # doctest: +SKIP
@@ -200,6 +201,7 @@ def fit_power_law(n: Sequence[float], steps: Sequence[float]) -> dict:
     """Least-squares fit of ``steps ≈ coef · n^exponent`` in log-log space (NaN with fewer than 2 points).
 
     Example:
+        >>> from factlens.bios.reproduce import fit_power_law
         >>> fit = fit_power_law([1000, 2000, 4000], [0.43 * x ** 0.81 for x in (1000, 2000, 4000)])
         >>> round(fit["coef"], 2), round(fit["exponent"], 2)
         (0.43, 0.81)

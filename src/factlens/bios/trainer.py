@@ -469,6 +469,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, device=None, progress: bo
     tracker (:mod:`factlens.bios.tracking`).
 
     Example:
+        >>> from factlens.bios import TrainConfig, train
         >>> history = train(TrainConfig.preset("tiny"), "runs/tiny", progress=False)   # doctest: +SKIP
         >>> history.plot().write_html("runs/tiny/curves.html")                        # doctest: +SKIP
     """

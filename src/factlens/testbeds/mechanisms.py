@@ -30,6 +30,7 @@ no-knowledge baseline, the end of the initial drop and the plateau end on the fi
 Example:
     >>> from pathlib import Path
     >>> import factlens
+    >>> from factlens.testbeds.mechanisms import mechanisms
     >>> run = Path(factlens.__file__).parents[2] / "tests" / "data" / "bios_demo_run"
     >>> res = mechanisms(run, attributes=["birth_place"], n=32, progress=False)   # doctest: +SKIP
     >>> res.to_dataframe()[["step", "attribute", "prob", "type_purity"]]            # doctest: +SKIP
@@ -90,6 +91,7 @@ def type_purity(intercept: Float[torch.Tensor, " d"], W_U: Float[torch.Tensor, "
 
     Example:
         >>> import torch
+        >>> from factlens.testbeds.mechanisms import type_purity
         >>> W_U = torch.eye(6)
         >>> type_purity(W_U[:, 0] + W_U[:, 1] - W_U[:, 5], W_U, value_ids=[0, 1, 2], k=2)
         1.0
@@ -396,6 +398,7 @@ def name_attention(model: TransformerBridge, dataset, *, interventions=None, max
         >>> import factlens
         >>> from factlens.recall.datasets import make_prompt_dataset
         >>> from factlens.tokenizers import gpt2_tokenizer
+        >>> from factlens.testbeds.mechanisms import name_attention
         >>> ds = make_prompt_dataset([("Ada Lovelace was born in", "Ada Lovelace", "London")], gpt2_tokenizer())
         >>> name_attention(factlens.tiny("gpt2"), ds).shape
         torch.Size([2, 4])
@@ -427,6 +430,9 @@ def write_mechanisms(result: MechanismsResult, out: str | Path, *, png: bool = T
     and (with kaleido + Chrome installed) ``mechanisms.png`` to ``out``, each atomically; returns the paths written.
 
     Example:
+        >>> from factlens.testbeds.mechanisms import write_mechanisms
+        >>> from factlens.testbeds.mechanisms import mechanisms
+        >>> result = mechanisms("runs/demo")                                    # doctest: +SKIP
         >>> write_mechanisms(result, "runs/demo/mechanisms")                    # doctest: +SKIP
     """
     out = check_out(out)

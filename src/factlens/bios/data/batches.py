@@ -283,6 +283,7 @@ class BiographyStream:
 
     Example:
         >>> from factlens.bios import BiosVocab, Population, Uniform
+        >>> from factlens.bios import BiographyStream
         >>> pop = Population.generate(64, seed=0)
         >>> stream = BiographyStream(pop, BiosVocab.default(), Uniform(64), batch_size=8, seq_len=128, seed=1)
         >>> bool((stream.batch(5).tokens == stream.batch(5).tokens).all())
@@ -362,6 +363,7 @@ def eval_batches(
 
     Example:
         >>> from factlens.bios import BiosVocab, Population
+        >>> from factlens.bios import eval_batches
         >>> pop = Population.generate(50, seed=0)
         >>> [len(b) for b in eval_batches(pop, BiosVocab.default(), n_sequences=20, batch_size=8)]
         [8, 8, 4]

@@ -90,6 +90,7 @@ def attribute_index(attr: str | int) -> int:
     """Index 0..5 of an attribute given by name or index.
 
     Example:
+        >>> from factlens.bios import attribute_index
         >>> attribute_index("major"), attribute_index(5)
         (3, 5)
     """
@@ -135,6 +136,7 @@ class Pools:
             demo therefore cuts the date pool to 24 dates (``Pools.sized(years=1, days=2)``).
 
     Example:
+        >>> from factlens.bios import Pools
         >>> small = Pools.sized(first_names=10, last_names=10, cities=5, universities=4, majors=3,
         ...                     companies=2, years=3)
         >>> small.pool_size("birth_place"), small.pool_size("birth_date")
@@ -190,6 +192,7 @@ class Pools:
             days: Keep days ``1..days`` of every month (default all 31).
 
         Example:
+            >>> from factlens.bios import Pools
             >>> Pools.sized(cities=3).cities
             ('Shanghai', 'Beijing', 'Shenzhen')
         """
@@ -309,6 +312,7 @@ def pool_size(attr: str | int, pools: Pools | None = None) -> int:
     """Pool size of an attribute (default pools unless ``pools`` is given).
 
     Example:
+        >>> from factlens.bios import pool_size
         >>> pool_size("company")
         500
     """
@@ -321,6 +325,7 @@ def no_knowledge_baseline(pools: Pools | None = None) -> float:
     With the paper's pool sizes this is (2 ln 800 + ln 200 + ln 100 + ln 500 + ln 74772) / 6 ≈ 6.785.
 
     Example:
+        >>> from factlens.bios import Pools, no_knowledge_baseline
         >>> round(no_knowledge_baseline(Pools.default()), 3)
         6.785
     """

@@ -89,6 +89,7 @@ class Population:
             ConfigError: ``n_people`` is not positive or exceeds the free name space.
 
         Example:
+            >>> from factlens.bios import Population
             >>> Population.generate(5, seed=3).names.shape
             (5, 3)
         """
@@ -143,6 +144,7 @@ class Population:
         Values and template splits are drawn afresh; use a ``seed`` different from this population's.
 
         Example:
+            >>> from factlens.bios import Population
             >>> pop = Population.generate(50, seed=0)
             >>> len(pop.unseen(20, seed=1))
             20
@@ -160,6 +162,7 @@ class Population:
         """Join populations in order (indices of later ones follow earlier ones); names must stay unique.
 
         Example:
+            >>> from factlens.bios import Population
             >>> old = Population.generate(30, seed=0)
             >>> both = Population.concatenate([old, old.unseen(10, seed=1)])
             >>> len(both), both.full_name(30) == old.unseen(10, seed=1).full_name(0)
@@ -222,6 +225,7 @@ class Population:
         unless ``rng`` picks one at random).
 
         Example:
+            >>> from factlens.bios import Population
             >>> pop = Population.generate(3, seed=0)
             >>> pop.person_text(0).count(pop.full_name(0))
             6

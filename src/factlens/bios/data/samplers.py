@@ -64,6 +64,8 @@ class Uniform(Sampler):
     """Everyone equally often.
 
     Example:
+        >>> import numpy as np
+        >>> from factlens.bios import Uniform
         >>> Uniform(10)(0, 3, np.random.default_rng(0)).shape
         (3,)
     """
@@ -82,6 +84,8 @@ class PowerLaw(Sampler):
     """Inverse power law over the index order: ``p(i) ∝ (i + 1)^-alpha``.
 
     Example:
+        >>> import numpy as np
+        >>> from factlens.bios import PowerLaw
         >>> p = PowerLaw(3, alpha=1.0).probabilities(0)
         >>> np.round(p / p[-1], 3).tolist()
         [3.0, 1.5, 1.0]
@@ -108,6 +112,7 @@ class Celebrities(Sampler):
     """The first ``n_celebrities`` people are drawn ``weight`` times as often as each other person.
 
     Example:
+        >>> from factlens.bios import Celebrities
         >>> p = Celebrities(10, n_celebrities=2, weight=4).probabilities(0)
         >>> round(float(p[0] / p[-1]), 6), round(float(p[:2].sum()), 4)
         (4.0, 0.5)
@@ -147,6 +152,8 @@ class WarmUp(Sampler):
     ``warmup_steps = ceil(epochs * n / batch_size)``.
 
     Example:
+        >>> import numpy as np
+        >>> from factlens.bios import WarmUp
         >>> s = WarmUp(64, n_warmup=8, epochs=2, batch_size=8)
         >>> s.warmup_steps, int(s(15, 100, np.random.default_rng(0)).max()) < 8
         (16, True)
@@ -187,6 +194,7 @@ class Sequential(Sampler):
     the last phase. ``n_groups=2, n_repeats=4`` is the paper's alternating setting.
 
     Example:
+        >>> from factlens.bios import Sequential
         >>> s = Sequential(100, n_groups=4, n_repeats=1, total_steps=400)
         >>> s.group(0), s.group(99), s.group(100), s.group(399)
         (0, 0, 1, 3)
@@ -228,6 +236,7 @@ class Replay(Sampler):
     that a draw is an old person is ``n_old * w / (n_old * w + n_new)``.
 
     Example:
+        >>> from factlens.bios import Replay
         >>> s = Replay(n_old=64, n_new=4, old_weight=1 / 16)
         >>> round(float(s.probabilities(0)[:64].sum()), 3)
         0.5
@@ -274,6 +283,7 @@ def make_sampler(spec: str | dict, *, n: int, batch_size: int | None = None, **k
     epochs).
 
     Example:
+        >>> from factlens.bios import make_sampler
         >>> make_sampler("celebrities", n=100, n_celebrities=10, weight=8)
         Celebrities(n=100, n_celebrities=10, weight=8.0)
         >>> make_sampler({"kind": "power_law", "alpha": 0.6}, n=100).describe()

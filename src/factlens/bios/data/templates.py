@@ -213,6 +213,7 @@ def template_parts(attr: str | int, index: int) -> tuple[str, str, str]:
     """The fixed ``(prefix, middle, suffix)`` around ``{name}`` and ``{value}`` of one template.
 
     Example:
+        >>> from factlens.bios.data.templates import template_parts
         >>> template_parts("current_location", 2)
         ('', "'s habitation is in", '.')
     """
@@ -237,6 +238,7 @@ def check_templates(templates: dict[str, tuple[str, ...]] | None = None) -> None
     are distinct; no pronouns; ASCII without digits; exactly :data:`N_TEMPLATES` per attribute.
 
     Example:
+        >>> from factlens.bios.data.templates import check_templates
         >>> check_templates()  # the shipped templates pass
     """
     templates = TEMPLATES if templates is None else templates

@@ -69,6 +69,7 @@ class BiosVocab:
         month_pieces, day_pieces, year_pieces: Pieces of date parts.
 
     Example:
+        >>> from factlens.bios import BiosVocab, Pools
         >>> vocab = BiosVocab(Pools.sized(first_names=5, last_names=5, cities=5, universities=30,
         ...                               majors=5, companies=5, years=2))
         >>> vocab.tokens(vocab.token_ids("University of California, Berkeley"))
@@ -215,6 +216,7 @@ class BiosVocab:
         Example:
             >>> import tempfile
             >>> from transformers import AutoTokenizer
+            >>> from factlens.bios import BiosVocab
             >>> vocab = BiosVocab.default()
             >>> d = vocab.save_pretrained(tempfile.mkdtemp())
             >>> text = "Mary was born on"

@@ -14,6 +14,7 @@ Layers are numbered from 0 everywhere, as in TransformerLens's hook names: the p
 8-layer model is layer 0 here, its "layer 8" is layer 7.
 
 Example:
+    >>> from factlens.bios.patching.circuits import attention_to_name
     >>> result = attention_to_name("runs/demo", steps=[0, 200, 1000])      # doctest: +SKIP
     >>> result.plot().show()                                               # doctest: +SKIP
 """

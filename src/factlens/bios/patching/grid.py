@@ -14,6 +14,7 @@ checkpoint. :func:`run_grid` does exactly that under ``out_dir``:
 
 Example:
     >>> from factlens.bios.trainer import TrainConfig
+    >>> from factlens.bios.patching.grid import run_grid
     >>> result = run_grid(TrainConfig.preset("demo"), "runs/grid", reference_steps=[0, 200, 1200],
     ...                   start_steps=[0])                                         # doctest: +SKIP
     >>> result.plot().show()                                                        # doctest: +SKIP

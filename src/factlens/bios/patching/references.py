@@ -15,6 +15,7 @@ patch proves it took effect, on GPT-2 and OPT alike.
 
 Example:
     >>> import torch, factlens
+    >>> from factlens.bios.patching.references import Reference, patched_forward
     >>> model = factlens.tiny("gpt2", compat=True)
     >>> tokens = model.to_tokens("The capital of France is")
     >>> ref = Reference.from_checkpoint("runs/demo", step=1000)              # doctest: +SKIP

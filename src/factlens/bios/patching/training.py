@@ -85,6 +85,7 @@ class PatternRecorder:
 
     Example:
         >>> import torch, factlens
+        >>> from factlens.bios.patching.training import PatternRecorder
         >>> model = factlens.build_hf("gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=100)
         >>> patterns = PatternRecorder(model).run(torch.randint(0, 100, (1, 5)))
         >>> sorted(patterns), tuple(patterns[0].shape)
