@@ -47,3 +47,13 @@ def pytest_runtest_setup(item):
     if isinstance(item, DoctestItem) and item.dtest.filename.endswith(".py"):
         item.dtest.globs.clear()
         item.dtest.globs.update(empty_namespace())
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``), split the cores between the workers instead of letting each torch use all
+    of them."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
