@@ -22,6 +22,12 @@ def tiny_models() -> dict:
     return {a: factlens.tiny(a, seed=0) for a in ("gpt2", "opt")}
 
 
+@pytest.fixture(scope="session")
+def gpt2_small_twin():
+    """A random-weight GPT-2 small (124M parameters; a few seconds to build): tests must not modify it."""
+    return factlens.full_size("gpt2")
+
+
 @pytest.fixture
 def model(tiny_models, arch):
     m = tiny_models[arch]

@@ -131,6 +131,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # training subprocesses killed and resumed: .ci/run runs it in its slow step
 def test_resume_after_sigkill_gives_identical_losses(tmp_path):
     reference = tmp_path / "uninterrupted"
     train(tiny_config(steps=40, resume_every=5), reference, progress=False)
@@ -176,6 +177,7 @@ _DDP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two DDP subprocesses: .ci/run runs it in its slow step
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     single = Trainer(tiny_config(batch_size=8), tmp_path / "single", progress=False, device="cpu")
     single.raw_model.train()

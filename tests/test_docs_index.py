@@ -80,17 +80,3 @@ def test_the_parser_reads_wrapped_bullets_and_sees_a_missing_module(tmp_path):
         (pkg / f).write_text("")
     assert existing_modules(tmp_path) - set(listed_modules(doc)) == {"factlens.p.extra"}
 
-
-def test_ci_runs_the_readmes_test_command():
-    """README.md's second command (the test suite) is the command .ci/run's test step runs (CI may add
-    ``-p no:cacheprovider``), and docs/index.md shows the same command."""
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme, flags=re.S)
-    assert block, "README.md has no ```bash block"
-    commands = [line.strip() for line in block.group(1).splitlines() if line.strip()]
-    assert len(commands) >= 2 and "pytest" in commands[1], commands
-    test_command = commands[1]
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line.strip().startswith("python -m pytest") and '-m "not slow"' in line]
-    assert [c.replace(" -p no:cacheprovider", "") for c in ci] == [test_command], (ci, test_command)
-    assert test_command in (ROOT / "docs" / "index.md").read_text()

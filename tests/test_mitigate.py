@@ -191,6 +191,7 @@ def test_final_layer_effect_decomposes_the_answer_logit(model):
     assert set(eff.promoted["direction"]) == {"promoted", "demoted"}
 
 
+@pytest.mark.slow  # the whole analysis, written: .ci/run runs it in its slow step
 def test_analyze_writes_a_linked_report(tmp_path):
     model = factlens.tiny("gpt2", seed=3)
     report = analyze(model, out_dir=tmp_path, n=45, folds=3, progress=False)

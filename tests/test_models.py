@@ -98,8 +98,8 @@ def test_full_size_bridges_build(name):
     assert logits.shape[-1] == spec.vocab_size and torch.isfinite(logits).all()
 
 
-def test_full_size_gpt2_small_builds():
-    bridge = factlens.full_size("gpt2")
+def test_full_size_gpt2_small_builds(gpt2_small_twin):
+    bridge = gpt2_small_twin
     assert (bridge.cfg.n_layers, bridge.cfg.n_heads, bridge.cfg.d_model) == (12, 12, 768)
 
 

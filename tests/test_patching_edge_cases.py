@@ -67,6 +67,7 @@ _DDP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two DDP subprocesses: .ci/run runs it in its slow step
 def test_ddp_with_fully_patched_opt_layers_matches_one_process(opt_run, tmp_path):
     # Patching starts at step 1, so DDP first trains every parameter, then the fully patched layers' q_proj and
     # k_proj get no gradient: DDP used to stop with "Expected to have finished reduction".

@@ -70,10 +70,11 @@ def test_twin_banner_and_no_paper_markers(report):
     assert "Lv et al. (paper)" in page and "Random weights." not in _text(page)
 
 
-def test_twins_never_get_the_paper_reference():
-    twin = factlens.full_size("gpt2")
+def test_twins_never_get_the_paper_reference(gpt2_small_twin, monkeypatch):
+    twin = gpt2_small_twin
     assert _paper_model(twin) is None
-    twin.factlens_random_weights = False  # the same architecture with (pretend) pretrained weights
+    # the same architecture with (pretend) pretrained weights; monkeypatch restores the shared twin
+    monkeypatch.setattr(twin, "factlens_random_weights", False)
     assert _paper_model(twin) == "gpt2"
 
 

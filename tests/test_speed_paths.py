@@ -134,6 +134,7 @@ def test_backward_hook_on_pattern_takes_explicit_path(opt, tokens):
 
 
 # ------------------------------------------------------------------------------------ the shared analysis pass
+@pytest.mark.slow  # the whole analysis, twice: .ci/run runs it in its slow step
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
 def test_analyze_shared_pass_equals_separate_passes(arch):
     """analyze's one shared clean pass and two-pass mitigation table give what every step gives on its own passes
