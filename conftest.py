@@ -5,7 +5,7 @@
   holds only ``__name__ == "__main__"`` and the builtins, so an example passes only if it imports and builds
   everything it uses, as it would in a new notebook (``tests/test_doctest_namespace.py`` checks this).
 * jaxtyping shape annotations are checked while the tests run: ``factlens`` is imported through
-  ``jaxtyping.install_import_hook(..., "beartype.beartype")``, so a public function called with a tensor of the
+  ``jaxtyping.install_import_hook("factlens", ...)`` with beartype, so a public function called with a tensor of the
   wrong shape or dtype raises, and so does one that returns one. ``FACTLENS_NO_TYPECHECK=1`` turns this off.
 * Test tiers: ``python -m pytest -m "not slow"`` is the fast default tier (what the README and CI run);
   ``@pytest.mark.slow`` marks the long cases, which CI runs in its own step.
@@ -29,7 +29,8 @@ if os.environ.get("FACTLENS_NO_TYPECHECK") != "1":
         raise RuntimeError("factlens was imported before conftest.py could install the jaxtyping import hook")
     from jaxtyping import install_import_hook
 
-    install_import_hook("factlens", "beartype.beartype")
+    # beartype with PEP 484's numeric tower: an int is a valid float, a float or int a valid complex
+    install_import_hook("factlens", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 pytest_plugins = ["pytester"]
 

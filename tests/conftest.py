@@ -12,6 +12,17 @@ import factlens
 warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
 
 
+@pytest.fixture
+def unchecked():
+    """Switch the test run's jaxtyping/beartype checks off for one test: for tests that pass deliberately wrong
+    arguments to see factlens's own error, which is what a user gets (the checks run only under pytest)."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
+
+
 @pytest.fixture(scope="session", params=["gpt2", "opt"])
 def arch(request) -> str:
     return request.param

@@ -24,6 +24,8 @@ from factlens.recall.relations import CAPITALS, make_relation
 from factlens.resources import set_memory_budget
 from factlens.tokenizers import gpt2_tokenizer
 
+pytestmark = pytest.mark.usefixtures("unchecked")  # wrong arguments on purpose: factlens's own errors
+
 
 @pytest.fixture(scope="module")
 def gpt2():

@@ -18,6 +18,8 @@ from factlens.recall.mitigation import interventions_for
 from factlens.recall.mlp_decomposition import capture_mlp_activations
 from factlens.tokenizers import gpt2_tokenizer
 
+pytestmark = pytest.mark.usefixtures("unchecked")  # wrong arguments on purpose: factlens's own errors
+
 
 @pytest.fixture(scope="module")
 def gpt2():

@@ -102,6 +102,7 @@ def test_rank_deficient_raises_and_ridge_fixes():
         fit_decomposition(m, const)
 
 
+@pytest.mark.usefixtures("unchecked")  # wrong shapes on purpose: factlens's own ShapeError
 def test_shape_and_value_errors():
     m, h, _, _ = _synthetic(10, 2, 4, seed=3)
     with pytest.raises(ShapeError):

@@ -146,6 +146,7 @@ def test_the_trained_model_is_refused_as_its_own_reference():
     (dict(heads=[-1]), r"heads=\[-1\].*0-based"),
     (dict(reference=""), r"reference=''.*run directory"),
 ])
+@pytest.mark.usefixtures("unchecked")  # wrong field types on purpose: factlens's own ConfigError
 def test_patch_config_refuses_bad_fields(kwargs, fix):
     with pytest.raises(factlens.ConfigError, match=fix):
         PatchConfig(**{"reference": "runs/ref", "reference_step": 10, **kwargs})

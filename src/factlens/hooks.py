@@ -49,6 +49,7 @@ from factlens.indices import check_index, head_indices, layer_indices, position_
 from factlens.inputs import at_least_fp32
 
 if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
     from transformer_lens.model_bridge import TransformerBridge
 
 OnNoEffect = Literal["raise", "warn", "ignore"]
@@ -415,7 +416,8 @@ def _check_pattern(src: torch.Tensor, target: torch.Tensor, where: str, *, causa
                                  "causal=False to patch_pattern if the leak is intended.")
 
 
-def patch_pattern(model: TransformerBridge, source: PatternSource, *, layers: int | Sequence[int] | None = None,
+def patch_pattern(model: TransformerBridge, source: PatternSource | ActivationCache, *,
+                  layers: int | Sequence[int] | None = None,
                   heads: int | Sequence[int] | None = None, positions: Positions = None,
                   detach: bool = True, causal: bool = True) -> Intervention:
     """Replace the post-softmax attention pattern (``hook_pattern``) of chosen layers/heads/query positions.

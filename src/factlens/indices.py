@@ -36,7 +36,7 @@ import torch
 
 from factlens.errors import ConfigError
 
-Index = int | Sequence[int] | torch.Tensor | None
+Index = numbers.Integral | Sequence[numbers.Integral] | torch.Tensor | None  # numpy integers included
 
 
 def _kind_error(value, what: str) -> ConfigError:

@@ -313,7 +313,7 @@ def _factlens_model(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, full_size: bool = False,
+def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype | str = torch.float32, full_size: bool = False,
              **overrides) -> PreTrainedModel:
     """A plain HF ``GPT2LMHeadModel`` / ``OPTForCausalLM`` with random weights, on factlens attention.
 

@@ -123,7 +123,7 @@ class Decomposition(ResultDisplay):
         return target - self.predict(regressors).to(target.dtype)
 
     def intercept_logits(self, W_U: Float[torch.Tensor, "d vocab"],
-                         ln_scale: float | Float[torch.Tensor, " n"] | None = None,
+                         ln_scale: float | Float[torch.Tensor, "..."] | None = None,
                          b_U: Float[torch.Tensor, " vocab"] | None = None) -> Float[torch.Tensor, " vocab"]:
         """Logits of the intercept, ``(c / ln_scale) @ W_U + b_U`` (ln_scale: ``ln_final.hook_scale``)."""
         return _logits(self.intercept, W_U, ln_scale, b_U)
@@ -287,7 +287,7 @@ class GroupedDecomposition(ResultDisplay):
         return df[["group", *[c for c in df.columns if c != "group"]]]
 
     def intercept_ranks(self, W_U: Float[torch.Tensor, "d vocab"], answer_ids: Mapping[Hashable, int],
-                        ln_scale: float | Float[torch.Tensor, " n"] | None = None,
+                        ln_scale: float | Float[torch.Tensor, "..."] | None = None,
                         b_U: Float[torch.Tensor, " vocab"] | None = None) -> pd.DataFrame:
         """Rank (0 = top) and logit of each group's answer token under its own intercept (notes §5.5)."""
         rows = []
@@ -344,7 +344,7 @@ def fit_per_group(
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
-def _logits(vector: torch.Tensor, W_U: torch.Tensor, ln_scale: float | Float[torch.Tensor, " n"] | None,
+def _logits(vector: torch.Tensor, W_U: torch.Tensor, ln_scale: float | Float[torch.Tensor, "..."] | None,
             b_U: torch.Tensor | None) -> torch.Tensor:
     if vector.ndim != 1 or W_U.ndim != 2 or W_U.shape[0] != vector.shape[0]:
         raise ShapeError(f"need vector [d] and W_U [d, vocab], got {tuple(vector.shape)} and "
@@ -410,7 +410,7 @@ def project_to_vocab(
     W_U: Float[torch.Tensor, "d vocab"],
     tokenizer: Any | None,
     k: int = 10,
-    ln_scale: float | Float[torch.Tensor, " n"] | None = None,
+    ln_scale: float | Float[torch.Tensor, "..."] | None = None,
     answer_ids: int | Sequence[int] | Int[torch.Tensor, " n"] | None = None,
     b_U: Float[torch.Tensor, " vocab"] | None = None,
 ) -> VocabProjection:

@@ -86,7 +86,7 @@ ITEM_RE = re.compile(r"^[A-Za-z](?:[A-Za-z ,'&-]*[A-Za-z])?$")
 NAME_RE = re.compile(r"^[A-Z][A-Za-z]+$")
 
 
-def attribute_index(attr: str | int) -> int:
+def attribute_index(attr: str | int | np.integer) -> int:
     """Index 0..5 of an attribute given by name or index.
 
     Example:
@@ -217,7 +217,7 @@ class Pools:
         return cls(**kept, years=base.years[:n_years], days=days)
 
     # --- sizes -------------------------------------------------------------------------------------
-    def pool_size(self, attr: str | int) -> int:
+    def pool_size(self, attr: str | int | np.integer) -> int:
         """Number of distinct values of an attribute (birth date: days × 12 × number of years)."""
         name = ATTRIBUTE_FIELD[ATTRIBUTES[attribute_index(attr)]]
         if name is None:
@@ -252,28 +252,29 @@ class Pools:
         return cached
 
     # --- values ------------------------------------------------------------------------------------
-    def values(self, attr: str | int) -> tuple[str, ...]:
+    def values(self, attr: str | int | np.integer) -> tuple[str, ...]:
         """The value list of a non-date attribute."""
         name = ATTRIBUTE_FIELD[ATTRIBUTES[attribute_index(attr)]]
         if name is None:
             raise ConfigError("birth dates have no value list; use render('birth_date', index) or date_parts")
         return getattr(self, name)
 
-    def date_index(self, day: int, month: int, year: int) -> int:
+    def date_index(self, day: int | np.integer, month: int | np.integer, year: int | np.integer) -> int:
         """Flat birth-date index of a calendar date (day 1..days, month 1..12, year in ``years``)."""
         if not (1 <= day <= self.days and 1 <= month <= 12 and year in self.years):
             raise ConfigError(
                 f"date {day}/{month}/{year} is outside the pool; pass day 1..{self.days}, month 1..12, "
                 f"year {self.years[0]}..{self.years[-1]}"
             )
-        return (self.years.index(year) * 12 + month - 1) * self.days + day - 1
+        return int((self.years.index(year) * 12 + month - 1) * self.days + day - 1)
 
-    def date_parts(self, index: np.ndarray | int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Split flat date indices into zero-based (day, month, year) indices (vectorised)."""
+    def date_parts(self, index: np.ndarray | int | np.integer) -> tuple[np.ndarray | np.integer, ...]:
+        """Split flat date indices into zero-based (day, month, year) indices (vectorised; numpy scalars for a
+        scalar index)."""
         index = np.asarray(index)
         return index % self.days, (index // self.days) % 12, index // (self.days * 12)
 
-    def render(self, attr: str | int, index: int) -> str:
+    def render(self, attr: str | int | np.integer, index: int) -> str:
         """The text of value ``index`` of an attribute, e.g. ``'March 16, 2042'`` or ``'Tokyo'``."""
         a = attribute_index(attr)
         if not 0 <= int(index) < self.pool_size(a):
@@ -308,7 +309,7 @@ def _default_pools() -> Pools:
     return pools
 
 
-def pool_size(attr: str | int, pools: Pools | None = None) -> int:
+def pool_size(attr: str | int | np.integer, pools: Pools | None = None) -> int:
     """Pool size of an attribute (default pools unless ``pools`` is given).
 
     Example:

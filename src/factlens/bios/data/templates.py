@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
+
 from factlens.bios.data.pools import ATTRIBUTES, attribute_index
 from factlens.errors import ConfigError
 
@@ -209,7 +211,7 @@ PRONOUNS = frozenset(
 )
 
 
-def template_parts(attr: str | int, index: int) -> tuple[str, str, str]:
+def template_parts(attr: str | int | np.integer, index: int) -> tuple[str, str, str]:
     """The fixed ``(prefix, middle, suffix)`` around ``{name}`` and ``{value}`` of one template.
 
     Example:
@@ -223,7 +225,7 @@ def template_parts(attr: str | int, index: int) -> tuple[str, str, str]:
     return prefix.strip(), middle.strip(), suffix.strip()
 
 
-def render_template(attr: str | int, index: int, name: str, value: str) -> str:
+def render_template(attr: str | int | np.integer, index: int, name: str, value: str) -> str:
     """Fill one template with a full name and a value string."""
     if not 0 <= index < N_TEMPLATES:
         raise ConfigError(f"template index {index} is out of range; pass 0 <= index < {N_TEMPLATES}")
