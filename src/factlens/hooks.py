@@ -57,6 +57,7 @@ ON_NO_EFFECT = ("raise", "warn", "ignore")
 CHANGE_RTOL, CHANGE_ATOL = 1e-5, 1e-6  # a hook "changed" its tensor where torch.isclose(new, old) fails
 Positions = int | Sequence[int] | Int[torch.Tensor, " batch"] | None
 HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
+HookSpec = tuple[str | Callable[[str], bool], HookFn]  # TL's (name or name filter, fn)
 
 
 def act_name(kind: str, layer: int | None = None) -> str:
@@ -767,7 +768,7 @@ def _check_names(model, interventions: Sequence[Intervention]) -> None:
 
 
 @contextlib.contextmanager
-def intervene(model: TransformerBridge, *interventions: Intervention | Sequence[tuple[str, HookFn]],
+def intervene(model: TransformerBridge, *interventions: Intervention | HookSpec | Sequence[HookSpec],
               on_no_effect: OnNoEffect = "raise") -> Iterator[InterventionRun]:
     """Install interventions for the duration of the block, then prove that each of their hooks took effect.
 
@@ -906,8 +907,9 @@ def _prove_on_output(model: TransformerBridge, interventions: Sequence[Intervent
         r.output_changed = not same
 
 
-def run_with_interventions(model: TransformerBridge, tokens, *interventions: Intervention | Sequence[tuple[str, HookFn]],
-                           on_no_effect: OnNoEffect = "raise", fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+def run_with_interventions(model: TransformerBridge, tokens,
+                           *interventions: Intervention | HookSpec | Sequence[HookSpec],
+                           on_no_effect: OnNoEffect = "raise", fwd_hooks: Sequence[HookSpec] = (),
                            **forward_kwargs):
     """``model(tokens, **forward_kwargs)`` under :func:`intervene`; returns the model's output.
 
