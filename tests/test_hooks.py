@@ -315,6 +315,7 @@ def test_records_to_dataframe_report_real_sizes(model, tokens):
     assert "1 call(s), changed, max |Δ| " in repr(run.records) and "<table" in run.records._repr_html_()
 
 
+@pytest.mark.usefixtures("unchecked")  # on_no_effect typos on purpose: factlens's own ConfigError
 def test_each_hook_is_checked(model, tokens):
     """Issue 14 §5: a two-hook intervention in which one hook changes nothing names that hook."""
     iv = hook("blocks.0.hook_mlp_out", lambda t, h: t * 2)
