@@ -66,8 +66,8 @@ def test_architecture_section_lists_exactly_the_existing_modules():
     existing = existing_modules()
     missing = sorted(existing - set(listed))
     stale = sorted(set(listed) - existing)
-    assert not missing, f"modules under src/factlens not listed in docs/index.md's architecture section: {missing}"
-    assert not stale, f"docs/index.md's architecture section lists modules that do not exist: {stale}"
+    assert not missing and not stale, (f"docs/index.md's architecture section misses modules under src/factlens: "
+                                       f"{missing}; and lists modules that do not exist: {stale}")
 
 
 def test_the_parser_reads_wrapped_bullets_and_sees_a_missing_module(tmp_path):

@@ -183,6 +183,7 @@ class FolderLock:
     Example:
         >>> import tempfile
         >>> from pathlib import Path
+        >>> from factlens.storage import FolderLock
         >>> lock = Path(tempfile.mkdtemp()) / ".factlens.lock"
         >>> with FolderLock(lock):
         ...     lock.read_text().startswith('{"pid"')

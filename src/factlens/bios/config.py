@@ -4,6 +4,7 @@ A :class:`TrainConfig` is plain data (JSON-serialisable via :meth:`TrainConfig.t
 checkpoint's manifest, so a run can be rebuilt and resumed from its directory alone.
 
 Example:
+    >>> from factlens.bios import TrainConfig
     >>> cfg = TrainConfig.preset("tiny", steps=20)
     >>> cfg.model["n_layer"], cfg.batch_size
     (2, 8)
@@ -56,6 +57,7 @@ def paper_schedule(total_steps: int, dense_until: int = 2000, dense_every: int =
     """Zucchet et al.'s checkpoint steps: every 125 steps up to 2k, plus 32 evenly spread, plus the last.
 
     Example:
+        >>> from factlens.bios.config import paper_schedule
         >>> paper_schedule(16000)[:3], paper_schedule(16000)[-1]
         ([0, 125, 250], 16000)
     """
@@ -73,6 +75,7 @@ class FinetuneConfig:
     Built by :func:`factlens.bios.finetune.finetune_config`, which records who the old people are.
 
     Example:
+        >>> from factlens.bios.config import FinetuneConfig
         >>> FinetuneConfig(init_from="/runs/paper/checkpoints/step_0016000", n_new=0)
         Traceback (most recent call last):
         ...
@@ -162,6 +165,7 @@ class TrainConfig:
         """Refuse, with :class:`~factlens.errors.ConfigError` naming the fix, settings that cannot train.
 
         Example:
+            >>> from factlens.bios import TrainConfig
             >>> TrainConfig.preset("tiny", min_lr=1e4)
             Traceback (most recent call last):
             ...

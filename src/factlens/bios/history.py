@@ -47,6 +47,7 @@ class TrainingHistory(ResultDisplay):
         with :attr:`factlens.bios.run.Run.history`.
 
         Example:
+            >>> from factlens.bios import TrainingHistory
             >>> rows = [{"kind": "eval", "step": 0, "attr_loss": 9.0, "attr_acc": 0.0},
             ...         {"kind": "train", "step": 10, "loss": 5.0}]
             >>> TrainingHistory.from_records(rows).evals["attr_loss"].tolist()
@@ -219,6 +220,7 @@ def compare_runs(runs, labels: Sequence[str] | None = None, *, metrics: Sequence
     Example:
         >>> import pandas as pd
         >>> from types import SimpleNamespace
+        >>> from factlens.bios.history import compare_runs
         >>> def run(knee):
         ...     steps = list(range(0, 1000, 100))
         ...     loss = [4.0 if s < knee else 0.5 for s in steps]

@@ -8,6 +8,7 @@ to a resume point, so a resumed run never duplicates or loses a row. Read a run'
 Example:
     >>> import tempfile
     >>> from pathlib import Path
+    >>> from factlens.bios.metrics_log import METRICS, append_jsonl, read_jsonl, truncate_metrics
     >>> log = Path(tempfile.mkdtemp()) / METRICS
     >>> append_jsonl(log, {"kind": "eval", "step": 0, "attr_loss": 9.0})
     >>> append_jsonl(log, {"kind": "train", "step": 10, "loss": 5.0})

@@ -404,6 +404,7 @@ def reference_checkpoint(reference, step: int | None = None) -> Path:
     a reference whose weights changed since the config was pinned.
 
     Example:
+        >>> from factlens.bios.run import reference_checkpoint
         >>> reference_checkpoint("runs/ref", 10)                          # doctest: +SKIP
         PosixPath('runs/ref/checkpoints/step_0000010')
     """
@@ -442,6 +443,7 @@ def reference_config(reference: str | Path, step: int | None = None) -> TrainCon
     """The :class:`~factlens.bios.config.TrainConfig` a reference run (or one of its checkpoints) was trained with.
 
     Example:
+        >>> from factlens.bios.run import reference_config
         >>> reference_config("runs/ref").steps                                # doctest: +SKIP
         16000
     """

@@ -10,6 +10,7 @@ position that predicts it.
 
 Example:
     >>> from factlens.bios.run import Run
+    >>> from factlens.testbeds.bios_recall import bios_relation_dataset
     >>> run = Run("out/demo")
     >>> population, vocab = run.population(), run.vocab()                               # doctest: +SKIP
     >>> data = bios_relation_dataset(population, vocab, "birth_place", n=128)          # doctest: +SKIP

@@ -303,6 +303,7 @@ class Population:
         checkpoint so that readers can check they rebuilt the people the run was trained on.
 
         Example:
+            >>> from factlens.bios import Population
             >>> a, b = Population.generate(8, seed=0), Population.generate(8, seed=1)
             >>> a.fingerprint() == Population.generate(8, seed=0).fingerprint(), a.fingerprint() == b.fingerprint()
             (True, False)

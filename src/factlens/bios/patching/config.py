@@ -1,6 +1,7 @@
 """Attention patching's configuration (Zucchet et al. 2025 §2.2): which reference, which step, which heads.
 
 Example:
+    >>> from factlens.bios import PatchConfig
     >>> cfg = PatchConfig(reference="runs/ref", reference_step=8000, start_patching=0)
     >>> cfg.layers is None, cfg.reset_optimizer
     (True, True)
@@ -46,6 +47,7 @@ class PatchConfig:
     step 0 (:func:`factlens.bios.run.pin_reference`), and a reference that changed since is refused.
 
     Example:
+        >>> from factlens.bios import PatchConfig
         >>> PatchConfig(reference="runs/ref", reference_step=8000, start_patching=0).layers is None
         True
         >>> PatchConfig(reference="runs/ref", reference_step=8000, start_patching=-1)
