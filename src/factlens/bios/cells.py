@@ -86,6 +86,7 @@ def cell_threads(cpus: int | None = None) -> int:
     another thread count sums in another order, which moves losses in the 7th digit.)
 
     Example:
+        >>> from factlens.bios.cells import cell_threads
         >>> cell_threads(3)
         3
     """

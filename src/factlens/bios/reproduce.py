@@ -171,6 +171,7 @@ def reproduce_cells(scale: str | Scale, out_dir: str | Path, stage: str) -> list
     """The cells of one stage (``"scaling"``, ``"patching"`` or ``"curriculum"``) of a scale under ``out_dir``.
 
     Example:
+        >>> from factlens.bios.reproduce import reproduce_cells
         >>> [c.key for c in reproduce_cells("tiny", "runs/repro", "curriculum")]
         ['curriculum/alpha0.6', 'curriculum/alpha0.8']
     """
