@@ -41,6 +41,7 @@ def test_indices_match_python_and_refuse_duplicates(n, items):
         assert indices(torch.tensor(items, dtype=torch.long), n, "head", "heads") == expected
 
 
+@pytest.mark.usefixtures("unchecked")  # floats, bools and strings on purpose: factlens's own ConfigError
 def test_index_kinds():
     assert layer_indices(4, None) == [0, 1, 2, 3] and head_indices(4, None) is None
     assert layer_indices(4, np.int64(-1)) == [3] and layer_indices(4, torch.tensor(2)) == [2]
