@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,8 +198,9 @@ def reproduce_cells(scale: str | Scale, out_dir: str | Path, stage: str) -> list
     raise ConfigError(f"unknown stage {stage!r}; choose scaling, patching or curriculum.")
 
 
-def fit_power_law(n: Sequence[float], steps: Sequence[float]) -> dict:
-    """Least-squares fit of ``steps ≈ coef · n^exponent`` in log-log space (NaN with fewer than 2 points).
+def fit_power_law(n: Iterable[float], steps: Iterable[float | None]) -> dict:
+    """Least-squares fit of ``steps ≈ coef · n^exponent`` in log-log space (NaN with fewer than 2 points; a
+    missing step, None or NaN, is skipped). ``n`` and ``steps`` may be lists, arrays or pandas columns.
 
     Example:
         >>> from factlens.bios.reproduce import fit_power_law
