@@ -8,6 +8,7 @@ Chromium browser: on Debian/Ubuntu ``apt-get install chromium``; elsewhere an in
 
 Example:
     >>> import plotly.graph_objects as go
+    >>> from factlens.figures import notebook_renderer, png_support
     >>> ok, why = png_support()
     >>> isinstance(ok, bool) and isinstance(why, str)
     True

@@ -97,6 +97,7 @@ def did_you_mean(name: str, extra: tuple[str, ...] = ()) -> str:
     """`` (did you mean 'gpt2-small'?)`` for a misspelt model name, else ``""``.
 
     Example:
+        >>> from factlens.models import did_you_mean
         >>> did_you_mean("gpt2-smal")
         " (did you mean 'gpt2-small'?)"
         >>> did_you_mean("llama-70b")

@@ -8,6 +8,7 @@ that run at once (``concurrent``), less the cores other work keeps busy (the one
 ``FACTLENS_THREADS`` environment variable and every computing command's ``--threads`` option override it.
 
 Example:
+    >>> from factlens.threads import available_cores, default_threads, use_threads
     >>> n = default_threads()
     >>> 1 <= n <= available_cores()
     True
@@ -32,6 +33,7 @@ def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``).
 
     Example:
+        >>> from factlens.threads import available_cores
         >>> available_cores() >= 1
         True
     """
@@ -57,6 +59,7 @@ def default_threads(concurrent: int = 1) -> int:
     cells side by side passes ``concurrent=k``, so ``k`` cells on ``k`` cores get one thread each.
 
     Example:
+        >>> from factlens.threads import available_cores, default_threads
         >>> default_threads(concurrent=10 * available_cores())
         1
     """
@@ -86,6 +89,7 @@ def resolve_threads(threads: int | None = None, concurrent: int = 1) -> int:
     """``threads`` when given (checked), else :func:`default_threads` (``FACTLENS_THREADS``, then the machine).
 
     Example:
+        >>> from factlens.threads import resolve_threads
         >>> resolve_threads(3)
         3
     """
@@ -98,6 +102,7 @@ def use_threads(threads: int | None = None, concurrent: int = 1) -> Iterator[int
 
     Example:
         >>> import torch
+        >>> from factlens.threads import use_threads
         >>> before = torch.get_num_threads()
         >>> with use_threads(1):
         ...     torch.get_num_threads()

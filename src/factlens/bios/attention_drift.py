@@ -37,6 +37,8 @@ def pattern_tv(pattern: Float[torch.Tensor, "batch head q k"], reference: Float[
     """Mean total-variation distance between two attention patterns over heads and the masked-in queries.
 
     Example:
+        >>> import torch
+        >>> from factlens.bios.attention_drift import pattern_tv
         >>> a = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])   # [1 batch, 1 head, 2 queries, 2 keys]
         >>> b = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
         >>> pattern_tv(a, b, torch.tensor([[True, True]]))     # queries: 0 and 0.5

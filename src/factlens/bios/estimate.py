@@ -7,6 +7,7 @@ load, and :class:`Estimate` scales them to the run's steps and evaluations.
 Example:
     >>> import tempfile
     >>> from factlens.bios.trainer import TrainConfig, Trainer
+    >>> from factlens.bios.estimate import format_seconds, measure
     >>> trainer = Trainer(TrainConfig.preset("tiny"), tempfile.mkdtemp(), progress=False)
     >>> est = measure(trainer)
     >>> est.steps, est.evals
@@ -32,6 +33,7 @@ def format_seconds(seconds: float) -> str:
     """``"45 s"``, ``"2 min 5 s"``, ``"4 h 32 min"``: a duration as a person reads it.
 
     Example:
+        >>> from factlens.bios.estimate import format_seconds
         >>> format_seconds(44.6), format_seconds(125), format_seconds(16_320)
         ('45 s', '2 min 5 s', '4 h 32 min')
     """
@@ -99,6 +101,7 @@ def plan(what: str, est: Estimate, out: str | Path, *, runs: int = 1, device=Non
     """The lines a long command prints before it starts: what, how long, where.
 
     Example:
+        >>> from factlens.bios.estimate import Estimate, plan
         >>> est = Estimate(step_s=0.08, eval_s=0.5, steps=1800, evals=73, checkpoint_bytes=73 * 2**21,
         ...                checkpoints=73)
         >>> print(plan("factlens demo: train a biography run", est, "out/demo", device="cpu", threads=1))

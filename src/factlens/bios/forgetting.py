@@ -29,6 +29,7 @@ def forgetting_summary(history, early_fraction: float = 0.1) -> dict:
     Example:
         >>> import pandas as pd
         >>> from types import SimpleNamespace
+        >>> from factlens.bios.forgetting import forgetting_summary
         >>> ev = pd.DataFrame({"step": [0, 5, 10, 50, 100], "old_attr_acc": [0.9, 0.3, 0.35, 0.2, 0.4],
         ...                    "new_attr_acc": [0.0, 0.05, 0.1, 0.6, 0.9]})
         >>> s = forgetting_summary(SimpleNamespace(evals=ev))

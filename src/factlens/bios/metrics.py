@@ -158,6 +158,7 @@ class AttributeMetrics(ResultDisplay):
 
         Example:
             >>> import torch
+            >>> from factlens.bios import AttributeMetrics
             >>> ones = torch.ones(6, dtype=torch.float64)
             >>> a = AttributeMetrics(ones, ones, 0.9 * ones, ones, n_sequences=1, n_tokens=torch.full((6,), 1))
             >>> b = AttributeMetrics(ones, ones, 0.5 * ones, ones, n_sequences=1, n_tokens=torch.full((6,), 3))

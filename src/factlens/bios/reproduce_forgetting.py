@@ -16,6 +16,7 @@ Every cell is a run directory (or the toy's saved result); a finished cell is re
 interrupted call resumes where it stopped (a run directory refuses another config).
 
 Example:
+    >>> from factlens.bios.reproduce_forgetting import reproduce_forgetting
     >>> result = reproduce_forgetting("tiny", "runs/forgetting-tiny", progress=False)   # doctest: +SKIP
     >>> result.finetune                                                                   # doctest: +SKIP
 """

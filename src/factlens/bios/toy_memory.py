@@ -133,6 +133,8 @@ def make_pairs(n: int, dim: int, n_classes: int, generator: torch.Generator
     """``n`` unit-norm Gaussian keys and balanced values ``i mod n_classes``.
 
     Example:
+        >>> import torch
+        >>> from factlens.bios.toy_memory import make_pairs
         >>> keys, values = make_pairs(6, 4, 3, torch.Generator().manual_seed(0))
         >>> keys.norm(dim=-1).allclose(torch.ones(6)), values.tolist()
         (True, [0, 1, 2, 0, 1, 2])
@@ -145,6 +147,8 @@ class StackedMLP(torch.nn.Module):
     """``runs`` independent ReLU MLPs ``dim → hidden → n_classes``, evaluated as one batched matmul.
 
     Example:
+        >>> import torch
+        >>> from factlens.bios.toy_memory import StackedMLP
         >>> mlp = StackedMLP.init(1, 8, 16, 3, seed=0)
         >>> mlp(torch.zeros(1, 5, 8)).shape
         torch.Size([1, 5, 3])

@@ -15,6 +15,8 @@ run's config (TensorBoard: a text summary ``config``; W&B: the run config). Choo
 Example:
     >>> import json, tempfile
     >>> from factlens.bios.config import TrainConfig
+    >>> from pathlib import Path
+    >>> from factlens.bios.tracking import make_tracker
     >>> out = tempfile.mkdtemp()
     >>> tracker = make_tracker("tensorboard", out, TrainConfig.preset("tiny"))
     >>> tracker.start(step=0)

@@ -193,6 +193,8 @@ class MechanismsResult:
         """Mean P(answer) and accuracy per attribute and method at one checkpoint (default: the last), wide.
 
         Example:
+            >>> from factlens.testbeds.mechanisms import mechanisms
+            >>> res = mechanisms("runs/demo")    # doctest: +SKIP
             >>> res.mitigation_table()            # doctest: +SKIP
         """
         if self.mitigations is None or len(self.mitigations) == 0:
