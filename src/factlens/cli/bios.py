@@ -453,8 +453,9 @@ def cmd_toy(args: argparse.Namespace) -> int:
     from factlens.bios.toy_memory import ToyMemoryConfig, ToyMemoryResult, run_toy_memory
     from factlens.storage import storage_errors
 
-    overrides = {k: v for k, v in (("seed", args.seed), ("new_sizes", args.new_sizes),
-                                   ("replay_weights", args.replay_weights)) if v is not None}
+    overrides = {k: tuple(v) if isinstance(v, list) else v  # argparse lists: the config's fields are tuples
+                 for k, v in (("seed", args.seed), ("new_sizes", args.new_sizes),
+                              ("replay_weights", args.replay_weights)) if v is not None}
     config = ToyMemoryConfig.preset(args.preset, **overrides)
     out = Path(args.out)
     runs = len(config.runs())
