@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from factlens.bios.data.pools import Pools
+from factlens.bios.data.population import Population
+from factlens.bios.data.templates import N_TEMPLATES
 from factlens.bios.patching.config import PatchConfig
 from factlens.errors import ConfigError
 from factlens.inputs import TL_TO_HF, check_keys, hf_config_keys, refuse_unknown_keys
@@ -32,6 +34,8 @@ MODEL_PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, n_inner=64),
     "recall-testbed": dict(n_layer=4, n_head=4, n_embd=128, n_inner=512),
 }
+SENTENCE_ORDERS = ("random", "fixed")
+MODEL_SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_inner")  # GPT-2 names of n_layers, n_heads, d_model, d_mlp
 RUN_PRESETS: dict[str, dict] = {
     "paper": dict(n_people=64_000, steps=16_000, batch_size=128, lr=4e-4, n_eval_sequences=16_000, n_unseen=16_000),
     "small": dict(n_people=8_000, steps=4_000, batch_size=128, lr=1e-3, n_eval_sequences=2_048, n_unseen=1_024),
@@ -141,6 +145,8 @@ class TrainConfig:
     seq_len: int | None = None
     sampler: dict = field(default_factory=lambda: {"kind": "uniform"})
     pools: dict | None = None  # sizes for Pools.sized(...); None = the paper's pools
+    n_train_templates: int = 20  # training templates per person and attribute (Fig. A: 1..24); 5 stay held out
+    sentence_order: str = "random"  # "random": the six sentences shuffled (the paper); "fixed": attribute order
     seed: int = 0
     data_seed: int = 0
     n_eval_sequences: int = 16_000
@@ -214,8 +220,40 @@ class TrainConfig:
                 raise ConfigError(f"pools={self.pools!r}; pass a dict of pool sizes for Pools.sized(...), or None.")
             check_keys(self.pools, [p for p in inspect.signature(Pools.sized).parameters if p != "cls"],
                        "TrainConfig.pools (Pools.sized)")
+        if isinstance(self.n_train_templates, bool) or not isinstance(self.n_train_templates, int) or not (
+                1 <= self.n_train_templates < N_TEMPLATES):
+            raise ConfigError(f"n_train_templates={self.n_train_templates!r}; pass 1..{N_TEMPLATES - 1} training "
+                              f"templates per person (the paper uses 20; its Fig. A sweeps 1, 2, 4, 8, 16).")
+        if self.sentence_order not in SENTENCE_ORDERS:
+            raise ConfigError(f"sentence_order={self.sentence_order!r}; pass one of {SENTENCE_ORDERS} ('random' "
+                              "shuffles the six sentences of every biography, as the paper does).")
+        self._check_model()
         if not isinstance(self.sampler, dict):
             raise ConfigError(f"sampler={self.sampler!r}; pass a dict such as {{'kind': 'power_law', 'alpha': 0.6}}.")
+
+    def _check_model(self) -> None:
+        """Refuse model sizes that cannot build: non-positive sizes, or a width the heads do not divide."""
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"model={self.model!r}; pass a dict such as {MODEL_PRESETS['demo']}.")
+        for key in MODEL_SIZE_KEYS:
+            value = self.model.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"model[{key!r}]={value!r}; pass a positive integer.")
+        width, heads = self.model.get("n_embd"), self.model.get("n_head")
+        if width is not None and heads is not None and width % heads:
+            raise ConfigError(f"d_model={width} is not divisible by n_heads={heads}; pick a width that is a "
+                              f"multiple of the head count (e.g. d_model={heads * max(1, round(width / heads))}).")
+
+    @property
+    def permute_sentences(self) -> bool:
+        """Whether training biographies shuffle their six sentences (``sentence_order == "random"``)."""
+        return self.sentence_order == "random"
+
+    def make_population(self) -> Population:
+        """The run's people: ``n_people`` drawn with ``data_seed`` from :meth:`make_pools`, with
+        ``n_train_templates`` training templates each (their fingerprint is what checkpoints record)."""
+        return Population.generate(self.n_people, seed=self.data_seed, pools=self.make_pools(),
+                                   n_train_templates=self.n_train_templates)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:
@@ -286,4 +324,4 @@ def hf_field_names(arch: str, model: dict) -> dict:
     raise ConfigError(f"arch={arch!r}; the trainer builds 'gpt2' or 'opt' models.")
 
 
-__all__ = ["MODEL_PRESETS", "RUN_PRESETS", "FinetuneConfig", "TrainConfig", "hf_field_names", "paper_schedule"]
+__all__ = ["MODEL_PRESETS", "RUN_PRESETS", "SENTENCE_ORDERS", "FinetuneConfig", "TrainConfig", "hf_field_names", "paper_schedule"]

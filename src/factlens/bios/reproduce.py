@@ -340,6 +340,25 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce",
     return result
 
 
+def with_overrides(scale: str | Scale, overrides: dict) -> Scale:
+    """``scale`` with ``overrides`` applied to every cell's config (``model``: merged into the preset's model),
+    e.g. the weight decay, AdamW betas or model size of ``factlens bios reproduce``; checked on one cell.
+
+    Example:
+        >>> with_overrides("tiny", {"weight_decay": 0.3}).config(16).weight_decay
+        0.3
+    """
+    sc = _scale(scale)
+    if not overrides:
+        return sc
+    merged = {**sc.overrides, **overrides}
+    if "model" in overrides:
+        merged["model"] = {**sc.overrides.get("model", {}), **overrides["model"]}
+    out = dataclasses.replace(sc, overrides=merged)
+    out.config(out.populations[0])  # refuses a bad value before anything trains
+    return out
+
+
 def _scale(scale: str | Scale) -> Scale:
     if isinstance(scale, Scale):
         sc = scale

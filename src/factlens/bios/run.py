@@ -206,7 +206,7 @@ class Run:
         stored = self.path / POPULATION
         base = Population.load(stored) if stored.exists() else None
         if base is None:
-            base = Population.generate(config.n_people, seed=config.data_seed, pools=config.make_pools())
+            base = config.make_population()
         if recorded and base.fingerprint() not in recorded:
             (want,) = recorded
             fix = ("it was replaced: restore the run's own population.npz" if stored.exists() else

@@ -56,8 +56,11 @@ class BiosTask:
     def build(cls, config: TrainConfig, population: Population | None = None) -> BiosTask:
         """The task of ``config`` (``population``: a pre-generated one of ``config.n_people`` people; for a
         fine-tuning run, the pre-training run's people, checked against the fingerprint its config records)."""
-        population = population or Population.generate(config.n_people, seed=config.data_seed,
-                                                        pools=config.make_pools())
+        population = population or config.make_population()
+        if population.n_train_templates != config.n_train_templates:
+            raise ConfigError(f"the population has {population.n_train_templates} training templates per person, the "
+                              f"config says n_train_templates={config.n_train_templates}; generate the people with "
+                              "config.make_population() or set n_train_templates to theirs.")
         if len(population) != config.n_people:
             raise ConfigError(f"the population has {len(population)} people, the config says {config.n_people}; "
                               "pass a population of n_people people or set n_people to its size.")
@@ -68,7 +71,10 @@ class BiosTask:
         else:
             sampler = make_sampler(config.sampler, n=config.n_people, batch_size=config.batch_size)
             groups = {"": (0, len(population))}
-        stream = BiographyStream(population, vocab, sampler, config.batch_size, seq_len, seed=config.data_seed)
+        # Evaluation keeps the paper's shuffled order even when training does not: it measures knowledge of the
+        # person, which a fixed order can replace by position (Fig. A).
+        stream = BiographyStream(population, vocab, sampler, config.batch_size, seq_len, seed=config.data_seed,
+                                 permute=config.permute_sentences)
         eval_sets = {prefix: eval_batches(people_slice(population, lo, hi), vocab, config.n_eval_sequences,
                                           config.eval_batch_size, seq_len, seed=config.data_seed)
                      for prefix, (lo, hi) in groups.items()}

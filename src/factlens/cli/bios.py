@@ -31,9 +31,32 @@ def _train_config(args: argparse.Namespace, base=None):
             overrides[field] = value
     if args.sampler:
         overrides["sampler"] = _sampler_json(args.sampler)
+    overrides.update(_knob_overrides(args))
+    model = overrides.pop("model", {})
     if args.preset is None and base is not None:
-        return dataclasses.replace(base, **overrides)
-    return TrainConfig.preset(args.preset or "demo", **overrides)
+        return dataclasses.replace(base, **overrides, model={**base.model, **model})  # checked on construction
+    return TrainConfig.preset(args.preset or "demo", model=model, **overrides)
+
+
+def _knob_overrides(args: argparse.Namespace) -> dict:
+    """TrainConfig overrides of the data and robustness options (``model`` holds the model-size ones); values
+    are checked by :meth:`TrainConfig.check`, which names the fix for a bad one."""
+    out = {}
+    for field, value in (("n_train_templates", getattr(args, "templates", None)),
+                         ("sentence_order", getattr(args, "sentence_order", None)),
+                         ("weight_decay", getattr(args, "weight_decay", None))):
+        if value is not None:
+            out[field] = value
+    if getattr(args, "betas", None) is not None:
+        out["betas"] = tuple(args.betas)
+    model = {key: value for key, value in (("n_layer", getattr(args, "n_layers", None)),
+                                           ("n_head", getattr(args, "n_heads", None)),
+                                           ("n_embd", getattr(args, "d_model", None))) if value is not None}
+    if "n_embd" in model:
+        model["n_inner"] = 4 * model["n_embd"]  # the paper's d_mlp = 4 d_model
+    if model:
+        out["model"] = model
+    return out
 
 
 def _sampler_json(text: str) -> dict:
@@ -381,13 +404,14 @@ def _reproduce_forgetting(args: argparse.Namespace, stages: tuple[str, ...]) -> 
 
 def _reproduce_dynamics(args: argparse.Namespace) -> int:
     from factlens.bios.executor import CellsNotFinished
-    from factlens.bios.reproduce import reproduce
+    from factlens.bios.reproduce import reproduce, with_overrides
 
     if args.scale == "tiny" and not args.quiet:
         print("factlens bios reproduce --scale tiny: a SMOKE RUN (a few dozen steps per cell; tests the pipeline, "
               f"its numbers mean nothing); writes {Path(args.out) / 'report.html'}", flush=True)
+    scale = with_overrides(args.scale, _knob_overrides(args))
     try:
-        result = reproduce(args.scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
+        result = reproduce(scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
                            progress=not args.quiet, write_png=not args.no_png,
                            train_missing=not (args.report_only or args.collect), executor=_executor(args),
                            wait=not (args.no_wait or args.collect or args.report_only))
@@ -493,10 +517,24 @@ def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None
     p.add_argument("--arch", choices=["gpt2", "opt"], help="architecture; unset: the preset's")
     p.add_argument("--sampler", help='person sampler as JSON, e.g. \'{"kind": "power_law", "alpha": 0.6}\'; unset: the preset\'s')
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--templates", type=int, help="training templates per person and attribute (1..24; the paper: "
+                                                  "20; 5 stay held out); unset: 20")
+    p.add_argument("--sentence-order", choices=["random", "fixed"],
+                   help="random: shuffle the six sentences (the paper); fixed: attribute order (Fig. A)")
+    _robustness_args(p)
     p.add_argument("--log-to", choices=["tensorboard", "wandb"],
                    help="also log metrics, checkpoint steps and config to TensorBoard (RUN/tensorboard) or W&B "
                         "(WANDB_MODE=offline works without a network); unset: metrics.jsonl only")
     add_compute(p)
+
+
+def _robustness_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (the paper: 0.1); unset: the preset's")
+    p.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
+                   help="AdamW betas (the paper: 0.9 0.95); unset: the preset's")
+    p.add_argument("--n-layers", type=int, help="transformer blocks; unset: the preset's")
+    p.add_argument("--d-model", type=int, help="residual width (d_mlp = 4 d_model); unset: the preset's")
+    p.add_argument("--n-heads", type=int, help="attention heads per block (must divide d_model); unset: the preset's")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -552,6 +590,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-png", action="store_true",
                    help="HTML only (PNGs need the png extra and a Chrome or Chromium browser)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    _robustness_args(p)
     add_compute(p)
     _executor_args(p)
     p.set_defaults(func=cmd_reproduce)

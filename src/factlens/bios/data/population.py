@@ -41,6 +41,8 @@ from factlens.errors import CheckpointError, ConfigError
 from factlens.storage import atomic_write
 
 FORMAT_VERSION = 1
+DEFAULT_TRAIN_TEMPLATES = 20
+"""Training templates per person and attribute in the paper (the other 5 of 25 are held out)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +74,7 @@ class Population:
         seed: int = 0,
         pools: Pools | None = None,
         *,
-        n_train_templates: int = 20,
+        n_train_templates: int = DEFAULT_TRAIN_TEMPLATES,
         exclude: Population | None = None,
     ) -> Population:
         """Draw a population (vectorised: 64k people take about 0.1 s).
@@ -81,8 +83,10 @@ class Population:
             n_people: Number of people (at most the number of distinct full names).
             seed: Seed of the ``numpy.random.default_rng`` that draws everything.
             pools: Value pools (default: the paper-sized :meth:`Pools.default`).
-            n_train_templates: Templates per person and attribute kept for training (1..24); the rest
-                are held out. The paper uses 20 (its Fig. A ablation varies it).
+            n_train_templates: Templates per person and attribute kept for training (1..24). The paper uses
+                20 (its Fig. A ablation varies it). Up to 20, the 5 held-out templates do not depend on it and
+                a smaller count keeps a subset of a larger one's templates (same seed); above 20 the held-out
+                templates are the remaining ones.
             exclude: Another population whose names must not be reused (for unseen people).
 
         Raises:
@@ -127,8 +131,10 @@ class Population:
             np.arange(N_TEMPLATES, dtype=np.int8), (n_people, len(ATTRIBUTES), N_TEMPLATES)
         )
         order = rng.permuted(order, axis=-1)  # [n, 6, 25], a random permutation per person × attribute
+        # Training templates are the first k of the permutation; the held-out ones its last 25 - max(k, 20), so
+        # for k <= 20 the held-out split is the same for every k and fewer templates are a subset of more.
         train = np.sort(order[..., :n_train_templates], axis=-1)
-        held = np.sort(order[..., n_train_templates:], axis=-1)
+        held = np.sort(order[..., max(n_train_templates, DEFAULT_TRAIN_TEMPLATES):], axis=-1)
         return cls(
             names=names.astype(np.int32),
             values=values.astype(np.int32),
@@ -344,4 +350,4 @@ def _unique_codes(rng: np.random.Generator, n: int, space: int, taken: np.ndarra
     return codes
 
 
-__all__ = ["Population"]
+__all__ = ["DEFAULT_TRAIN_TEMPLATES", "Population"]
