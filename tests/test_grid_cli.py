@@ -54,8 +54,8 @@ def test_cli_train_plot_eval_patch(tmp_path, capsys):
     assert main(["bios", "grid", "--reference", str(patched), "--reference-steps", "10", "--out",
                  str(tmp_path / "g"), "--quiet"]) == 2
     assert "itself trained with patched attention" in capsys.readouterr().err
-    assert main(["bios", "attention", "--run", str(out), "--sequences", "8", "--quiet"]) == 0
-    assert (out / "attention_to_name.html").exists()
+    assert main(["bios", "attention", "--run", str(out), "--sequences", "8", "--quiet", "--sharpness"]) == 0
+    assert (out / "attention_to_name.html").exists() and (out / "attention_sharpness.csv").exists()
 
 
 def test_grid_reuses_an_existing_reference_run_and_freezes_only_when_asked(tmp_path, capsys):

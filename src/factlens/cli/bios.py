@@ -361,7 +361,16 @@ def cmd_attention(args: argparse.Namespace) -> int:
                                progress=not args.quiet)
     atomic_write(Path(args.run) / "attention_to_name.csv", result.to_dataframe().to_csv(index=False))
     atomic_write(Path(args.run) / "attention_to_name.html", result.plot().to_html())
-    print(f"wrote {Path(args.run) / 'attention_to_name.html'}")
+    written = [Path(args.run) / "attention_to_name.html"]
+    if args.sharpness:
+        from factlens.bios.patching.sharpness import attention_sharpness
+
+        sharp = attention_sharpness(args.run, result.steps, n_sequences=args.sequences, device=resolve_device(args.device),
+                                    progress=not args.quiet)
+        atomic_write(Path(args.run) / "attention_sharpness.csv", sharp.to_dataframe().to_csv(index=False))
+        atomic_write(Path(args.run) / "attention_sharpness.html", sharp.plot(result).to_html())
+        written.append(Path(args.run) / "attention_sharpness.html")
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -638,6 +647,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = bios.add_parser("attention", help="attention-to-name analysis over a run's checkpoints")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--sequences", type=int, default=512, help="biographies averaged over per checkpoint")
+    p.add_argument("--sharpness", action="store_true",
+                   help="also attention sharpness per layer (entropy / log attendable positions), drawn beside it")
     add_compute(p)
     p.set_defaults(func=cmd_attention)
     p = bios.add_parser("mechanisms", help="Lv et al.'s recall mechanisms (logit lens, movers, MLP intercept, "
