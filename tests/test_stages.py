@@ -93,3 +93,16 @@ def test_summaries_of_the_other_stages_on_tiny_runs(tmp_path):
     robustness = pd.read_csv(tmp_path / "robustness.csv")
     assert set(robustness["knob"]) == {"lr", "weight_decay", "batch_size"}
     assert set(STAGES) == {"curriculum", "alpha_grid", "patching_grid", "templates", "robustness"}
+
+
+def test_cli_reproduce_runs_a_stage_with_robustness_options(tmp_path, capsys):
+    from factlens.bios.run import Run
+    from factlens.cli import main
+
+    assert main(["bios", "reproduce", "--scale", "tiny", "--stages", "zipf", "--out", str(tmp_path), "--quiet"]) == 2
+    assert not list(tmp_path.iterdir())
+    assert main(["bios", "reproduce", "--scale", "tiny", "--stages", "templates", "--weight-decay", "0.3",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    assert "stage templates: 6 training runs" in capsys.readouterr().out
+    assert Run(tmp_path / "templates" / "k1").config.weight_decay == 0.3
+    assert (tmp_path / "templates.csv").exists()

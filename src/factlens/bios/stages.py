@@ -370,6 +370,23 @@ STAGES: dict[str, Stage] = {
 }
 
 
+def scale_with(scale: str | StageScale, overrides: dict) -> StageScale:
+    """``scale`` with ``overrides`` applied to every cell's config (``model`` merged into the preset's), as the
+    robustness options of ``factlens bios reproduce`` (weight decay, AdamW betas, model size) do.
+
+    Example:
+        >>> scale_with("tiny", {"model": {"n_layer": 1}}).config(16).model["n_layer"]
+        1
+    """
+    sc = _scale(scale)
+    merged = {**sc.overrides, **overrides}
+    if "model" in overrides:
+        merged["model"] = {**sc.overrides.get("model", {}), **overrides["model"]}
+    out = dataclasses.replace(sc, overrides=merged)
+    out.config(out.template_people)  # refuses a bad value before anything trains
+    return out
+
+
 def stage_cells(stage: str, scale: str | StageScale, root: str | Path = ".") -> list[Cell]:
     """The cells of ``stage`` at ``scale`` (``root``: where they will be written; patching cells need it)."""
     if stage not in STAGES:
@@ -443,4 +460,4 @@ def training_flops(cells: list[Cell]) -> float:
 
 
 __all__ = ["SCALES", "STAGES", "Cell", "Stage", "StageResult", "StageScale", "run_cells", "run_stage",
-           "stage_cells", "training_flops"]
+           "scale_with", "stage_cells", "training_flops"]

@@ -418,6 +418,26 @@ def _reproduce_dynamics(args: argparse.Namespace) -> int:
     if args.scale == "tiny" and not args.quiet:
         print("factlens bios reproduce --scale tiny: a SMOKE RUN (a few dozen steps per cell; tests the pipeline, "
               f"its numbers mean nothing); writes {Path(args.out) / 'report.html'}", flush=True)
+    extra = [s for s in args.stages if s != "headline"]
+    if extra:
+        from factlens.bios.stages import run_stage, scale_with, stage_cells
+
+        stage_scale = scale_with(args.scale, _knob_overrides(args))
+        for stage in extra:
+            stage_cells(stage, stage_scale, args.out)  # an unknown stage is refused before anything trains
+        for stage in extra:
+            t0 = time.perf_counter()
+            cells = stage_cells(stage, stage_scale, args.out)
+            print(f"stage {stage}: {len(cells)} training runs at scale {args.scale} under {args.out}/{stage}/ "
+                  f"(finished ones are read, not retrained)")
+            result = run_stage(stage, stage_scale, args.out, device=args.device, progress=not args.quiet,
+                               train_missing=not args.report_only)
+            print(result.table.to_string(index=False))
+            missing = f"; not finished: {result.missing}" if result.missing else ""
+            print(f"{stage}: {time.perf_counter() - t0:.0f} s; table {args.out}/{stage}.csv, figure "
+                  f"{args.out}/{stage}.html{missing}")
+        if "headline" not in args.stages:
+            return 0
     scale = with_overrides(args.scale, _knob_overrides(args))
     try:
         result = reproduce(scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
@@ -599,6 +619,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-png", action="store_true",
                    help="HTML only (PNGs need the png extra and a Chrome or Chromium browser)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    p.add_argument("--stages", nargs="+", default=["headline"], metavar="STAGE",
+                   help="headline (plateau vs N, patching, power-law curriculum: the HTML report), curriculum, "
+                        "alpha_grid, patching_grid, templates, robustness; default: headline")
     _robustness_args(p)
     add_compute(p)
     _executor_args(p)
