@@ -76,6 +76,9 @@ class StageScale:
     weight_decays: tuple[float, ...]
     batch_sizes: tuple[int, ...]
     robust_people: int
+    curriculum_steps: int | None = None  # None: the preset's schedule (likewise below)
+    patch_run_steps: int | None = None
+    robust_steps: int | None = None
 
     def config(self, n_people: int, **extra) -> TrainConfig:
         return TrainConfig.preset(self.preset, **{**self.overrides, "n_people": n_people, **extra})
@@ -89,14 +92,16 @@ SCALES: dict[str, StageScale] = {
         curriculum_people=(32, 64), alphas=(0.6,), celebrities=((0.25, 4),), warmups=((0.25, 1),),
         grid_people=(32, 64), grid_alphas=(0.0, 0.6), grid_steps=(6, 12), patch_people=32, patch_steps=(0, 6),
         template_people=32, lrs=(1e-3, 2e-3), weight_decays=(0.1, 0.3), batch_sizes=(4, 8), robust_people=32),
-    # The demo recipe (2 layers x 4 heads x d_model 128, batch 32, 1,800 steps, cosine 2e-3 -> 4e-4).
+    # The demo recipe (2 layers x 4 heads x d_model 128, batch 32, cosine 2e-3 -> 4e-4), each stage sized to about
+    # 17,000 training steps (under 30 min on 2 idle cores at the 0.097 s/step of the headline CPU reproduction).
     "cpu": StageScale(
         preset="demo", overrides=dict(n_unseen=0),
-        curriculum_people=(650, 1300), alphas=(0.6, 0.8), celebrities=((0.125, 4), (0.125, 8)),
-        warmups=((0.125, 3), (0.25, 4)),
-        grid_people=(325, 650, 1300), grid_alphas=(0.0, 0.4, 0.6, 0.8), grid_steps=(900, 1800),
-        patch_people=650, patch_steps=(0, 150, 450, 900, 1800), template_people=650,
-        lrs=(1e-3, 2e-3, 4e-3), weight_decays=(0.01, 0.1, 1.0), batch_sizes=(16, 32, 64), robust_people=650),
+        curriculum_people=(325, 650), alphas=(0.6, 0.8), celebrities=((0.125, 8),),
+        warmups=((0.125, 3), (0.25, 4)), curriculum_steps=1200,
+        grid_people=(160, 325, 650), grid_alphas=(0.0, 0.4, 0.6, 0.8), grid_steps=(400, 1000),
+        patch_people=325, patch_steps=(0, 150, 300, 900), patch_run_steps=900, template_people=650,
+        lrs=(1e-3, 2e-3, 4e-3), weight_decays=(0.01, 0.1, 1.0), batch_sizes=(16, 32, 64), robust_people=325,
+        robust_steps=1200),
     # The paper's grids (Table 1 model, batch 128, 16k steps; App. B.2, E, G).
     "gpu": StageScale(
         preset="paper", overrides=dict(n_unseen=0),
@@ -145,8 +150,13 @@ def _final(h: TrainingHistory) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- curriculum
+def _steps(steps: int | None) -> dict:
+    return {} if steps is None else {"steps": steps}
+
+
 def curriculum_cells(scale: str | StageScale) -> list[Cell]:
     sc, out = _scale(scale), []
+    sc = dataclasses.replace(sc, overrides={**sc.overrides, **_steps(sc.curriculum_steps)})
     for n in sc.curriculum_people:
         out.append(Cell(f"curriculum/N{n}/uniform", sc.config(n)))
         out += [Cell(f"curriculum/N{n}/alpha{a:g}", sc.config(n, sampler={"kind": "power_law", "alpha": a}))
@@ -234,7 +244,7 @@ def patching_grid_cells(scale: str | StageScale, root: str | Path = ".") -> list
     """The reference run, then one patched run per (start, reference) step; ``root``: the stage output folder
     (a patched cell names its reference by absolute path)."""
     sc = _scale(scale)
-    base = sc.config(sc.patch_people)
+    base = sc.config(sc.patch_people, **_steps(sc.patch_run_steps))
     steps = [s for s in sc.patch_steps if s in base.checkpoint_steps()]
     if len(steps) != len(sc.patch_steps):
         raise ConfigError(f"patch steps {sorted(set(sc.patch_steps) - set(steps))} are not checkpoint steps of the "
@@ -308,6 +318,7 @@ def templates_summary(cells: list[Cell], histories: dict[str, TrainingHistory]) 
 def robustness_cells(scale: str | StageScale) -> list[Cell]:
     """One knob at a time around the scale's recipe; batch sizes keep steps × batch (the data) fixed."""
     sc = _scale(scale)
+    sc = dataclasses.replace(sc, overrides={**sc.overrides, **_steps(sc.robust_steps)})
     base = sc.config(sc.robust_people)
     out = [Cell(f"robustness/lr{lr:g}", sc.config(sc.robust_people, lr=lr, min_lr=min(base.min_lr, lr)))
            for lr in sc.lrs]
