@@ -42,7 +42,7 @@ def test_alpha_grid_patching_grid_templates_and_robustness_cells(scale, tmp_path
     patching = stage_cells("patching_grid", scale, tmp_path)
     assert patching[0].config.patch is None and all(c.needs == (patching[0].name,) for c in patching[1:])
     pairs = {(c.config.patch.start_patching, c.config.patch.reference_step) for c in patching[1:]}
-    assert {(s, s) for s in sc.patch_steps if s < sc.config(sc.patch_people).steps} <= pairs  # the frozen diagonal
+    assert {(s, s) for s in sc.patch_steps if s < patching[0].config.steps} <= pairs  # the frozen diagonal
     assert all(c.config.patch.reference == str(tmp_path.absolute() / patching[0].name) for c in patching[1:])
     templates = stage_cells("templates", scale)
     assert [(c.config.n_train_templates, c.config.sentence_order) for c in templates] == [
