@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from factlens.bios.config import TrainConfig
-from factlens.bios.stages import SCALES, curriculum_cells, curriculum_summary, run_cells, templates_cells
+from factlens.bios.executor import run_cells
+from factlens.bios.stages import SCALES, curriculum_cells, curriculum_summary, templates_cells
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,9 @@ def template_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("templates")
     scale = SCALES["cpu"].__class__(**{**SCALES["cpu"].__dict__, "template_people": TEMPLATE_PEOPLE,
                                        "overrides": dict(n_unseen=0, steps=TEMPLATE_STEPS, checkpoint_every=50)})
-    cells = [c for c in templates_cells(scale) if c.name in ("templates/k1", "templates/k4", "templates/k16_fixed")]
-    return run_cells(cells, root, progress=False)
+    cells = [c for c in templates_cells(scale, root) if c.key in ("templates/k1", "templates/k4", "templates/k16_fixed")]
+    report = run_cells(cells, jobs_dir=root / "jobs", progress=False)
+    return {s.cell.key: s.cell.history() for s in report.statuses}
 
 
 def test_fixed_sentence_order_learns_no_individual_knowledge(template_runs):
@@ -42,16 +44,13 @@ def test_one_training_template_learns_less_than_four(template_runs):
     assert one.final["attr_acc"] < four.final["attr_acc"]
 
 
-def test_best_warmup_beats_uniform_in_final_accuracy():
+def test_best_warmup_beats_uniform_in_final_accuracy(tmp_path):
     # N large for the budget: uniform sampling is still on its plateau when warm-ups on a subset have passed theirs
     scale = SCALES["cpu"].__class__(**{**SCALES["cpu"].__dict__, "curriculum_people": (WARMUP_PEOPLE,),
                                        "alphas": (), "celebrities": (), "warmups": ((80 / 650, 10), (160 / 650, 8)),
                                        "overrides": dict(n_unseen=0, steps=WARMUP_STEPS, checkpoint_every=50)})
-    cells = curriculum_cells(scale)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as root:
-        histories = run_cells(cells, root, progress=False)
-    best, _ = curriculum_summary(cells, histories)
+    cells = curriculum_cells(scale, tmp_path)
+    report = run_cells(cells, jobs_dir=tmp_path / "jobs", progress=False)
+    best, _ = curriculum_summary(cells, {s.cell.key: s.cell.history() for s in report.statuses})
     by_class = best.set_index("sampler")
     assert by_class.loc["warmup", "final_acc"] > by_class.loc["uniform", "final_acc"]

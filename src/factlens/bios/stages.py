@@ -1,10 +1,10 @@
 """Reproduction stages of Zucchet et al. §3 and the appendix, each a list of independent training cells.
 
-A stage is two pure functions: ``cells(scale)`` → a list of :class:`Cell` (a folder name and the
-:class:`~factlens.bios.config.TrainConfig` of one run; cells that read another cell's checkpoints name it in
-``needs``) and ``summarise(histories, scale)`` → a :class:`StageResult` (a table and a plotly figure in the
-paper's layout). :func:`run_cells` trains the cells one after the other (a finished cell is read, not retrained;
-any scheduler can run the same list), :func:`run_stage` does both and writes ``<stage>.csv`` and
+A stage is two pure functions: ``cells(scale, root)`` → a list of :class:`~factlens.bios.cells.Cell` (key,
+:class:`~factlens.bios.config.TrainConfig` and run folder of one run) and ``summary(cells, histories)`` → a table
+and a plotly figure in the paper's layout. :func:`run_stage` hands the cells to the executor
+(:func:`factlens.bios.executor.run_cells`: here, or as SLURM job arrays; a finished cell is read, not retrained;
+patched cells start after their reference run), summarises the finished ones and writes ``<stage>.csv`` and
 ``<stage>.html``.
 
 Stages (the paper's figure in brackets):
@@ -19,8 +19,8 @@ Stages (the paper's figure in brackets):
   with the three phases read in every cell.
 
 Example:
-    >>> from factlens.bios.stages import STAGES
-    >>> [c.name for c in STAGES["templates"].cells("tiny")]
+    >>> from factlens.bios.stages import stage_cells
+    >>> [c.key for c in stage_cells("templates", "tiny", "runs/stages")]
     ['templates/k1', 'templates/k2', 'templates/k4', 'templates/k8', 'templates/k16', 'templates/k16_fixed']
 """
 
@@ -34,26 +34,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from factlens.bios.cells import Cell
 from factlens.bios.config import TrainConfig
+from factlens.bios.executor import CellsReport, CellStatus, ExecutorConfig, run_cells
 from factlens.bios.history import TrainingHistory
 from factlens.bios.patching.config import PatchConfig
 from factlens.bios.phases import three_phases
-from factlens.bios.run import Run, pin_reference
-from factlens.bios.trainer import train
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.storage import atomic_write
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One training run of a stage: its folder (relative to the stage's output) and config.
-
-    ``needs``: cells whose checkpoints this one reads (a patching reference); a scheduler runs them first."""
-
-    name: str
-    config: TrainConfig
-    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,22 +138,27 @@ def _final(h: TrainingHistory) -> dict:
     return {"final_loss": float(h.final["attr_loss"]), "final_acc": float(h.final["attr_acc"])}
 
 
+def _maker(root: str | Path) -> Callable[[str, TrainConfig], Cell]:
+    root = Path(root).absolute()
+    return lambda key, config: Cell(key, config, str(root / key))
+
+
 # ------------------------------------------------------------------------------------------- curriculum
 def _steps(steps: int | None) -> dict:
     return {} if steps is None else {"steps": steps}
 
 
-def curriculum_cells(scale: str | StageScale) -> list[Cell]:
-    sc, out = _scale(scale), []
+def curriculum_cells(scale: str | StageScale, root: str | Path) -> list[Cell]:
+    sc, out, cell = _scale(scale), [], _maker(root)
     sc = dataclasses.replace(sc, overrides={**sc.overrides, **_steps(sc.curriculum_steps)})
     for n in sc.curriculum_people:
-        out.append(Cell(f"curriculum/N{n}/uniform", sc.config(n)))
-        out += [Cell(f"curriculum/N{n}/alpha{a:g}", sc.config(n, sampler={"kind": "power_law", "alpha": a}))
+        out.append(cell(f"curriculum/N{n}/uniform", sc.config(n)))
+        out += [cell(f"curriculum/N{n}/alpha{a:g}", sc.config(n, sampler={"kind": "power_law", "alpha": a}))
                 for a in sc.alphas]
-        out += [Cell(f"curriculum/N{n}/celeb{max(1, round(f * n))}_w{w:g}",
+        out += [cell(f"curriculum/N{n}/celeb{max(1, round(f * n))}_w{w:g}",
                      sc.config(n, sampler={"kind": "celebrities", "n_celebrities": max(1, round(f * n)), "weight": w}))
                 for f, w in sc.celebrities]
-        out += [Cell(f"curriculum/N{n}/warmup{max(1, round(f * n))}_e{e:g}",
+        out += [cell(f"curriculum/N{n}/warmup{max(1, round(f * n))}_e{e:g}",
                      sc.config(n, sampler={"kind": "warmup", "n_warmup": max(1, round(f * n)), "epochs": e}))
                 for f, e in sc.warmups]
     return out
@@ -178,10 +172,10 @@ def curriculum_summary(cells: list[Cell], histories: dict[str, TrainingHistory])
     """Best setting of each sampler class per N (lowest final loss), and the warm-up's full-population loss."""
     from plotly.subplots import make_subplots
 
-    rows = [{"n_people": c.config.n_people, "sampler": _kind(c), "cell": c.name,
+    rows = [{"n_people": c.config.n_people, "sampler": _kind(c), "cell": c.key,
              "setting": {k: v for k, v in c.config.sampler.items() if k != "kind"},
-             "plateau_end": histories[c.name].plateau_end(), **_final(histories[c.name])}
-            for c in cells if c.name in histories]
+             "plateau_end": histories[c.key].plateau_end(), **_final(histories[c.key])}
+            for c in cells if c.key in histories]
     frame = pd.DataFrame(rows)
     best = (frame.sort_values("final_loss").groupby(["n_people", "sampler"], sort=False).head(1)
             .sort_values(["n_people", "sampler"]).reset_index(drop=True)) if len(frame) else frame
@@ -206,9 +200,9 @@ def curriculum_summary(cells: list[Cell], histories: dict[str, TrainingHistory])
 
 
 # ------------------------------------------------------------------------------------------- alpha grid
-def alpha_grid_cells(scale: str | StageScale) -> list[Cell]:
-    sc = _scale(scale)
-    return [Cell(f"alpha_grid/N{n}_a{a:g}_s{s}",
+def alpha_grid_cells(scale: str | StageScale, root: str | Path) -> list[Cell]:
+    sc, cell = _scale(scale), _maker(root)
+    return [cell(f"alpha_grid/N{n}_a{a:g}_s{s}",
                  sc.config(n, steps=s, sampler={"kind": "power_law", "alpha": a} if a else {"kind": "uniform"}))
             for n in sc.grid_people for a in sc.grid_alphas for s in sc.grid_steps]
 
@@ -218,8 +212,8 @@ def alpha_grid_summary(cells: list[Cell], histories: dict[str, TrainingHistory])
     from plotly.subplots import make_subplots
 
     rows = [{"n_people": c.config.n_people, "alpha": float(c.config.sampler.get("alpha", 0.0)),
-             "steps": c.config.steps, "plateau_end": histories[c.name].plateau_end(), **_final(histories[c.name])}
-            for c in cells if c.name in histories]
+             "steps": c.config.steps, "plateau_end": histories[c.key].plateau_end(), **_final(histories[c.key])}
+            for c in cells if c.key in histories]
     frame = pd.DataFrame(rows)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Plateau end (steps) over N × α (Fig. 4 left)",
                                                         "α with the lowest final loss over N × steps (Fig. 4 middle)"))
@@ -240,24 +234,23 @@ def alpha_grid_summary(cells: list[Cell], histories: dict[str, TrainingHistory])
 
 
 # ------------------------------------------------------------------------------------------- patching grid
-def patching_grid_cells(scale: str | StageScale, root: str | Path = ".") -> list[Cell]:
-    """The reference run, then one patched run per (start, reference) step; ``root``: the stage output folder
-    (a patched cell names its reference by absolute path)."""
-    sc = _scale(scale)
+def patching_grid_cells(scale: str | StageScale, root: str | Path) -> list[Cell]:
+    """The reference run, then one patched run per (start, reference) step (a patched cell names its reference
+    by absolute path)."""
+    sc, cell = _scale(scale), _maker(root)
     base = sc.config(sc.patch_people, **_steps(sc.patch_run_steps))
     steps = [s for s in sc.patch_steps if s in base.checkpoint_steps()]
     if len(steps) != len(sc.patch_steps):
         raise ConfigError(f"patch steps {sorted(set(sc.patch_steps) - set(steps))} are not checkpoint steps of the "
                           f"reference; pick steps of its schedule {base.checkpoint_steps()[:8]}...")
     ref_dir = Path(root).absolute() / "patching_grid" / "reference"
-    out = [Cell("patching_grid/reference", base)]
+    out = [cell("patching_grid/reference", base)]
     for start in steps:
         for ref in steps:
             if start >= base.steps or (start == ref == base.steps):
                 continue  # patching from the last step changes nothing
             patch = PatchConfig(reference=str(ref_dir), reference_step=ref, start_patching=start)
-            out.append(Cell(f"patching_grid/start{start}_ref{ref}", dataclasses.replace(base, patch=patch),
-                            needs=("patching_grid/reference",)))
+            out.append(cell(f"patching_grid/start{start}_ref{ref}", dataclasses.replace(base, patch=patch)))
     return out
 
 
@@ -266,8 +259,8 @@ def patching_grid_summary(cells: list[Cell], histories: dict[str, TrainingHistor
     import plotly.graph_objects as go
 
     rows = [{"start_patching": c.config.patch.start_patching, "reference_step": c.config.patch.reference_step,
-             "frozen": c.config.patch.start_patching == c.config.patch.reference_step, **_final(histories[c.name])}
-            for c in cells if c.config.patch is not None and c.name in histories]
+             "frozen": c.config.patch.start_patching == c.config.patch.reference_step, **_final(histories[c.key])}
+            for c in cells if c.config.patch is not None and c.key in histories]
     frame = pd.DataFrame(rows)
     fig = go.Figure()
     if len(frame):
@@ -286,10 +279,10 @@ def patching_grid_summary(cells: list[Cell], histories: dict[str, TrainingHistor
 TEMPLATE_COUNTS = (1, 2, 4, 8, 16)
 
 
-def templates_cells(scale: str | StageScale) -> list[Cell]:
-    sc = _scale(scale)
-    out = [Cell(f"templates/k{k}", sc.config(sc.template_people, n_train_templates=k)) for k in TEMPLATE_COUNTS]
-    out.append(Cell("templates/k16_fixed", sc.config(sc.template_people, n_train_templates=16,
+def templates_cells(scale: str | StageScale, root: str | Path) -> list[Cell]:
+    sc, cell = _scale(scale), _maker(root)
+    out = [cell(f"templates/k{k}", sc.config(sc.template_people, n_train_templates=k)) for k in TEMPLATE_COUNTS]
+    out.append(cell("templates/k16_fixed", sc.config(sc.template_people, n_train_templates=16,
                                                      sentence_order="fixed")))
     return out
 
@@ -299,8 +292,8 @@ def templates_summary(cells: list[Cell], histories: dict[str, TrainingHistory]) 
     import plotly.graph_objects as go
 
     rows = [{"templates": c.config.n_train_templates, "sentence_order": c.config.sentence_order,
-             "baseline": histories[c.name].baseline, **_final(histories[c.name])}
-            for c in cells if c.name in histories]
+             "baseline": histories[c.key].baseline, **_final(histories[c.key])}
+            for c in cells if c.key in histories]
     frame = pd.DataFrame(rows)
     fig = go.Figure()
     if len(frame):
@@ -315,16 +308,16 @@ def templates_summary(cells: list[Cell], histories: dict[str, TrainingHistory]) 
 
 
 # ------------------------------------------------------------------------------------------- robustness
-def robustness_cells(scale: str | StageScale) -> list[Cell]:
+def robustness_cells(scale: str | StageScale, root: str | Path) -> list[Cell]:
     """One knob at a time around the scale's recipe; batch sizes keep steps × batch (the data) fixed."""
     sc = _scale(scale)
     sc = dataclasses.replace(sc, overrides={**sc.overrides, **_steps(sc.robust_steps)})
-    base = sc.config(sc.robust_people)
-    out = [Cell(f"robustness/lr{lr:g}", sc.config(sc.robust_people, lr=lr, min_lr=min(base.min_lr, lr)))
+    base, cell = sc.config(sc.robust_people), _maker(root)
+    out = [cell(f"robustness/lr{lr:g}", sc.config(sc.robust_people, lr=lr, min_lr=min(base.min_lr, lr)))
            for lr in sc.lrs]
-    out += [Cell(f"robustness/wd{wd:g}", sc.config(sc.robust_people, weight_decay=wd)) for wd in sc.weight_decays]
+    out += [cell(f"robustness/wd{wd:g}", sc.config(sc.robust_people, weight_decay=wd)) for wd in sc.weight_decays]
     data = base.steps * base.batch_size
-    out += [Cell(f"robustness/batch{b}", sc.config(sc.robust_people, batch_size=b, steps=data // b,
+    out += [cell(f"robustness/batch{b}", sc.config(sc.robust_people, batch_size=b, steps=data // b,
                                                    checkpoint_every=max(1, (base.checkpoint_every or 1)
                                                                         * base.batch_size // b)))
             for b in sc.batch_sizes]
@@ -337,15 +330,15 @@ def robustness_summary(cells: list[Cell], histories: dict[str, TrainingHistory])
 
     rows = []
     for c in cells:
-        if c.name not in histories:
+        if c.key not in histories:
             continue
-        knob = c.name.split("/")[-1]
+        knob = c.key.split("/")[-1]
         kind = "batch_size" if knob.startswith("batch") else "weight_decay" if knob.startswith("wd") else "lr"
         value = {"lr": c.config.lr, "weight_decay": c.config.weight_decay, "batch_size": c.config.batch_size}[kind]
-        phases = three_phases(histories[c.name])
+        phases = three_phases(histories[c.key])
         has_three = phases["plateau_end"] is not None and phases["drop_end"] is not None and (
-            float(histories[c.name].final["attr_loss"]) < histories[c.name].baseline * 0.97)
-        rows.append({"knob": kind, "value": value, **_final(histories[c.name]), "drop_end": phases["drop_end"],
+            float(histories[c.key].final["attr_loss"]) < histories[c.key].baseline * 0.97)
+        rows.append({"knob": kind, "value": value, **_final(histories[c.key]), "drop_end": phases["drop_end"],
                      "plateau_end": phases["plateau_end"], "three_phases": bool(has_three)})
     frame = pd.DataFrame(rows)
     knobs = ("lr", "weight_decay", "batch_size")
@@ -398,54 +391,48 @@ def scale_with(scale: str | StageScale, overrides: dict) -> StageScale:
     return out
 
 
-def stage_cells(stage: str, scale: str | StageScale, root: str | Path = ".") -> list[Cell]:
-    """The cells of ``stage`` at ``scale`` (``root``: where they will be written; patching cells need it)."""
+def stage_cells(stage: str, scale: str | StageScale, root: str | Path) -> list[Cell]:
+    """The cells of ``stage`` at ``scale``, with run folders under ``root``."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}.")
-    if stage == "patching_grid":
-        return patching_grid_cells(scale, root)
-    return STAGES[stage].cells(scale)
+    return STAGES[stage].cells(scale, root)
 
 
-def run_cells(cells: list[Cell], root: str | Path, *, device=None, progress: bool = True,
-              train_missing: bool = True) -> dict[str, TrainingHistory]:
-    """Train every unfinished cell in order (a cell's ``needs`` come first in the list) under ``root``; returns
-    the histories of the finished cells. A cell folder holding another run is refused
-    (:meth:`~factlens.bios.run.Run.finished`)."""
-    root, out = Path(root), {}
-    names = [c.name for c in cells]
-    for i, cell in enumerate(cells):
-        late = [n for n in cell.needs if n not in names[:i]]
-        if late:
-            raise ConfigError(f"cell {cell.name} needs {late}, which do not come before it; list them first.")
-        config, path = cell.config, root / cell.name
-        if config.patch is not None:
-            if any(n not in out for n in cell.needs):
-                continue  # its reference is not finished
-            config = pin_reference(config)
-        if not Run(path).finished(config):
-            if not train_missing:
-                continue
-            train(config, path, device=device, progress=progress)
-        out[cell.name] = Run(path).history
-    return out
+def run_stage(stage: str, scale: str | StageScale, root: str | Path, *, executor: ExecutorConfig | None = None,
+              wait: bool = True, device=None, progress: bool = True, train_missing: bool = True) -> StageResult:
+    """Run (or resume, or submit) a stage's cells under ``root`` and write ``root/<stage>.csv`` and
+    ``root/<stage>.html`` from the finished ones.
 
-
-def run_stage(stage: str, scale: str | StageScale, root: str | Path, *, device=None, progress: bool = True,
-              train_missing: bool = True) -> StageResult:
-    """Run (or resume) a stage under ``root`` and write ``root/<stage>.csv`` and ``root/<stage>.html``.
+    Cells that patch attention from a reference run start after it (on SLURM: after its job). ``executor``,
+    ``wait``: as :func:`factlens.bios.executor.run_cells`; ``train_missing=False`` starts nothing.
 
     Example:
         >>> result = run_stage("templates", "tiny", "runs/stages", progress=False)  # doctest: +SKIP
         >>> result.table                                                           # doctest: +SKIP
     """
     cells = stage_cells(stage, scale, root)
-    histories = run_cells(cells, root, device=device, progress=progress, train_missing=train_missing)
-    table, fig = STAGES[stage].summary(cells, histories)
     root = Path(root)
+    run = dict(executor=executor, jobs_dir=root / "jobs", wait=wait, submit=train_missing, device=device,
+               progress=progress)
+    plain = [c for c in cells if c.config.patch is None]
+    patched = [c for c in cells if c.config.patch is not None]
+    report = run_cells(plain, **run)
+    if patched:
+        refs = {s.cell.run_dir: s for s in report.statuses}
+        ref = refs.get(str(Path(patched[0].config.patch.reference)))
+        if ref is not None and ref.state == "finished":
+            second = run_cells(patched, **run)
+        elif ref is not None and ref.state in ("pending", "running") and ref.job_id:
+            second = run_cells(patched, **run, after=[ref.job_id])
+        else:
+            second = CellsReport([CellStatus(c, "not started", error="waits for its reference run") for c in patched])
+        report = CellsReport(report.statuses + second.statuses, report.submitted + second.submitted)
+    done = report.finished
+    histories = {s.cell.key: s.cell.history() for s in report.statuses if s.cell.key in done}
+    table, fig = STAGES[stage].summary(cells, histories)
     atomic_write(root / f"{stage}.csv", table.to_csv(index=False))
     atomic_write(root / f"{stage}.html", fig.to_html())
-    return StageResult(stage, table, fig, missing=[c.name for c in cells if c.name not in histories])
+    return StageResult(stage, table, fig, missing=[c.key for c in cells if c.key not in histories])
 
 
 def training_flops(cells: list[Cell]) -> float:
@@ -453,7 +440,7 @@ def training_flops(cells: list[Cell]) -> float:
     counted; evaluation not counted). Divide by a GPU's sustained FLOP/s for its time.
 
     Example:
-        >>> training_flops(stage_cells("templates", "tiny")) > 0
+        >>> training_flops(stage_cells("templates", "tiny", "runs/stages")) > 0
         True
     """
     from factlens.bios.data.vocab import BiosVocab
@@ -470,5 +457,5 @@ def training_flops(cells: list[Cell]) -> float:
     return total
 
 
-__all__ = ["SCALES", "STAGES", "Cell", "Stage", "StageResult", "StageScale", "run_cells", "run_stage",
-           "scale_with", "stage_cells", "training_flops"]
+__all__ = ["SCALES", "STAGES", "Stage", "StageResult", "StageScale", "run_stage", "scale_with", "stage_cells",
+           "training_flops"]

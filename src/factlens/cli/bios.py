@@ -430,15 +430,17 @@ def _reproduce_dynamics(args: argparse.Namespace) -> int:
             cells = stage_cells(stage, stage_scale, args.out)
             print(f"stage {stage}: {len(cells)} training runs at scale {args.scale} under {args.out}/{stage}/ "
                   f"(finished ones are read, not retrained)")
-            result = run_stage(stage, stage_scale, args.out, device=args.device, progress=not args.quiet,
-                               train_missing=not args.report_only)
+            result = run_stage(stage, stage_scale, args.out, executor=_executor(args), device=args.device,
+                               progress=not args.quiet, train_missing=not (args.report_only or args.collect),
+                               wait=not (args.no_wait or args.collect or args.report_only))
             print(result.table.to_string(index=False))
             missing = f"; not finished: {result.missing}" if result.missing else ""
             print(f"{stage}: {time.perf_counter() - t0:.0f} s; table {args.out}/{stage}.csv, figure "
                   f"{args.out}/{stage}.html{missing}")
         if "headline" not in args.stages:
             return 0
-    scale = with_overrides(args.scale, _knob_overrides(args))
+    knobs = _knob_overrides(args)
+    scale = with_overrides(args.scale, knobs) if knobs else args.scale
     try:
         result = reproduce(scale, args.out, plateau_ratio=args.plateau_ratio, device=args.device,
                            progress=not args.quiet, write_png=not args.no_png,
