@@ -100,10 +100,20 @@ def test_cli_reproduce_runs_a_stage_with_robustness_options(tmp_path, capsys):
     from factlens.bios.run import Run
     from factlens.cli import main
 
-    assert main(["bios", "reproduce", "--scale", "tiny", "--stages", "zipf", "--out", str(tmp_path), "--quiet"]) == 2
+    with pytest.raises(SystemExit):
+        main(["bios", "reproduce", "--scale", "tiny", "--stages", "zipf", "--out", str(tmp_path), "--quiet"])
+    assert not list(tmp_path.iterdir())
+    assert main(["bios", "reproduce", "--scale", "tiny", "--stages", "templates", "--d-model", "30", "--n-heads", "4",
+                 "--out", str(tmp_path), "--quiet"]) == 2
     assert not list(tmp_path.iterdir())
     assert main(["bios", "reproduce", "--scale", "tiny", "--stages", "templates", "--weight-decay", "0.3",
                  "--out", str(tmp_path), "--quiet"]) == 0
     assert "stage templates: 6 training runs" in capsys.readouterr().out
     assert Run(tmp_path / "templates" / "k1").config.weight_decay == 0.3
     assert (tmp_path / "templates.csv").exists()
+
+
+def test_the_cli_offers_every_stage():
+    from factlens.cli.bios import APPENDIX_STAGES
+
+    assert tuple(STAGES) == APPENDIX_STAGES

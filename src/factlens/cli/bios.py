@@ -387,13 +387,38 @@ def cmd_mechanisms(args: argparse.Namespace) -> int:
     return 0
 
 
+APPENDIX_STAGES = ("curriculum", "alpha_grid", "patching_grid", "templates", "robustness")  # factlens.bios.stages
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     stages = list(dict.fromkeys(args.stages))
-    code = _reproduce_dynamics(args) if "dynamics" in stages else 0
-    forgetting = tuple(s for s in stages if s != "dynamics")
+    appendix = [s for s in stages if s in APPENDIX_STAGES]
+    code = _reproduce_stages(args, appendix) if appendix else 0
+    code = (_reproduce_dynamics(args) if "dynamics" in stages else 0) or code
+    forgetting = tuple(s for s in stages if s not in ("dynamics", *APPENDIX_STAGES))
     if forgetting:
         _reproduce_forgetting(args, forgetting)
     return code
+
+
+def _reproduce_stages(args: argparse.Namespace, stages: list[str]) -> int:
+    """The §3 and appendix stages (:mod:`factlens.bios.stages`), each writing OUT/<stage>.csv and .html."""
+    from factlens.bios.stages import run_stage, scale_with, stage_cells
+
+    scale = scale_with(args.scale, _knob_overrides(args))
+    for stage in stages:
+        t0 = time.perf_counter()
+        cells = stage_cells(stage, scale, args.out)
+        print(f"stage {stage}: {len(cells)} training runs at scale {args.scale} under {args.out}/{stage}/ "
+              f"(finished ones are read, not retrained)")
+        result = run_stage(stage, scale, args.out, executor=_executor(args), device=args.device,
+                           progress=not args.quiet, train_missing=not (args.report_only or args.collect),
+                           wait=not (args.no_wait or args.collect or args.report_only))
+        print(result.table.to_string(index=False))
+        missing = f"; not finished: {result.missing}" if result.missing else ""
+        print(f"{stage}: {time.perf_counter() - t0:.0f} s; table {args.out}/{stage}.csv, figure "
+              f"{args.out}/{stage}.html{missing}")
+    return 0
 
 
 def _reproduce_forgetting(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
@@ -418,27 +443,6 @@ def _reproduce_dynamics(args: argparse.Namespace) -> int:
     if args.scale == "tiny" and not args.quiet:
         print("factlens bios reproduce --scale tiny: a SMOKE RUN (a few dozen steps per cell; tests the pipeline, "
               f"its numbers mean nothing); writes {Path(args.out) / 'report.html'}", flush=True)
-    extra = [s for s in args.stages if s != "headline"]
-    if extra:
-        from factlens.bios.stages import run_stage, scale_with, stage_cells
-
-        stage_scale = scale_with(args.scale, _knob_overrides(args))
-        for stage in extra:
-            stage_cells(stage, stage_scale, args.out)  # an unknown stage is refused before anything trains
-        for stage in extra:
-            t0 = time.perf_counter()
-            cells = stage_cells(stage, stage_scale, args.out)
-            print(f"stage {stage}: {len(cells)} training runs at scale {args.scale} under {args.out}/{stage}/ "
-                  f"(finished ones are read, not retrained)")
-            result = run_stage(stage, stage_scale, args.out, executor=_executor(args), device=args.device,
-                               progress=not args.quiet, train_missing=not (args.report_only or args.collect),
-                               wait=not (args.no_wait or args.collect or args.report_only))
-            print(result.table.to_string(index=False))
-            missing = f"; not finished: {result.missing}" if result.missing else ""
-            print(f"{stage}: {time.perf_counter() - t0:.0f} s; table {args.out}/{stage}.csv, figure "
-                  f"{args.out}/{stage}.html{missing}")
-        if "headline" not in args.stages:
-            return 0
     knobs = _knob_overrides(args)
     scale = with_overrides(args.scale, knobs) if knobs else args.scale
     try:
@@ -613,17 +617,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu",
                    help="tiny: seconds (smoke); cpu: about 45 min on 2 cores; gpu: the paper preset")
     p.add_argument("--out", required=True, help="report folder (one run folder per cell; resumable)")
-    p.add_argument("--stages", nargs="+", choices=["dynamics", "hallucination", "finetune", "toy"],
+    p.add_argument("--stages", nargs="+",
+                   choices=["dynamics", "hallucination", "finetune", "toy", *APPENDIX_STAGES],
                    default=["dynamics", "hallucination", "finetune", "toy"],
                    help="dynamics: plateau vs N, attention patching, curriculum; hallucination, finetune, toy: §4 "
-                        "(report in OUT/forgetting_report.html)")
+                        "(report in OUT/forgetting_report.html); curriculum, alpha_grid, patching_grid, templates, "
+                        "robustness: §3 and the appendix (OUT/<stage>.csv and .html)")
     p.add_argument("--plateau-ratio", type=float, default=0.98, help="plateau end: first loss < ratio x baseline")
     p.add_argument("--no-png", action="store_true",
                    help="HTML only (PNGs need the png extra and a Chrome or Chromium browser)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
-    p.add_argument("--stages", nargs="+", default=["headline"], metavar="STAGE",
-                   help="headline (plateau vs N, patching, power-law curriculum: the HTML report), curriculum, "
-                        "alpha_grid, patching_grid, templates, robustness; default: headline")
     _robustness_args(p)
     add_compute(p)
     _executor_args(p)
