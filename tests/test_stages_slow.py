@@ -48,8 +48,10 @@ def test_best_warmup_beats_uniform_in_final_accuracy(tmp_path):
     # N large for the budget: uniform sampling is still on its plateau when warm-ups on a subset have passed theirs
     scale = SCALES["cpu"].__class__(**{**SCALES["cpu"].__dict__, "curriculum_people": (WARMUP_PEOPLE,),
                                        "alphas": (), "celebrities": (), "warmups": ((80 / 650, 10), (160 / 650, 8)),
-                                       "overrides": dict(n_unseen=0, steps=WARMUP_STEPS, checkpoint_every=50)})
+                                       "curriculum_steps": WARMUP_STEPS,
+                                       "overrides": dict(n_unseen=0, checkpoint_every=50)})
     cells = curriculum_cells(scale, tmp_path)
+    assert {c.config.steps for c in cells} == {WARMUP_STEPS} and len(cells) == 3
     report = run_cells(cells, jobs_dir=tmp_path / "jobs", progress=False)
     best, _ = curriculum_summary(cells, {s.cell.key: s.cell.history() for s in report.statuses})
     by_class = best.set_index("sampler")
