@@ -345,6 +345,7 @@ def with_overrides(scale: str | Scale, overrides: dict) -> Scale:
     e.g. the weight decay, AdamW betas or model size of ``factlens bios reproduce``; checked on one cell.
 
     Example:
+        >>> from factlens.bios.reproduce import with_overrides
         >>> with_overrides("tiny", {"weight_decay": 0.3}).config(16).weight_decay
         0.3
     """

@@ -379,6 +379,7 @@ def scale_with(scale: str | StageScale, overrides: dict) -> StageScale:
     robustness options of ``factlens bios reproduce`` (weight decay, AdamW betas, model size) do.
 
     Example:
+        >>> from factlens.bios.stages import scale_with
         >>> scale_with("tiny", {"model": {"n_layer": 1}}).config(16).model["n_layer"]
         1
     """
@@ -440,6 +441,7 @@ def training_flops(cells: list[Cell]) -> float:
     counted; evaluation not counted). Divide by a GPU's sustained FLOP/s for its time.
 
     Example:
+        >>> from factlens.bios.stages import stage_cells, training_flops
         >>> training_flops(stage_cells("templates", "tiny", "runs/stages")) > 0
         True
     """
