@@ -7,6 +7,9 @@ import json
 
 import pytest
 
+import factlens.bios.reproduce_forgetting as rf
+from factlens.bios.config import TrainConfig
+from factlens.bios.finetune import finetune_config
 from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, reproduce_forgetting
 from factlens.cli import main
 from factlens.errors import ConfigError
@@ -27,6 +30,37 @@ def test_reproduce_forgetting_tiny_runs_every_stage_and_resumes(tmp_path):
     assert again.trained == [] and again.finetune.equals(result.finetune)
     assert main(["bios", "reproduce", "--scale", "tiny", "--stages", "toy", "finetune", "--out", str(tmp_path),
                  "--report-only", "--quiet"]) == 0
+
+
+def test_forgetting_stages_run_their_cells_through_the_executor_and_never_retrain_a_finished_one(tmp_path,
+                                                                                                 monkeypatch):
+    scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
+                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2)
+    calls = []
+
+    def recording(cells, executor=None, **kw):
+        calls.append([(c.key, c.fingerprint, c.run_dir) for c in cells])
+        report = run_cells(cells, executor, **kw)
+        calls[-1].append(report.submitted)
+        return report
+
+    run_cells = rf.run_cells
+    monkeypatch.setattr(rf, "run_cells", recording)
+    first = reproduce_forgetting(scale, tmp_path, stages=("hallucination", "finetune"), progress=False)
+    base_dir = tmp_path / "hallucination" / "base"
+    base = rf.Cell("base", TrainConfig.preset("tiny", steps=10, n_unseen=8, checkpoint_every=5), "")
+    tuned = {f"finetune/new4_w{w:g}": finetune_config(base_dir, n_new=4, old_weight=w, steps=4, lr=scale.lr,
+                                                      checkpoint_every=2) for w in (0.0, 0.5)}
+    assert calls == [[("hallucination/base", base.fingerprint, str(base_dir)), ["hallucination/base"]],
+                     [*[(k, rf.Cell(k, c, "").fingerprint, str(tmp_path / k)) for k, c in tuned.items()],
+                      list(tuned)]]
+    assert first.trained == ["hallucination/base", *tuned] and first.missing == [] and len(first.finetune) == 2
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and "report" not in p.name
+               and "summary" not in p.name}
+    calls.clear()
+    again = reproduce_forgetting(scale, tmp_path, stages=("hallucination", "finetune"), progress=False)
+    assert [c[-1] for c in calls] == [[], []] and again.trained == [] and again.finetune.equals(first.finetune)
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # finished cells are read, not retrained
 
 
 def test_unknown_stage_or_scale_is_refused(tmp_path):

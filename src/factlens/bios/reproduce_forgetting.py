@@ -13,7 +13,9 @@
 - ``toy``: the toy associative memory (:mod:`factlens.bios.toy_memory`) in ``toy/``.
 
 Every cell is a run directory (or the toy's saved result); a finished cell is read, not recomputed, so an
-interrupted call resumes where it stopped (a run directory refuses another config).
+interrupted call resumes where it stopped (a run directory refuses another config). The training cells run
+through :func:`~factlens.bios.executor.run_cells` (here, or as SLURM job arrays): the pre-training run first,
+then the fine-tuning cells built from its last checkpoint; a failing cell is reported and the others go on.
 
 Example:
     >>> from factlens.bios.reproduce_forgetting import reproduce_forgetting
@@ -32,13 +34,13 @@ from pathlib import Path
 import pandas as pd
 
 from factlens.bios.attention_drift import AttentionDrift, attention_drift
+from factlens.bios.cells import Cell
 from factlens.bios.config import TrainConfig
+from factlens.bios.executor import CellsReport, ExecutorConfig, run_cells
 from factlens.bios.finetune import finetune_config
 from factlens.bios.forgetting import forgetting_summary
 from factlens.bios.history import TrainingHistory
-from factlens.bios.run import Run
 from factlens.bios.toy_memory import ToyMemoryConfig, ToyMemoryResult, run_toy_memory
-from factlens.bios.trainer import train
 from factlens.display import ResultDisplay
 from factlens.errors import CheckpointError, ConfigError
 from factlens.storage import atomic_write
@@ -115,7 +117,8 @@ class ForgettingResult(ResultDisplay):
         finetune: one row per fine-tuning cell: ``new_people``, ``new_fraction`` (of the old population),
             ``replay_weight`` and :func:`~factlens.bios.forgetting.forgetting_summary`'s numbers.
         drift: attention drift of the largest no-replay cell (or ``None``). toy: the toy model's result.
-        trained: cells computed by this call. missing: cells not finished (``train_missing=False``).
+        trained: cells computed by this call. missing: cells not finished (``train_missing=False``, queued on
+            SLURM, or failed). cells: every training cell's status (failed ones with their error).
     """
 
     scale: str
@@ -128,6 +131,7 @@ class ForgettingResult(ResultDisplay):
     trained: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    cells: CellsReport = field(default_factory=lambda: CellsReport([]), repr=False)
 
     def to_dataframe(self) -> pd.DataFrame:
         """The fine-tuning table (the headline)."""
@@ -142,16 +146,32 @@ class ForgettingResult(ResultDisplay):
         return self.figures()["forgetting"]
 
 
-def _cell(config: TrainConfig, run_dir: Path, result: ForgettingResult, out: Path, device, progress: bool,
-          train_missing: bool) -> TrainingHistory | None:
-    """Train a cell unless it finished (a directory holding another run is refused); its history or ``None``."""
-    if not Run(run_dir).finished(config):
-        if not train_missing:
-            result.missing.append(str(run_dir.relative_to(out)))
-            return None
-        train(config, run_dir, device=device, progress=progress)
-        result.trained.append(str(run_dir.relative_to(out)))
-    return Run(run_dir).history
+def forgetting_cells(sc: ForgettingScale, out: str | Path, stage: str) -> list[Cell]:
+    """The training cells of a stage: ``hallucination`` (the pre-training run ``hallucination/base``) or
+    ``finetune`` (``finetune/new{K}_w{W}``, built from the base run's last checkpoint: it must be finished).
+
+    Example:
+        >>> from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, forgetting_cells
+        >>> [c.key for c in forgetting_cells(FORGETTING_SCALES["tiny"], "runs/forgetting-tiny", "hallucination")]
+        ['hallucination/base']
+    """
+    out = Path(out)
+    if stage == "hallucination":
+        return [Cell("hallucination/base", sc.base_config(), str(out / "hallucination" / "base"))]
+    base_dir = out / "hallucination" / "base"
+    return [Cell(f"finetune/new{k}_w{w:g}", finetune_config(base_dir, n_new=k, old_weight=w, steps=sc.steps,
+                                                             lr=sc.lr, checkpoint_every=sc.checkpoint_every),
+                 str(out / "finetune" / f"new{k}_w{w:g}")) for k, w in sc.cells()]
+
+
+def _run(cells: list[Cell], result: ForgettingResult, run: dict) -> dict[str, TrainingHistory]:
+    """Run the cells through the executor; record their statuses; the finished cells' histories."""
+    report = run_cells(cells, **run)
+    result.cells = CellsReport(result.cells.statuses + report.statuses, result.cells.submitted + report.submitted)
+    done = report.finished
+    result.trained += [k for k in report.submitted if k in done]
+    result.missing += [s.cell.key for s in report.statuses if s.cell.key not in done]
+    return {s.cell.key: s.cell.history() for s in report.statuses if s.cell.key in done}
 
 
 def plateau_step(history: TrainingHistory) -> int | None:
@@ -184,7 +204,8 @@ def hallucination_table(history: TrainingHistory) -> pd.DataFrame:
 
 def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Path = "out/reproduce", *,
                          stages: tuple[str, ...] = STAGES, device=None, progress: bool = True,
-                         train_missing: bool = True) -> ForgettingResult:
+                         train_missing: bool = True, executor: ExecutorConfig | None = None,
+                         wait: bool = True) -> ForgettingResult:
     """Run (or resume) the §4 ``stages`` at ``scale`` under ``out_dir``; write the report and the summary.
 
     Args:
@@ -193,6 +214,11 @@ def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Pa
         stages: any of ``hallucination``, ``finetune`` (needs the hallucination stage's run, trained if missing),
             ``toy``.
         train_missing: ``False`` computes nothing and reports the finished cells only.
+        executor: where the training cells run (:class:`~factlens.bios.executor.ExecutorConfig`; default: here,
+            one after another). With ``kind="slurm"`` each stage is a job array (records and logs in
+            ``out_dir/jobs``); the fine-tuning cells are submitted once the base run has finished.
+        wait: wait for SLURM jobs; ``False`` returns once they are submitted (the fine-tuning cells are then
+            submitted by a later call, after the base run finished).
     """
     bad = sorted(set(stages) - set(STAGES))
     if bad or not stages:
@@ -205,22 +231,21 @@ def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = ForgettingResult(scale=scale if isinstance(scale, str) else sc.preset)
-    kw = dict(result=result, out=out, device=device, progress=progress, train_missing=train_missing)
-    base_dir = out / "hallucination" / "base"
+    run = dict(executor=executor, jobs_dir=out / "jobs", wait=wait, submit=train_missing, device=device,
+               progress=progress)
     base = None
     if "hallucination" in stages or "finetune" in stages:
-        base = _cell(sc.base_config(), base_dir, **kw)
+        base = _run(forgetting_cells(sc, out, "hallucination"), result, run).get("hallucination/base")
         if base is not None:
             result.hallucination = hallucination_table(base)
             result.histories["base"] = base
     if "finetune" in stages and base is not None:
         rows = []
         n_old = sc.base_config().n_people
+        histories = _run(forgetting_cells(sc, out, "finetune"), result, run)
         for k, w in sc.cells():
-            config = finetune_config(base_dir, n_new=k, old_weight=w, steps=sc.steps, lr=sc.lr,
-                                     checkpoint_every=sc.checkpoint_every)
             name = f"new{k}_w{w:g}"
-            history = _cell(config, out / "finetune" / name, **kw)
+            history = histories.get(f"finetune/{name}")
             if history is None:
                 continue
             result.histories[name] = history
@@ -289,6 +314,8 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><bod
 <p>Command: <code>factlens bios reproduce --scale {{ scale }} --stages {{ stages }} --out {{ out }}</code>.
 This call computed {{ trained|length }} cells in {{ "%.0f"|format(wall_s) }} s; finished cells are read, not
 recomputed.</p>{% if missing %}<p><b>Not finished yet:</b> {{ missing|join(", ") }}.</p>{% endif %}
+{% for f in failed %}<p><b>Failed: {{ f.cell }}</b>{% if f.job_id %} (SLURM job {{ f.job_id }}, log {{ f.log }}){% endif %}
+<pre>{{ f.error }}</pre></p>{% endfor %}
 {% if hallucination %}<h2>Hallucinations over pre-training</h2>{{ figs.hallucination }}{{ hallucination }}{% endif %}
 {% if finetune %}<h2>Fine-tuning, forgetting and replay</h2>{{ figs.forgetting }}{{ finetune }}{% endif %}
 {% if figs.attention_drift %}<h2>Attention drift during fine-tuning</h2>{{ figs.attention_drift }}{% endif %}
@@ -308,16 +335,17 @@ def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> N
                                                              na_rep="–")
 
     toy = result.toy.final() if result.toy is not None else None
+    failed = [{"cell": s.cell.key, "job_id": s.job_id, "log": s.log, "error": s.error} for s in result.cells.failed]
     stages = " ".join(s for s, v in (("hallucination", result.hallucination), ("finetune", result.finetune),
                                      ("toy", result.toy)) if v is not None)
     html = jinja2.Template(_TEMPLATE).render(
         scale=result.scale, out=str(out), trained=result.trained, wall_s=result.wall_s, missing=result.missing,
         figs=html_figs, hallucination=table(result.hallucination), finetune=table(result.finetune),
-        toy=table(toy), stages=stages)
+        toy=table(toy), stages=stages, failed=failed)
     result.report = out / "forgetting_report.html"
     atomic_write(result.report, html)
     summary = {"scale": result.scale, "scale_config": dataclasses.asdict(sc), "trained": result.trained,
-               "missing": result.missing, "wall_s": result.wall_s,
+               "missing": result.missing, "failed": failed, "wall_s": result.wall_s,
                "hallucination": None if result.hallucination is None else result.hallucination.to_dict("records"),
                "finetune": None if result.finetune is None else result.finetune.to_dict("records"),
                "attention_drift": None if result.drift is None else result.drift.to_dataframe().to_dict("records"),
@@ -326,5 +354,5 @@ def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> N
     atomic_write(out / "forgetting_summary.json", json.dumps(summary, indent=1, default=float))
 
 
-__all__ = ["FORGETTING_SCALES", "STAGES", "ForgettingResult", "ForgettingScale", "hallucination_table",
-           "plateau_step", "reproduce_forgetting"]
+__all__ = ["FORGETTING_SCALES", "STAGES", "ForgettingResult", "ForgettingScale", "forgetting_cells",
+           "hallucination_table", "plateau_step", "reproduce_forgetting"]

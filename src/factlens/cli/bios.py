@@ -397,7 +397,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     code = (_reproduce_dynamics(args) if "dynamics" in stages else 0) or code
     forgetting = tuple(s for s in stages if s not in ("dynamics", *APPENDIX_STAGES))
     if forgetting:
-        _reproduce_forgetting(args, forgetting)
+        code = max(code, _reproduce_forgetting(args, forgetting))
     return code
 
 
@@ -421,19 +421,25 @@ def _reproduce_stages(args: argparse.Namespace, stages: list[str]) -> int:
     return 0
 
 
-def _reproduce_forgetting(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
+def _reproduce_forgetting(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from factlens.bios.reproduce_forgetting import reproduce_forgetting
 
     print(f"§4 stages {', '.join(stages)} at scale {args.scale} under {args.out} (finished cells are read, not "
           "retrained; wall times of the cpu scale: docs/reproduction.md)")
+    collect = args.report_only or getattr(args, "collect", False)
     result = reproduce_forgetting(args.scale, args.out, stages=stages, device=args.device, progress=not args.quiet,
-                                  train_missing=not (args.report_only or getattr(args, "collect", False)))
+                                  train_missing=not collect, executor=_executor(args),
+                                  wait=not (collect or getattr(args, "no_wait", False)))
     for name, table in (("hallucination", result.hallucination), ("fine-tuning", result.finetune),
                         ("toy", None if result.toy is None else result.toy.final())):
         if table is not None:
             print(f"{name}:\n{table.round(4).to_string(index=False)}")
     missing = f"; not finished: {result.missing}" if result.missing else ""
     print(f"computed {len(result.trained)} cells in {result.wall_s:.0f} s{missing}; report {result.report}")
+    if "finetune" in stages and result.finetune is None and result.cells.waiting:
+        print("the fine-tuning cells start from hallucination/base's last checkpoint: run the same command again "
+              "once it has finished to submit them")
+    return _print_cells(result.cells) if result.missing else 0
 
 
 def _reproduce_dynamics(args: argparse.Namespace) -> int:
