@@ -63,6 +63,28 @@ def test_forgetting_stages_run_their_cells_through_the_executor_and_never_retrai
     assert {p: p.stat().st_mtime_ns for p in written} == written  # finished cells are read, not retrained
 
 
+def test_a_failing_forgetting_cell_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
+    import factlens.bios.executor as executor
+
+    scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
+                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2)
+    real = executor.run_cell
+
+    def failing(cell, **kw):
+        if cell.key == "finetune/new4_w0.5":
+            raise RuntimeError("out of memory in the replay cell")
+        return real(cell, **kw)
+
+    monkeypatch.setattr(executor, "run_cell", failing)
+    result = reproduce_forgetting(scale, tmp_path, stages=("finetune",), progress=False)
+    assert [s.cell.key for s in result.cells.failed] == ["finetune/new4_w0.5"]
+    assert result.missing == ["finetune/new4_w0.5"] and list(result.finetune["replay_weight"]) == [0.0]
+    summary = json.loads((tmp_path / "forgetting_summary.json").read_text())
+    assert [f["cell"] for f in summary["failed"]] == ["finetune/new4_w0.5"]
+    assert "out of memory in the replay cell" in summary["failed"][0]["error"]
+    assert "out of memory in the replay cell" in (tmp_path / "forgetting_report.html").read_text()
+
+
 def test_unknown_stage_or_scale_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown stages"):
         reproduce_forgetting("tiny", tmp_path, stages=("hallucinations",))
