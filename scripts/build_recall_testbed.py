@@ -10,6 +10,8 @@ Usage:
     python scripts/build_recall_testbed.py --out out/recall_testbed            # train (resumes if interrupted)
     python scripts/build_recall_testbed.py --out out/recall_testbed --ship     # ... and copy the final checkpoint
     factlens bios mechanisms --run out/recall_testbed --out docs/img/recall_testbed   # the docs' analysis
+    python scripts/build_recall_testbed.py --out out/r4 --steps 2500 --lr 2e-3 --min-lr 4e-4 --beta2 0.995
+                                                       # a candidate recipe (docs/mechanisms.md); not shippable
 
 Tests that read the shipped checkpoint: tests/test_bios_mitigations.py, tests/test_recall_testbed.py.
 """
@@ -48,8 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("out/recall_testbed"), help="run folder")
     ap.add_argument("--ship", action="store_true", help=f"copy the final checkpoint to {SHIPPED}")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    recipe = ap.add_argument_group("candidate recipes (override the preset; such a run cannot be shipped)")
+    recipe.add_argument("--layers", type=int, help="n_layer (preset: 4)")
+    recipe.add_argument("--steps", type=int, help="training steps, the cosine schedule's length")
+    recipe.add_argument("--lr", type=float, help="peak learning rate")
+    recipe.add_argument("--min-lr", type=float, help="the cosine schedule's floor")
+    recipe.add_argument("--beta2", type=float, help="AdamW beta2 (beta1 stays 0.9)")
     args = ap.parse_args(argv)
-    config = TrainConfig.preset("recall-testbed")
+    overrides = {k: v for k, v in dict(steps=args.steps, lr=args.lr, min_lr=args.min_lr).items() if v is not None}
+    if args.layers is not None:
+        overrides["model"] = dict(n_layer=args.layers)
+    if args.beta2 is not None:
+        overrides["betas"] = (0.9, args.beta2)
+    if overrides and args.ship:
+        ap.error("--ship copies the recall-testbed preset only; drop --ship to train a candidate recipe, or change "
+                 "the preset in factlens/bios/config.py")
+    config = TrainConfig.preset("recall-testbed", **overrides)
     print(f"training the recall-testbed preset ({config.model}, {config.n_people} people, {config.steps} steps; "
           f"38 min on a loaded 2-core machine, less on an idle one) into {args.out}")
     t0 = time.perf_counter()

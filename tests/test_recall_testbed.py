@@ -43,3 +43,17 @@ def test_recipe_reproduces_the_shipped_checkpoint(tmp_path):
     assert shipped.keys() == trained.keys()
     for k in shipped:
         torch.testing.assert_close(trained[k], shipped[k], rtol=0, atol=1e-5)
+
+
+def test_build_script_ships_only_the_preset(tmp_path):
+    """A candidate recipe (flags that override the preset) trains, but ``--ship`` refuses it before any work."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "build_recall_testbed.py"
+    spec = importlib.util.spec_from_file_location("build_recall_testbed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--out", str(tmp_path / "run"), "--layers", "3", "--beta2", "0.99", "--ship", "--quiet"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "run").exists()
