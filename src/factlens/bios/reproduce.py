@@ -122,7 +122,7 @@ class ReproduceResult:
     fit: dict
     patching: pd.DataFrame
     curriculum: pd.DataFrame
-    curves: dict[str, pd.DataFrame]
+    curves: dict[str, dict[int | str, pd.DataFrame]]
     baseline: float
     report: Path
     pngs: list[Path] = field(default_factory=list)
