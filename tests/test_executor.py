@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 
 import pytest
@@ -14,6 +15,7 @@ from factlens.bios.cells import Cell, cell_threads, run_cell
 from factlens.bios.executor import ExecutorConfig, run_cells
 from factlens.bios.trainer import PatchConfig, train
 from factlens.cli.bios import _executor, _executor_args
+from factlens.errors import ClusterError
 from test_bios_train import tiny_config
 
 
@@ -119,3 +121,20 @@ def test_a_failed_reproduction_cell_is_in_the_report_and_the_other_cells_go_on(t
     assert main(["bios", "reproduce", "--scale", "tiny", "--out", str(tmp_path), "--no-png", "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "curriculum/alpha0.8: failed" in out and "illegal memory access" in out  # in the command's output
+
+
+def test_a_submission_slurm_refuses_is_a_factlens_error_and_records_nothing(tmp_path, monkeypatch):
+    """sbatch answering with an error (here a stand-in that fails as sbatch does when slurmctld is down) ends in
+    a ClusterError quoting SLURM's reason and naming the fix; no job record is written."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm "
+                      "controller (connect failure)' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cell = Cell("N48", tiny_config(steps=4, checkpoint_every=2), str(tmp_path / "N48"))
+    with pytest.raises(ClusterError, match=r"Unable to contact slurm controller.*sinfo.*--executor local"):
+        run_cells([cell], ExecutorConfig(kind="slurm", cpus_per_task=1), jobs_dir=tmp_path / "jobs",
+                  progress=False)
+    assert not (tmp_path / "jobs" / "jobs.json").exists() and not (tmp_path / "N48").exists()

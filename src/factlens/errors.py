@@ -76,6 +76,10 @@ class MissingDependencyError(FactlensError, ImportError):
     """An optional feature whose package or program is not installed (the message names what to install)."""
 
 
+class ClusterError(FactlensError, RuntimeError):
+    """A scheduler (SLURM) that refused or could not take a submission (the message quotes its reason)."""
+
+
 class RunNotFoundError(CheckpointError, FileNotFoundError):
     """A directory that is not a training run, or a run without the file asked for."""
 
@@ -87,6 +91,7 @@ class IllConditionedWarning(UserWarning):
 __all__ = [
     "ArchitectureMismatchError",
     "CheckpointError",
+    "ClusterError",
     "ConfigError",
     "DivergenceError",
     "EmptyDatasetError",

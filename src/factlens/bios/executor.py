@@ -43,7 +43,7 @@ import submitit
 from tqdm.auto import tqdm
 
 from factlens.bios.cells import Cell, run_cell
-from factlens.errors import ConfigError, FactlensError
+from factlens.errors import ClusterError, ConfigError, FactlensError
 from factlens.storage import atomic_write
 
 KINDS = ("local", "slurm")
@@ -366,8 +366,15 @@ def _run_slurm(todo: list[Cell], ex: ExecutorConfig, jobs_dir: Path, wait: bool,
                                                           "kill-on-invalid-dep": "yes"})
         executor.update_parameters(**params)
         task = CellTask()
-        with executor.batch():
-            pending = [executor.submit(task, cell, ex.cpus_per_task or 1, device) for cell in resubmit]
+        try:
+            with executor.batch():
+                pending = [executor.submit(task, cell, ex.cpus_per_task or 1, device) for cell in resubmit]
+        except submitit.core.utils.FailedJobError as err:  # sbatch said no: nothing was submitted or recorded
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise ClusterError(
+                f"SLURM refused the job array of {len(resubmit)} cell(s): {reason}. Check that `sinfo` answers (the "
+                "controller, slurmctld, is running and reachable) and that the partition and sbatch options are "
+                "valid on this cluster, or run with --executor local.") from None
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         for cell, job in zip(resubmit, pending):
             records[cell.key] = {"job_id": str(job.job_id), "fingerprint": cell.fingerprint,
