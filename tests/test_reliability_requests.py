@@ -38,7 +38,7 @@ def gpt2():
 
 # ------------------------------------------------------------------------------------ impossible requests
 @pytest.mark.parametrize("ridge", [float("nan"), float("inf"), -1e-3, -1.0, "0.1", None, True])
-def test_a_ridge_that_is_not_a_finite_non_negative_number_is_refused(ridge):
+def test_a_ridge_that_is_not_a_finite_non_negative_number_is_refused(ridge, unchecked):
     h = torch.randn(8, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match=r"pass a finite ridge >= 0"):
         fit_decomposition(h.sum(1), h, ridge=ridge)
@@ -84,7 +84,7 @@ def test_reproduce_refuses_a_percentage_before_training(tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
-def test_mitigate_refuses_requests_that_apply_nothing_or_cannot_apply(gpt2):
+def test_mitigate_refuses_requests_that_apply_nothing_or_cannot_apply(gpt2, unchecked):
     with pytest.raises(ConfigError, match=r"applies nothing; pass intercept=c"), \
             recall.mitigate(gpt2, attention=False):
         pass
@@ -133,7 +133,8 @@ def test_a_nearly_collinear_regression_warns_and_reports_its_condition_number():
     assert fit.condition_number == pytest.approx(hand_condition(h), rel=1e-3)
     assert fit.ill_conditioned and "condition_number" in repr(fit)
     with pytest.warns(IllConditionedWarning):
-        fit2 = fit_decomposition(y + 1e-5 * torch.randn(y.shape, dtype=torch.float64), h)
+        noise = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        fit2 = fit_decomposition(y + 1e-5 * noise, h)  # seeded: 38 of 40 seeds move the betas by > 1e-3
     assert (fit.beta[:2] - fit2.beta[:2]).abs().max() > 1e-3  # the instability the warning is about
 
 
@@ -272,7 +273,7 @@ def test_bios_metrics_under_a_float64_default_dtype():
 
 
 @pytest.mark.parametrize("seed", [-1, float("nan"), 1.5, "0", True])
-def test_seeds_must_be_non_negative_integers(gpt2, seed):
+def test_seeds_must_be_non_negative_integers(gpt2, seed, unchecked):
     with pytest.raises(ConfigError, match=r"seed=.*pass an integer >= 0"):
         recall.dataset_for(gpt2, seed=seed)
     with pytest.raises(ConfigError, match=r"seed=.*pass an integer >= 0"):
@@ -280,7 +281,7 @@ def test_seeds_must_be_non_negative_integers(gpt2, seed):
 
 
 @pytest.mark.parametrize("budget", [-1, 0, float("nan"), float("inf"), True])
-def test_a_memory_budget_must_be_a_positive_size(budget):
+def test_a_memory_budget_must_be_a_positive_size(budget, unchecked):
     from factlens.resources import set_memory_budget
 
     with pytest.raises(ConfigError, match="memory size"):

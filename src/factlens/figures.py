@@ -64,14 +64,14 @@ def png_support() -> tuple[bool, str]:
 
 
 def write_png(fig, path: str | Path, **kwargs) -> Path:
-    """Write ``fig`` as a PNG (kwargs go to ``fig.write_image``: width, height, scale); raises
+    """Write ``fig`` as a PNG, atomically (kwargs go to ``fig.to_image``: width, height, scale); raises
     :class:`~factlens.errors.MissingDependencyError` naming what to install when this machine cannot."""
     ok, why = png_support()
     if not ok:
         raise MissingDependencyError(why)
-    path = Path(path)
-    fig.write_image(path, format="png", **kwargs)
-    return path
+    from factlens.storage import atomic_write
+
+    return atomic_write(path, fig.to_image(format="png", **kwargs))
 
 
 __all__ = ["NOTEBOOK_RENDERER", "notebook_renderer", "png_support", "write_png"]

@@ -507,7 +507,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         drift = attention_drift(out, n_sequences=args.drift_sequences, device=args.device or "cpu",
                                 progress=not args.quiet)
         atomic_write(out / "attention_drift.csv", drift.to_dataframe().to_csv(index=False))
-        drift.plot().write_html(out / "attention_drift.html")
+        atomic_write(out / "attention_drift.html", drift.plot().to_html())
     print(json.dumps(summary, indent=1))
     print(f"{time.perf_counter() - t0:.0f} s; curves {out / 'curves.html'}"
           + (f", attention drift {out / 'attention_drift.html'}" if args.drift_sequences else ""))
@@ -516,7 +516,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_toy(args: argparse.Namespace) -> int:
     from factlens.bios.toy_memory import ToyMemoryConfig, ToyMemoryResult, run_toy_memory
-    from factlens.storage import storage_errors
+    from factlens.storage import atomic_write, storage_errors
 
     overrides = {k: tuple(v) if isinstance(v, list) else v  # argparse lists: the config's fields are tuples
                  for k, v in (("seed", args.seed), ("new_sizes", args.new_sizes),
@@ -533,7 +533,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
     result = ToyMemoryResult.load(out, config)
     fig = result.plot()
     with storage_errors(out / "toy.html"):
-        fig.write_html(out / "toy.html")
+        atomic_write(out / "toy.html", fig.to_html())
     print(result.final().round(4).to_string(index=False))
     print(f"pre-training accuracy {result.pretrain_acc:.4f}; {time.perf_counter() - t0:.0f} s; figure "
           f"{out / 'toy.html'}, table {out / 'toy_curves.csv'}")
@@ -561,7 +561,8 @@ def _train_args(p: argparse.ArgumentParser, preset: str | None = "demo") -> None
     p.add_argument("--templates", type=int, help="training templates per person and attribute (1..24; the paper: "
                                                   "20; 5 stay held out); unset: 20")
     p.add_argument("--sentence-order", choices=["random", "fixed"],
-                   help="random: shuffle the six sentences (the paper); fixed: attribute order (Fig. A)")
+                   help="random: shuffle the six sentences (the paper); fixed: attribute order (Fig. A) "
+                        "(default: the preset's, random)")
     _robustness_args(p)
     p.add_argument("--log-to", choices=["tensorboard", "wandb"],
                    help="also log metrics, checkpoint steps and config to TensorBoard (RUN/tensorboard) or W&B "
