@@ -123,6 +123,25 @@ class AttentionToNameResult(ResultDisplay):
         return fig
 
 
+def probe_batches(run_dir: str | Path, steps: Sequence[int] | None, n_sequences: int,
+                  batch_size: int) -> tuple[Run, list[int], list[BiographyBatch]]:
+    """The run, its checked ``steps`` (default: every checkpoint) and the ``n_sequences`` held-out-template
+    biographies that the attention measurements read (one fixed draw, so every measurement sees the same).
+
+    Every step is checked (it must be a saved checkpoint) before any model is loaded.
+    """
+    run = Run(run_dir)
+    if steps is not None and not len(steps):
+        raise ConfigError("steps=[] measures nothing; omit steps to measure every checkpoint, or list the "
+                          f"checkpoint steps to measure (available: {run.steps}).")
+    steps = list(steps) if steps is not None else run.steps
+    for step in steps:
+        run.checkpoint_dir(step)  # a missing step is refused before any work, with the available ones
+    batches = eval_batches(run.population(), run.vocab(), n_sequences, batch_size,
+                           seq_len=_seq_len(run, steps[0]), seed=1234)
+    return run, steps, batches
+
+
 def _seq_len(run: Run, step: int) -> int:
     """The run's training sequence length (stored in every checkpoint), else the model's context."""
     ckpt = run.checkpoint(step, tensors=False)
@@ -141,15 +160,7 @@ def attention_to_name(run_dir: str | Path, steps: Sequence[int] | None = None, *
     Works on GPT-2 and OPT runs alike; ``steps`` defaults to every checkpoint of the run, and every step is
     checked (it must be a saved checkpoint) before any model is loaded.
     """
-    run = Run(run_dir)
-    if steps is not None and not len(steps):
-        raise ConfigError("steps=[] measures nothing; omit steps to measure every checkpoint, or list the "
-                          f"checkpoint steps to measure (available: {run.steps}).")
-    steps = list(steps) if steps is not None else run.steps
-    for step in steps:
-        run.checkpoint_dir(step)  # a missing step is refused before any work, with the available ones
-    population, vocab = run.population(), run.vocab()
-    batches = eval_batches(population, vocab, n_sequences, batch_size, seq_len=_seq_len(run, steps[0]), seed=1234)
+    run, steps, batches = probe_batches(run_dir, steps, n_sequences, batch_size)
     values = []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
         ref = Reference.from_model(run.hf(step, device))

@@ -27,10 +27,8 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 
-from factlens.bios.data.batches import eval_batches
-from factlens.bios.patching.circuits import AttentionToNameResult, _seq_len
+from factlens.bios.patching.circuits import AttentionToNameResult, probe_batches
 from factlens.bios.patching.references import Reference
-from factlens.bios.run import Run
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
 from factlens.resources import track
@@ -139,15 +137,7 @@ def attention_sharpness(run_dir: str | Path, steps: Sequence[int] | None = None,
         >>> result = attention_sharpness("runs/demo", steps=[0, 200, 1000])    # doctest: +SKIP
         >>> result.plot(attention_to_name("runs/demo", steps=[0, 200, 1000]))  # doctest: +SKIP
     """
-    run = Run(run_dir)
-    if steps is not None and not len(steps):
-        raise ConfigError("steps=[] measures nothing; omit steps to measure every checkpoint, or list the "
-                          f"checkpoint steps to measure (available: {run.steps}).")
-    steps = list(steps) if steps is not None else run.steps
-    for step in steps:
-        run.checkpoint_dir(step)
-    batches = eval_batches(run.population(), run.vocab(), n_sequences, batch_size,
-                           seq_len=_seq_len(run, steps[0]), seed=1234)
+    run, steps, batches = probe_batches(run_dir, steps, n_sequences, batch_size)
     values = []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
         ref = Reference.from_model(run.hf(step, device))
