@@ -47,4 +47,6 @@ def test_every_test_ci_names_exists_and_is_marked_slow():
         funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
         assert name in funcs, f".ci/run names {node}, but {path} has no function {name}"
         marks = [ast.unparse(d) for d in funcs[name].decorator_list]
+        marks += [ast.unparse(a.value) for a in tree.body if isinstance(a, ast.Assign)  # module-wide marks
+                  and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in a.targets)]
         assert "pytest.mark.slow" in marks, f"{node} is run by .ci/run's slow step but is not marked slow"
