@@ -138,3 +138,21 @@ def test_a_submission_slurm_refuses_is_a_factlens_error_and_records_nothing(tmp_
         run_cells([cell], ExecutorConfig(kind="slurm", cpus_per_task=1), jobs_dir=tmp_path / "jobs",
                   progress=False)
     assert not (tmp_path / "jobs" / "jobs.json").exists() and not (tmp_path / "N48").exists()
+
+
+def test_a_finished_cell_reports_the_job_its_records_name(tmp_path):
+    """A cell that finished (here trained locally) is reported with the SLURM job that the records name for its
+    fingerprint, and without one when the record belongs to another config."""
+    cell = Cell("N48", tiny_config(steps=4, checkpoint_every=2), str(tmp_path / "N48"))
+    run_cell(cell, threads=1)
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    record = {"job_id": "77_0", "fingerprint": cell.fingerprint, "folder": str(jobs / "logs" / "%j")}
+    (jobs / "jobs.json").write_text(json.dumps({"N48": record}))
+    status = run_cells([cell], ExecutorConfig(kind="slurm"), jobs_dir=jobs, submit=False, wait=False,
+                       progress=False).statuses[0]
+    assert (status.state, status.job_id) == ("finished", "77_0") and status.log.endswith("77_0_0_log.err")
+    (jobs / "jobs.json").write_text(json.dumps({"N48": {**record, "fingerprint": "another config"}}))
+    status = run_cells([cell], ExecutorConfig(kind="slurm"), jobs_dir=jobs, submit=False, wait=False,
+                       progress=False).statuses[0]
+    assert (status.state, status.job_id) == ("finished", None)

@@ -52,8 +52,8 @@ def test_tiny_reproduction_on_slurm_reports_the_local_numbers(tmp_path, capsys):
     slurm, local = tmp_path / "slurm", tmp_path / "local"
     settings = tmp_path / "cluster.json"
     settings.write_text(json.dumps({"executor": "slurm", "cpus_per_task": 1, "poll_s": 1, "time_min": 30}))
-    command = ["bios", "reproduce", "--scale", "tiny", "--out", str(slurm), "--no-png", "--quiet",
-               "--executor-config", str(settings)]
+    command = ["bios", "reproduce", "--scale", "tiny", "--stages", "dynamics", "--out", str(slurm), "--no-png",
+               "--quiet", "--executor-config", str(settings)]
     assert main([*command, "--no-wait"]) == 0  # submits every cell and returns at once
     first = _records(slurm)
     stage1 = ["curriculum/alpha0.6", "curriculum/alpha0.8", "scaling/N128", "scaling/N16", "scaling/N32",

@@ -222,7 +222,8 @@ def run_cells(cells: Sequence[Cell], executor: ExecutorConfig | None = None, *, 
         raise ConfigError(f"cells must have distinct keys and run folders: {keys}")
     for cell in cells:
         cell.check()  # a folder holding another run is refused before anything starts
-    status = {c.key: CellStatus(c, "finished") for c in cells if c.finished()}
+    records = _load_records(Path(jobs_dir) / RECORD)
+    status = {c.key: _finished(c, records.get(c.key)) for c in cells if c.finished()}
     todo = [c for c in cells if c.key not in status]
     report = CellsReport([])
     if todo and ex.kind == "local":
@@ -315,6 +316,14 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _finished(cell: Cell, record: dict | None) -> CellStatus:
+    """A finished cell's status, with the SLURM job that trained it when the records name one for this cell."""
+    if record is None or record.get("fingerprint") != cell.fingerprint:
+        return CellStatus(cell, "finished")
+    job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"])
+    return CellStatus(cell, "finished", str(job.job_id), str(job.paths.stderr))
 
 
 def _load_records(path: Path) -> dict:
