@@ -86,7 +86,9 @@ def test_tiny_reproduction_on_slurm_reports_the_local_numbers(tmp_path, capsys):
 
 @pytest.mark.parametrize("interrupt", ["scontrol requeue", "preemption signal"])
 def test_a_requeued_cell_resumes_to_the_uninterrupted_metrics_and_a_failed_cell_shows_its_error(tmp_path, interrupt):
-    config = tiny_config(steps=300, checkpoint_every=50, resume_every=10, log_every=10)
+    # long enough that the job is still training when the requeue kills it (KillWait=5 s): a 300-step run
+    # could finish inside that window on idle cores
+    config = tiny_config(steps=1500, checkpoint_every=250, resume_every=10, log_every=10)
     long = Cell("long", config, str(tmp_path / "slurm" / "long"))
     missing_reference = PatchConfig(reference=str(tmp_path / "no-such-run"), reference_step=0)
     bad = Cell("bad", tiny_config(steps=4, patch=missing_reference), str(tmp_path / "slurm" / "bad"))
