@@ -43,3 +43,24 @@ def test_measure_leaves_model_optimizer_and_rng_untouched(tmp_path):
     assert est.step_s > 0 and est.eval_s > 0 and est.evals == len(trainer.config.checkpoint_steps())
     assert all(torch.equal(weights[k], v) for k, v in trainer.raw_model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state()) and not trainer.optimizer.state
+
+
+def test_reproduce_prints_its_plan_counting_only_unfinished_runs(tmp_path, capsys):
+    """``bios reproduce`` says how many runs it still trains (finished cells excluded), the measured time and
+    where, before it starts; on a second call nothing is left to train."""
+    from factlens.bios.estimate import estimate_configs
+    from factlens.bios.stages import stage_cells
+
+    args = ["bios", "reproduce", "--scale", "tiny", "--stages", "templates", "--out", str(tmp_path), "--no-png",
+            "--threads", "1"]
+    assert main(args) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert "stages templates; 6 of 6 training runs still to train" in first[0] and "SMOKE RUN" in first[0]
+    assert first[1].lstrip().startswith("time:  about") and f"{6 * 12:,} steps" in first[1]
+    assert str(tmp_path) in first[2]
+    assert main(args) == 0
+    assert "0 of 6 training runs still to train" in capsys.readouterr().out.splitlines()[0]
+    configs = [c.config for c in stage_cells("templates", "tiny", tmp_path)]
+    one, two = estimate_configs(configs), estimate_configs(configs, workers=2)
+    assert one.steps == two.steps == 72 and one.evals == sum(len(c.checkpoint_steps()) for c in configs)
+    assert two.total_s < one.total_s  # two workers share the runs

@@ -18,6 +18,8 @@ from factlens.cli.bios import _executor, _executor_args
 from factlens.errors import ClusterError
 from test_bios_train import tiny_config
 
+TIMING = ("tokens_per_s", "rss_gib", "peak_rss_gib", "wall_s", "step_s")
+
 
 def test_executor_settings_from_toml_json_and_the_command_line(tmp_path):
     toml = tmp_path / "cluster.toml"
@@ -77,6 +79,29 @@ def test_local_cells_go_on_past_a_failure_and_finished_cells_are_read(tmp_path):
     collected = run_cells([bad, good], jobs_dir=tmp_path / "jobs", submit=False, progress=False)
     assert [s.state for s in collected.statuses] == ["not started", "finished"]  # --collect trains nothing
     assert (tmp_path / "good" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_local_workers_train_cells_in_processes_exactly_as_one_after_another(tmp_path):
+    """Two worker processes give each cell the metrics of a serial run with the same threads; a failing cell is
+    reported with its error (the remote traceback) and the others finish."""
+    def cells(root):
+        good = [Cell(f"c{i}", tiny_config(steps=4, checkpoint_every=2, seed=i), str(root / f"c{i}")) for i in range(3)]
+        missing = PatchConfig(reference=str(root / "no-such-run"), reference_step=0)
+        return [*good, Cell("bad", tiny_config(steps=4, checkpoint_every=2, patch=missing), str(root / "bad"))]
+
+    serial = run_cells(cells(tmp_path / "a"), ExecutorConfig(cpus_per_task=1), jobs_dir=tmp_path / "ja",
+                       progress=False)
+    parallel = run_cells(cells(tmp_path / "b"), ExecutorConfig(cpus_per_task=1, workers=2), jobs_dir=tmp_path / "jb",
+                         progress=False)
+    assert [s.state for s in parallel.statuses] == [s.state for s in serial.statuses] == ["finished"] * 3 + ["failed"]
+    assert "no-such-run" in parallel.failed[0].error
+    for i in range(3):
+        a = (tmp_path / "a" / f"c{i}" / "metrics.jsonl").read_text().splitlines()
+        b = (tmp_path / "b" / f"c{i}" / "metrics.jsonl").read_text().splitlines()
+        strip = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in a]
+        assert strip == [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in b]
+    with pytest.raises(factlens.ConfigError, match="workers"):
+        ExecutorConfig(workers=0)
 
 
 def test_a_cell_whose_folder_holds_another_run_is_refused_before_anything_trains(tmp_path):

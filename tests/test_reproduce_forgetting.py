@@ -19,7 +19,8 @@ from factlens.errors import ConfigError
 def test_reproduce_forgetting_tiny_runs_every_stage_and_resumes(tmp_path):
     result = reproduce_forgetting("tiny", tmp_path, progress=False)
     sc = FORGETTING_SCALES["tiny"]
-    assert len(result.trained) == 1 + len(sc.cells()) + 1  # base run, fine-tuning cells, toy
+    assert len(result.trained) == 1 + 1 + len(sc.cells()) + 1 + 1  # base runs, fine-tuning cells, rare, toy
+    assert list(result.rare["celebrities"]) == [16] and "rare" in result.figures()
     assert set(result.hallucination["people"]) == {"seen", "unseen"}
     assert len(result.finetune) == len(sc.cells())
     assert set(result.drift.tv["layer"]) == {0, 1}
@@ -35,7 +36,7 @@ def test_reproduce_forgetting_tiny_runs_every_stage_and_resumes(tmp_path):
 def test_forgetting_stages_run_their_cells_through_the_executor_and_never_retrain_a_finished_one(tmp_path,
                                                                                                  monkeypatch):
     scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
-                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2)
+                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2, rare=None)
     calls = []
 
     def recording(cells, executor=None, **kw):
@@ -67,7 +68,7 @@ def test_a_failing_forgetting_cell_is_reported_and_the_others_go_on(tmp_path, mo
     import factlens.bios.executor as executor
 
     scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
-                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2)
+                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2, rare=None)
     real = executor.run_cell
 
     def failing(cell, **kw):
@@ -83,6 +84,39 @@ def test_a_failing_forgetting_cell_is_reported_and_the_others_go_on(tmp_path, mo
     assert [f["cell"] for f in summary["failed"]] == ["finetune/new4_w0.5"]
     assert "out of memory in the replay cell" in summary["failed"][0]["error"]
     assert "out of memory in the replay cell" in (tmp_path / "forgetting_report.html").read_text()
+
+
+def test_rare_cells_fine_tune_a_celebrity_run_on_its_own_non_celebrities(tmp_path):
+    """Fig. P: ``rare/base`` is the base config with the celebrity sampler; ``rare/finetune`` starts from its
+    exact last weights, trains on people n_celebrities..N-1 only (already seen: no new people) and evaluates the
+    celebrities as old people."""
+    import torch
+
+    from factlens.bios.finetune import pretraining_run
+    from factlens.bios.run import Run
+
+    scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
+                                new_sizes=(4,), replay_weights=(), steps=4, checkpoint_every=2, rare=(0.25, 4))
+    result = reproduce_forgetting(scale, tmp_path, stages=("finetune",), progress=False)
+    base = TrainConfig.preset("tiny", steps=10, n_unseen=8, checkpoint_every=5)
+    rare_base = Run(tmp_path / "rare" / "base")
+    assert rare_base.config.sampler == {"kind": "celebrities", "n_celebrities": 16, "weight": 4}
+    assert dataclasses.replace(rare_base.config, sampler=base.sampler) == base
+    tuned = Run(tmp_path / "rare" / "finetune").config
+    assert tuned.finetune.seen_from == 16 and tuned.finetune.old_weight == 0.0
+    assert pretraining_run(tuned).path == rare_base.path
+    assert tuned.finetune.init_from == str(rare_base.checkpoint_dir(10))
+    row = result.rare.iloc[0]
+    assert (row["celebrities"], row["non_celebrities"], row["celebrity_weight"]) == (16, 48, 4)
+    ev = result.histories["rare"].evals
+    assert row["new_acc_end"] == ev["new_attr_acc"].iloc[-1] and row["old_acc_start"] == ev["old_attr_acc"].iloc[0]
+    model = Run(tmp_path / "rare" / "finetune").checkpoint(0)
+    start = Run(tmp_path / "rare" / "base").checkpoint(10)
+    assert model.state.keys() == start.state.keys()
+    for (name, a), b in zip(model.state.items(), start.state.values(), strict=True):
+        assert torch.equal(a, b), name  # fine-tuning starts from the exact pre-trained weights
+    assert "Fine-tuning on rare, already-seen people" in (tmp_path / "forgetting_report.html").read_text()
+    assert json.loads((tmp_path / "forgetting_summary.json").read_text())["rare"][0]["celebrities"] == 16
 
 
 def test_unknown_stage_or_scale_is_refused(tmp_path):

@@ -102,3 +102,30 @@ def test_unknown_tracker_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError):
         train(TrainConfig.preset("tiny"), tmp_path / "run", progress=False, log_to="tensorbord")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_grid_cells_log_to_tensorboard_through_the_executor(tmp_path, workers):
+    """``bios grid --log-to tensorboard`` (and any cell list with ``ExecutorConfig(log_to=...)``): every cell,
+    trained here or in a worker process, writes its own event file with its metrics.jsonl's scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "grid"
+    assert main(["bios", "grid", "--preset", "tiny", "--steps", "4", "--reference-steps", "4", "--starts", "0",
+                 "--out", str(out), "--log-to", "tensorboard", "--workers", str(workers), "--cpus-per-task", "1",
+                 "--quiet"]) == 0
+    runs = sorted(p.parent for p in out.rglob("metrics.jsonl"))
+    assert len(runs) == 2  # the reference and the patched cell
+    for run in runs:
+        acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        expected = _expected(run)
+        assert set(acc.Tags()["scalars"]) == {*expected, "checkpoint/step"}, run
+        assert {e.step: e.value for e in acc.Scalars("eval/attr_loss")} == pytest.approx(expected["eval/attr_loss"])
+
+
+def test_a_misspelt_tracker_in_the_executor_settings_is_refused():
+    from factlens.bios.executor import ExecutorConfig
+
+    with pytest.raises(ConfigError, match="tensorboard"):
+        ExecutorConfig(log_to="tensorbord")

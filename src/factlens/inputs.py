@@ -118,6 +118,20 @@ def check_device(device: str | torch.device | int | None) -> torch.device | None
     return dev
 
 
+def default_device(device: str | torch.device | int | None = None) -> torch.device:
+    """``device`` checked (see :func:`check_device`), else CUDA when available, else CPU: the one default device
+    of factlens's functions and commands.
+
+    Example:
+        >>> import torch
+        >>> from factlens.inputs import default_device
+        >>> default_device("cpu"), default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+        (device(type='cpu'), True)
+    """
+    checked = check_device(device)
+    return checked if checked is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_heads(config) -> None:
     """Refuse an HF GPT-2/OPT config whose head count does not divide its width (or is not positive)."""
     if config.model_type == "gpt2":

@@ -52,6 +52,7 @@ from factlens.inputs import (
     check_config_overrides,
     check_device,
     check_heads,
+    default_device,
     install_input_checks,
     resolve_dtype,
 )
@@ -221,7 +222,7 @@ def load(name: str | os.PathLike, device: str | torch.device | None = None, dtyp
                     "GPT-2 or OPT checkpoint, or a random-weight twin: factlens.tiny('gpt2'|'opt'), "
                     "factlens.full_size(name).") from None
     weights = open_weights(source, revision=revision, dtype=dtype, tokenizer=tokenizer)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(default_device(device))
     bridge = boot(source, weights.hf_model.to(device), weights.tokenizer, device, compat, **boot_kwargs)
     bridge.factlens_random_weights = False
     bridge.factlens_name = text

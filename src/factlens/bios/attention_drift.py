@@ -30,6 +30,7 @@ from factlens.bios.task import people_slice
 from factlens.checkpoints import load_checkpoint
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError, ShapeError
+from factlens.inputs import default_device
 
 
 def pattern_tv(pattern: Float[torch.Tensor, "batch head q k"], reference: Float[torch.Tensor, "batch head q k"],
@@ -101,14 +102,16 @@ class AttentionDrift(ResultDisplay):
 
 @torch.no_grad()
 def attention_drift(run_dir: str | Path, *, n_sequences: int = 64, steps: list[int] | None = None,
-                    device: str | torch.device = "cpu", progress: bool = True) -> AttentionDrift:
+                    device: str | torch.device | None = None, progress: bool = True) -> AttentionDrift:
     """Per-layer attention distance between a fine-tuning run's checkpoints and its pre-trained checkpoint.
 
     Args:
         run_dir: a fine-tuning run (``factlens bios finetune``).
         n_sequences: old people's biographies (held-out templates, fixed) the patterns are compared on.
         steps: checkpoint steps (default all).
+        device: where the models run (default: CUDA when available, else CPU).
     """
+    device = default_device(device)
     run = Run(run_dir)
     config = run.config
     if not config.finetune:

@@ -99,8 +99,11 @@ def cell_threads(cpus: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def run_cell(cell: Cell, *, threads: int | None = None, device=None, progress: bool = False) -> dict:
+def run_cell(cell: Cell, *, threads: int | None = None, device=None, progress: bool = False,
+             log_to: str | None = None) -> dict:
     """Train (or resume, or only read) one cell with ``threads`` torch CPU threads; returns its summary.
+
+    ``log_to``: also send the training's metrics to ``"tensorboard"`` or ``"wandb"`` (:mod:`factlens.bios.tracking`).
 
     The summary is ``{"key", "fingerprint", "final", "trained", "wall_s"}``: ``final`` the last evaluation
     (attribute loss and accuracy), ``trained`` whether this call trained (``False``: it was finished).
@@ -114,7 +117,7 @@ def run_cell(cell: Cell, *, threads: int | None = None, device=None, progress: b
     torch.set_num_threads(cell_threads(threads))
     try:
         trained = not cell.finished()
-        history = train(cell.config, cell.path, device=device, progress=progress) if trained else cell.history()
+        history = train(cell.config, cell.path, device=device, progress=progress, log_to=log_to) if trained else cell.history()
     finally:
         torch.set_num_threads(previous)
     return {"key": cell.key, "fingerprint": cell.fingerprint, "final": dict(history.final), "trained": trained,

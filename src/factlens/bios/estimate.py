@@ -96,6 +96,54 @@ def measure(trainer, repeats: int = 2) -> Estimate:
                     checkpoint_bytes=per_ckpt * len(schedule), checkpoints=len(schedule))
 
 
+def estimate_configs(configs, *, device=None, workers: int = 1) -> Estimate:
+    """The measured time of training every config of ``configs`` (a grid's unfinished cells), ``workers`` at once.
+
+    One :func:`measure` per distinct set-up (model, architecture, batch, sequence and evaluation sizes, pools):
+    a grid of one recipe is measured once. Patching, fine-tuning and the sampler are left out of the measured
+    copy (they cost nothing per step that matters here). With ``workers`` > 1 the total is divided among them,
+    each measured at its share of the threads.
+
+    Example:
+        >>> from factlens.bios.config import TrainConfig
+        >>> from factlens.bios.estimate import estimate_configs
+        >>> est = estimate_configs([TrainConfig.preset("tiny", steps=10), TrainConfig.preset("tiny", steps=20)])
+        >>> est.steps, est.total_s > 0
+        (30, True)
+    """
+    import json
+    import tempfile
+
+    from factlens.bios.trainer import Trainer
+    from factlens.threads import use_threads
+
+    configs = list(configs)
+    if not configs:
+        return Estimate(step_s=0.0, eval_s=0.0, steps=0, evals=0, checkpoint_bytes=0, checkpoints=0)
+    measured: dict[str, Estimate] = {}
+    steps = evals = ckpt_bytes = ckpts = 0
+    step_time = eval_time = 0.0
+    threads = max(1, torch.get_num_threads() // max(1, workers))
+    for config in configs:
+        probe = dataclasses.replace(config, patch=None, finetune=None, sampler={"kind": "uniform"},
+                                    n_people=max(config.n_people, 2))
+        key = json.dumps([probe.model, probe.arch, probe.batch_size, probe.seq_len, probe.n_eval_sequences,
+                          probe.n_unseen, probe.eval_batch_size, probe.pools], sort_keys=True,
+                         default=str)
+        if key not in measured:
+            with tempfile.TemporaryDirectory() as tmp, use_threads(threads):
+                measured[key] = measure(Trainer(probe, tmp, device=device, progress=False))
+        m = measured[key]
+        n_evals = len(config.checkpoint_steps())
+        steps, evals = steps + config.steps, evals + n_evals
+        step_time, eval_time = step_time + config.steps * m.step_s, eval_time + n_evals * m.eval_s
+        ckpt_bytes += m.checkpoint_bytes // max(m.checkpoints, 1) * n_evals
+        ckpts += n_evals
+    workers = max(1, min(workers, len(configs)))
+    return Estimate(step_s=step_time / max(steps, 1) / workers, eval_s=eval_time / max(evals, 1) / workers,
+                    steps=steps, evals=evals, checkpoint_bytes=ckpt_bytes, checkpoints=ckpts)
+
+
 def plan(what: str, est: Estimate, out: str | Path, *, runs: int = 1, device=None, threads: int | None = None,
          keep: str = "all") -> str:
     """The lines a long command prints before it starts: what, how long, where.
@@ -118,4 +166,4 @@ def plan(what: str, est: Estimate, out: str | Path, *, runs: int = 1, device=Non
             f"  where: {out} ({ckpts}; metrics.jsonl, curves.html)")
 
 
-__all__ = ["Estimate", "format_seconds", "measure", "plan"]
+__all__ = ["Estimate", "estimate_configs", "format_seconds", "measure", "plan"]

@@ -4,8 +4,10 @@
 :class:`CellStatus` per cell: ``finished``, ``pending``/``running`` (a SLURM job), or ``failed`` (with the job
 id, its log and the last lines of its error). Finished cells are read, never retrained.
 
-- ``local``: one cell after another in this process; with several GPUs (and no ``device``), one cell per GPU
-  at a time. A failing cell is reported and the others go on.
+- ``local``: one cell after another in this process; with ``workers=K``, ``K`` cells at once, each in its own
+  process with its share of the cores (small models train faster as several one-thread processes than as one
+  many-thread process); with several GPUs (and no ``device``), one cell per GPU at a time. A failing cell is
+  reported and the others go on.
 - ``slurm``: the unfinished cells are submitted as one job array (``executor.batch()``) with the partition,
   GPUs, CPUs, memory, time limit, array parallelism and extra ``sbatch`` options of :class:`ExecutorConfig`.
   The job ids are recorded atomically in ``JOBS/jobs.json`` (with each cell's config fingerprint) before
@@ -19,7 +21,7 @@ id, its log and the last lines of its error). Finished cells are read, never ret
 Example:
     >>> from factlens.bios.executor import ExecutorConfig
     >>> ExecutorConfig.from_dict({"executor": "slurm", "partition": "gpu", "gpus_per_job": 1, "time_min": 240})
-    ExecutorConfig(kind='slurm', partition='gpu', gpus_per_job=1, cpus_per_task=None, mem_gb=None, time_min=240, array_parallelism=64, sbatch={}, poll_s=10.0)
+    ExecutorConfig(kind='slurm', partition='gpu', gpus_per_job=1, cpus_per_task=None, mem_gb=None, time_min=240, array_parallelism=64, sbatch={}, poll_s=10.0, workers=1, log_to=None)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,10 @@ class ExecutorConfig:
         array_parallelism: at most this many cells of the array run at once.
         sbatch: extra ``sbatch`` options, e.g. ``{"account": "mylab", "qos": "high", "constraint": "a100"}``.
         poll_s: seconds between two looks at SLURM while waiting.
+        workers: local cells trained at once, each in its own process; each takes ``cpus_per_task`` threads,
+            else the free cores split between the workers (``FACTLENS_THREADS`` wins when set).
+        log_to: also send each cell's metrics, checkpoint steps and config to ``"tensorboard"`` (event files in
+            the cell's run folder) or ``"wandb"`` (one W&B run per cell); see :mod:`factlens.bios.tracking`.
     """
 
     kind: str = "local"
@@ -79,12 +85,18 @@ class ExecutorConfig:
     array_parallelism: int = 64
     sbatch: dict = field(default_factory=dict)
     poll_s: float = 10.0
+    workers: int = 1
+    log_to: str | None = None
 
     def __post_init__(self) -> None:
+        from factlens.bios.tracking import BACKENDS
+
+        if self.log_to is not None and self.log_to not in BACKENDS:
+            raise ConfigError(f"log_to={self.log_to!r}; pass one of {list(BACKENDS)} or None (metrics.jsonl only).")
         if self.kind not in KINDS:
             raise ConfigError(f"executor {self.kind!r} is not one of {list(KINDS)}; pass --executor local or "
                               "--executor slurm.")
-        for name in ("gpus_per_job", "time_min", "array_parallelism", "cpus_per_task"):
+        for name in ("gpus_per_job", "time_min", "array_parallelism", "cpus_per_task", "workers"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
                                       or (value == 0 and name != "gpus_per_job")):
@@ -193,8 +205,8 @@ class CellTask(submitit.helpers.Checkpointable):
     """The SLURM job of one cell: train (or resume) it. On preemption or near its time limit submitit calls
     ``checkpoint`` (inherited: resubmit the same cell) and requeues the job, which resumes the run."""
 
-    def __call__(self, cell: Cell, threads: int | None, device=None) -> dict:
-        return run_cell(cell, threads=threads, device=device, progress=False)
+    def __call__(self, cell: Cell, threads: int | None, device=None, log_to: str | None = None) -> dict:
+        return run_cell(cell, threads=threads, device=device, progress=False, log_to=log_to)
 
 
 def run_cells(cells: Sequence[Cell], executor: ExecutorConfig | None = None, *, jobs_dir: str | Path,
@@ -248,7 +260,7 @@ def _run_local(todo: list[Cell], ex: ExecutorConfig, device, progress: bool, tot
 
     def one(cell: Cell, dev) -> CellStatus:
         try:
-            run_cell(cell, threads=ex.cpus_per_task, device=dev, progress=progress and gpus <= 1)
+            run_cell(cell, threads=ex.cpus_per_task, device=dev, progress=progress and gpus <= 1, log_to=ex.log_to)
             return CellStatus(cell, "finished")
         except Exception:  # the other cells go on; the error is reported
             return CellStatus(cell, "failed", error=_tail(traceback.format_exc()))
@@ -269,10 +281,37 @@ def _run_local(todo: list[Cell], ex: ExecutorConfig, device, progress: bool, tot
 
         with ThreadPoolExecutor(gpus) as pool:
             list(pool.map(worker, range(gpus)))
+    elif ex.workers > 1 and len(todo) > 1:
+        out = _run_processes(todo, ex, device, bar)
     else:
         out = {c.key: one(c, device) for c in todo}
     bar.close()
     return out
+
+
+def _train_cell(cell: Cell, threads: int, device, log_to: str | None) -> None:
+    """The body of one worker process (module level, so that ``spawn`` can pickle it)."""
+    run_cell(cell, threads=threads, device=device, progress=False, log_to=log_to)
+
+
+def _run_processes(todo: list[Cell], ex: ExecutorConfig, device, bar) -> dict[str, CellStatus]:
+    """``ex.workers`` cells at once, each in a fresh (``spawn``) process with its share of the threads."""
+    import multiprocessing
+
+    from factlens.threads import resolve_threads
+
+    workers = min(ex.workers, len(todo))
+    threads = resolve_threads(ex.cpus_per_task, concurrent=workers)
+    out: dict[str, CellStatus] = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_cell, cell, threads, device, ex.log_to): cell for cell in todo}
+        for future in as_completed(futures):
+            cell = futures[future]
+            err = future.exception()
+            out[cell.key] = (CellStatus(cell, "finished") if err is None else
+                             CellStatus(cell, "failed", error=_tail("".join(traceback.format_exception(err)))))
+            bar.update(1)
+    return {c.key: out[c.key] for c in todo}
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
@@ -377,7 +416,7 @@ def _run_slurm(todo: list[Cell], ex: ExecutorConfig, jobs_dir: Path, wait: bool,
         task = CellTask()
         try:
             with executor.batch():
-                pending = [executor.submit(task, cell, ex.cpus_per_task or 1, device) for cell in resubmit]
+                pending = [executor.submit(task, cell, ex.cpus_per_task or 1, device, ex.log_to) for cell in resubmit]
         except submitit.core.utils.FailedJobError as err:  # sbatch said no: nothing was submitted or recorded
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise ClusterError(

@@ -9,7 +9,8 @@
 - ``finetune``: fine-tuning runs from that run's last checkpoint (``finetune/new{K}_w{W}``): without replay for
   several new-population sizes, and with several replay weights for one size; old-people accuracy early and
   at the end, new-people accuracy and the step it reaches 0.5; per-layer attention drift on the largest
-  no-replay run.
+  no-replay run. With the scale's ``rare`` setting, also the paper's Fig. P: a celebrity pre-training run
+  (``rare/base``) fine-tuned on its own rare, already-seen people, the non-celebrities (``rare/finetune``).
 - ``toy``: the toy associative memory (:mod:`factlens.bios.toy_memory`) in ``toy/``.
 
 Every cell is a run directory (or the toy's saved result); a finished cell is read, not recomputed, so an
@@ -64,6 +65,8 @@ class ForgettingScale:
         steps / lr: fine-tuning steps and constant learning rate. checkpoint_every: fine-tuning evaluation
             interval (``None``: the paper's schedule). drift_sequences: old biographies for attention drift.
         toy: the :class:`ToyMemoryConfig` preset of the toy stage.
+        rare: ``(fraction of N that are celebrities, their weight)`` of the Fig. P pre-training run, fine-tuned on
+            its non-celebrities; ``None``: no such cells.
     """
 
     preset: str
@@ -76,12 +79,21 @@ class ForgettingScale:
     checkpoint_every: int | None
     drift_sequences: int
     toy: str
+    rare: tuple[float, float] | None = None
 
     def base_config(self) -> TrainConfig:
         config = TrainConfig.preset(self.preset, **self.overrides)
         if not config.n_unseen:
             raise ConfigError("the hallucination stage needs unseen people: set n_unseen in the scale's overrides.")
         return config
+
+    def rare_config(self) -> TrainConfig:
+        """The Fig. P pre-training run: the base run's config with the celebrity sampler of ``rare``."""
+        if self.rare is None:
+            raise ConfigError("this scale has no rare setting; pass rare=(celebrity fraction, weight).")
+        n = self.base_config().n_people
+        sampler = {"kind": "celebrities", "n_celebrities": max(1, round(self.rare[0] * n)), "weight": self.rare[1]}
+        return TrainConfig.preset(self.preset, **{**self.overrides, "sampler": sampler})
 
     def cells(self) -> list[tuple[int, float]]:
         """``(new people, replay weight)`` of every fine-tuning cell (no replay first)."""
@@ -93,17 +105,19 @@ class ForgettingScale:
 # on 325 people for 900 steps (accuracy 0.90 at the end; docs/reproduction.md §4), evaluating 192
 # unseen people; fine-tuning for a sixth of that at a constant LR of a quarter of the peak (the paper: 4k steps
 # after 16k, LR 3e-5 after a 4e-4 peak), on 1/16 to 1/2 as many new people as old ones (the paper: 1/64 to 1/4),
-# replay with 20 new people (1/16, as the paper's 4k of 64k).
+# replay with 20 new people (1/16, as the paper's 4k of 64k); Fig. P with the paper's 1/16 of the people as
+# celebrities of weight 8.
 FORGETTING_SCALES: dict[str, ForgettingScale] = {
     "tiny": ForgettingScale(preset="tiny", overrides=dict(steps=30, n_unseen=16, checkpoint_every=10),
                             new_sizes=(4, 16), replay_new=4, replay_weights=(1.0, 0.25), steps=10, lr=1e-3,
-                            checkpoint_every=5, drift_sequences=8, toy="tiny"),
+                            checkpoint_every=5, drift_sequences=8, toy="tiny", rare=(0.25, 4)),
     "cpu": ForgettingScale(preset="demo", overrides=dict(n_people=325, steps=900, n_unseen=192),
                            new_sizes=(20, 40, 80, 160), replay_new=20, replay_weights=(1.0, 0.25, 1 / 16, 1 / 32),
-                           steps=150, lr=5e-4, checkpoint_every=10, drift_sequences=64, toy="paper"),
+                           steps=150, lr=5e-4, checkpoint_every=10, drift_sequences=64, toy="paper",
+                           rare=(1 / 16, 8)),
     "gpu": ForgettingScale(preset="paper", overrides=dict(n_unseen=16_000), new_sizes=(1000, 2000, 4000, 8000, 16_000),
                            replay_new=4000, replay_weights=(2.0, 1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32), steps=4000,
-                           lr=3e-5, checkpoint_every=None, drift_sequences=256, toy="paper"),
+                           lr=3e-5, checkpoint_every=None, drift_sequences=256, toy="paper", rare=(1 / 16, 8)),
 }
 
 
@@ -116,6 +130,9 @@ class ForgettingResult(ResultDisplay):
             attr_acc, top_prob, entropy`` and the paper's numbers where it gives them (``paper_*``).
         finetune: one row per fine-tuning cell: ``new_people``, ``new_fraction`` (of the old population),
             ``replay_weight`` and :func:`~factlens.bios.forgetting.forgetting_summary`'s numbers.
+        rare: Fig. P, one row: the celebrity run's ``celebrities`` and ``non_celebrities`` counts and
+            :func:`~factlens.bios.forgetting.forgetting_summary` of fine-tuning on the non-celebrities (``old_*``:
+            the celebrities, ``new_*``: the non-celebrities, already seen in pre-training).
         drift: attention drift of the largest no-replay cell (or ``None``). toy: the toy model's result.
         trained: cells computed by this call. missing: cells not finished (``train_missing=False``, queued on
             SLURM, or failed). cells: every training cell's status (failed ones with their error).
@@ -124,6 +141,7 @@ class ForgettingResult(ResultDisplay):
     scale: str
     hallucination: pd.DataFrame | None = None
     finetune: pd.DataFrame | None = None
+    rare: pd.DataFrame | None = None
     drift: AttentionDrift | None = None
     toy: ToyMemoryResult | None = None
     histories: dict = field(default_factory=dict, repr=False)
@@ -147,8 +165,10 @@ class ForgettingResult(ResultDisplay):
 
 
 def forgetting_cells(sc: ForgettingScale, out: str | Path, stage: str) -> list[Cell]:
-    """The training cells of a stage: ``hallucination`` (the pre-training run ``hallucination/base``) or
-    ``finetune`` (``finetune/new{K}_w{W}``, built from the base run's last checkpoint: it must be finished).
+    """The training cells of a stage: ``hallucination`` (the pre-training run ``hallucination/base``),
+    ``finetune`` (``finetune/new{K}_w{W}``, built from the base run's last checkpoint: it must be finished),
+    ``rare`` (the celebrity pre-training run ``rare/base``) or ``rare_finetune`` (``rare/finetune``: its
+    non-celebrities, from its last checkpoint, without replay).
 
     Example:
         >>> from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, forgetting_cells
@@ -158,6 +178,15 @@ def forgetting_cells(sc: ForgettingScale, out: str | Path, stage: str) -> list[C
     out = Path(out)
     if stage == "hallucination":
         return [Cell("hallucination/base", sc.base_config(), str(out / "hallucination" / "base"))]
+    if stage == "rare":
+        return [Cell("rare/base", sc.rare_config(), str(out / "rare" / "base"))]
+    if stage == "rare_finetune":
+        n_celebrities = sc.rare_config().sampler["n_celebrities"]
+        config = finetune_config(out / "rare" / "base", seen_from=n_celebrities, old_weight=0.0, steps=sc.steps,
+                                 lr=sc.lr, checkpoint_every=sc.checkpoint_every)
+        return [Cell("rare/finetune", config, str(out / "rare" / "finetune"))]
+    if stage != "finetune":
+        raise ConfigError(f"unknown stage {stage!r}; choose hallucination, finetune, rare or rare_finetune.")
     base_dir = out / "hallucination" / "base"
     return [Cell(f"finetune/new{k}_w{w:g}", finetune_config(base_dir, n_new=k, old_weight=w, steps=sc.steps,
                                                              lr=sc.lr, checkpoint_every=sc.checkpoint_every),
@@ -233,9 +262,11 @@ def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Pa
     result = ForgettingResult(scale=scale if isinstance(scale, str) else sc.preset)
     run = dict(executor=executor, jobs_dir=out / "jobs", wait=wait, submit=train_missing, device=device,
                progress=progress)
-    base = None
+    base = rare = None
     if "hallucination" in stages or "finetune" in stages:
-        base = _run(forgetting_cells(sc, out, "hallucination"), result, run).get("hallucination/base")
+        rare_cells = forgetting_cells(sc, out, "rare") if "finetune" in stages and sc.rare is not None else []
+        pre = _run(forgetting_cells(sc, out, "hallucination") + rare_cells, result, run)
+        base, rare = pre.get("hallucination/base"), pre.get("rare/base")
         if base is not None:
             result.hallucination = hallucination_table(base)
             result.histories["base"] = base
@@ -252,6 +283,14 @@ def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Pa
             rows.append({"new_people": k, "new_fraction": k / n_old, "replay_weight": w,
                          **forgetting_summary(history)})
         result.finetune = pd.DataFrame(rows)
+        if rare is not None:
+            tuned = _run(forgetting_cells(sc, out, "rare_finetune"), result, run).get("rare/finetune")
+            if tuned is not None:
+                result.histories["rare"] = tuned
+                n_celebrities = sc.rare_config().sampler["n_celebrities"]
+                result.rare = pd.DataFrame([{"celebrities": n_celebrities,
+                                             "non_celebrities": sc.base_config().n_people - n_celebrities,
+                                             "celebrity_weight": sc.rare[1], **forgetting_summary(tuned)}])
         biggest = out / "finetune" / f"new{max(sc.new_sizes)}_w0"
         if f"new{max(sc.new_sizes)}_w0" in result.histories:
             result.drift = attention_drift(biggest, n_sequences=sc.drift_sequences, device=device or "cpu",
@@ -287,7 +326,7 @@ def _figures(result: ForgettingResult) -> dict:
     if "base" in result.histories:
         figs["hallucination"] = result.histories["base"].plot("Pre-training: seen people (held-out templates) vs "
                                                               "people never seen (dotted)")
-    cells = {k: h for k, h in result.histories.items() if k != "base"}
+    cells = {k: h for k, h in result.histories.items() if k not in ("base", "rare")}
     if cells:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("Old people's accuracy", "New people's accuracy"))
         for name, h in cells.items():
@@ -300,6 +339,16 @@ def _figures(result: ForgettingResult) -> dict:
         fig.update_layout(template="plotly_white", height=430, width=1050,
                           title="Fine-tuning on new people: newK_wW = K new people, replay weight W (solid: none)")
         figs["forgetting"] = fig
+    if "rare" in result.histories:
+        ev = result.histories["rare"].evals
+        fig = go.Figure()
+        fig.add_scatter(x=ev["step"], y=ev["old_attr_acc"], mode="lines+markers", name="celebrities (not trained on)")
+        fig.add_scatter(x=ev["step"], y=ev["new_attr_acc"], mode="lines+markers",
+                        name="non-celebrities (fine-tuned on; already seen)")
+        fig.update_layout(template="plotly_white", height=400, width=800, xaxis_title="fine-tuning step",
+                          yaxis_title="attribute accuracy", yaxis_range=[0, 1.02],
+                          title="Fine-tuning a celebrity run on its rare, already-seen people (Fig. P)")
+        figs["rare"] = fig
     if result.drift is not None:
         figs["attention_drift"] = result.drift.plot()
     if result.toy is not None:
@@ -318,6 +367,7 @@ recomputed.</p>{% if missing %}<p><b>Not finished yet:</b> {{ missing|join(", ")
 <pre>{{ f.error }}</pre></p>{% endfor %}
 {% if hallucination %}<h2>Hallucinations over pre-training</h2>{{ figs.hallucination }}{{ hallucination }}{% endif %}
 {% if finetune %}<h2>Fine-tuning, forgetting and replay</h2>{{ figs.forgetting }}{{ finetune }}{% endif %}
+{% if figs.rare %}<h2>Fine-tuning on rare, already-seen people</h2>{{ figs.rare }}{{ rare }}{% endif %}
 {% if figs.attention_drift %}<h2>Attention drift during fine-tuning</h2>{{ figs.attention_drift }}{% endif %}
 {% if figs.toy %}<h2>Toy associative memory</h2>{{ figs.toy }}{{ toy }}{% endif %}
 </body></html>"""
@@ -341,13 +391,14 @@ def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> N
     html = jinja2.Template(_TEMPLATE).render(
         scale=result.scale, out=str(out), trained=result.trained, wall_s=result.wall_s, missing=result.missing,
         figs=html_figs, hallucination=table(result.hallucination), finetune=table(result.finetune),
-        toy=table(toy), stages=stages, failed=failed)
+        rare=table(result.rare), toy=table(toy), stages=stages, failed=failed)
     result.report = out / "forgetting_report.html"
     atomic_write(result.report, html)
     summary = {"scale": result.scale, "scale_config": dataclasses.asdict(sc), "trained": result.trained,
                "missing": result.missing, "failed": failed, "wall_s": result.wall_s,
                "hallucination": None if result.hallucination is None else result.hallucination.to_dict("records"),
                "finetune": None if result.finetune is None else result.finetune.to_dict("records"),
+               "rare": None if result.rare is None else result.rare.to_dict("records"),
                "attention_drift": None if result.drift is None else result.drift.to_dataframe().to_dict("records"),
                "toy": None if toy is None else {"pretrain_acc": result.toy.pretrain_acc, "wall_s": result.toy.wall_s,
                                                 "final": toy.to_dict("records")}}

@@ -67,6 +67,7 @@ class StageScale:
     robust_people: int
     curriculum_steps: int | None = None  # None: the preset's schedule (likewise below)
     patch_run_steps: int | None = None
+    template_steps: int | None = None
     robust_steps: int | None = None
 
     def config(self, n_people: int, **extra) -> TrainConfig:
@@ -81,16 +82,19 @@ SCALES: dict[str, StageScale] = {
         curriculum_people=(32, 64), alphas=(0.6,), celebrities=((0.25, 4),), warmups=((0.25, 1),),
         grid_people=(32, 64), grid_alphas=(0.0, 0.6), grid_steps=(6, 12), patch_people=32, patch_steps=(0, 6),
         template_people=32, lrs=(1e-3, 2e-3), weight_decays=(0.1, 0.3), batch_sizes=(4, 8), robust_people=32),
-    # The demo recipe (2 layers x 4 heads x d_model 128, batch 32, cosine 2e-3 -> 4e-4), each stage sized to about
-    # 17,000 training steps (under 30 min on 2 idle cores at the 0.097 s/step of the headline CPU reproduction).
+    # The demo recipe (2 layers x 4 heads x d_model 128, batch 32, cosine 2e-3 -> 4e-4). Each stage is about
+    # 7,000-14,000 training steps: 8-17 min on 2 idle cores with --workers 2 (docs/reproduction.md has each
+    # stage's measured wall time). Warm-up epochs are chosen so the warm-up spans about a third to two thirds of
+    # the subset's own plateau (the plateau grows with N: about 100 steps for 80 people here), as the paper's
+    # E = 1-8 does at 64k people; the paper's E would end the warm-up within 2-10 steps at this scale.
     "cpu": StageScale(
         preset="demo", overrides=dict(n_unseen=0),
         curriculum_people=(325, 650), alphas=(0.6, 0.8), celebrities=((0.125, 8),),
-        warmups=((0.125, 3), (0.25, 4)), curriculum_steps=1200,
-        grid_people=(160, 325, 650), grid_alphas=(0.0, 0.4, 0.6, 0.8), grid_steps=(400, 1000),
-        patch_people=325, patch_steps=(0, 150, 300, 900), patch_run_steps=900, template_people=650,
-        lrs=(1e-3, 2e-3, 4e-3), weight_decays=(0.01, 0.1, 1.0), batch_sizes=(16, 32, 64), robust_people=325,
-        robust_steps=1200),
+        warmups=((0.125, 16), (0.125, 32), (0.25, 16)), curriculum_steps=1000,
+        grid_people=(80, 160, 320), grid_alphas=(0.0, 0.4, 0.6, 0.8), grid_steps=(300, 600),
+        patch_people=200, patch_steps=(0, 100, 200, 600), patch_run_steps=600, template_people=400,
+        template_steps=1200, lrs=(1e-3, 2e-3, 4e-3), weight_decays=(0.01, 0.1, 1.0), batch_sizes=(16, 32, 64),
+        robust_people=325, robust_steps=900),
     # The paper's grids (Table 1 model, batch 128, 16k steps; App. B.2, E, G).
     "gpu": StageScale(
         preset="paper", overrides=dict(n_unseen=0),
@@ -281,9 +285,11 @@ TEMPLATE_COUNTS = (1, 2, 4, 8, 16)
 
 def templates_cells(scale: str | StageScale, root: str | Path) -> list[Cell]:
     sc, cell = _scale(scale), _maker(root)
-    out = [cell(f"templates/k{k}", sc.config(sc.template_people, n_train_templates=k)) for k in TEMPLATE_COUNTS]
+    steps = _steps(sc.template_steps)
+    out = [cell(f"templates/k{k}", sc.config(sc.template_people, n_train_templates=k, **steps))
+           for k in TEMPLATE_COUNTS]
     out.append(cell("templates/k16_fixed", sc.config(sc.template_people, n_train_templates=16,
-                                                     sentence_order="fixed")))
+                                                     sentence_order="fixed", **steps)))
     return out
 
 

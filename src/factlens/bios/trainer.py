@@ -69,6 +69,7 @@ from factlens.checkpoints import (
     save_checkpoint,
 )
 from factlens.errors import CheckpointError, ConfigError, DivergenceError, FactlensError
+from factlens.inputs import default_device
 from factlens.models import build_hf
 from factlens.progress import tqdm
 from factlens.resources import format_bytes, memory_usage
@@ -107,9 +108,7 @@ def _dist_info() -> tuple[int, int]:
 def _setup_device(device: str | torch.device | None) -> tuple[torch.device, int, int, bool]:
     """(device, rank, world size, whether this call started the process group); under ``torchrun`` each rank
     takes its local GPU."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' requested but CUDA is not available; pass device='cpu'.")
+    device = default_device(device)
     own_dist = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if own_dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -222,7 +222,8 @@ def _executor(args: argparse.Namespace):
         sbatch[key.lstrip("-")] = value
     return ex.updated(kind=args.executor, partition=args.partition, gpus_per_job=args.gpus_per_job,
                       cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_min,
-                      array_parallelism=args.array_parallelism, sbatch=sbatch)
+                      array_parallelism=args.array_parallelism, sbatch=sbatch, workers=args.workers,
+                      log_to=getattr(args, "log_to", None))
 
 
 def _print_cells(report) -> int:
@@ -250,11 +251,14 @@ def _not_finished(err) -> int:
 def _executor_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the cells train (local, or a SLURM job array through submitit)")
     g.add_argument("--executor", choices=["local", "slurm"], help="local (default): this machine, one cell at a "
-                   "time (one per GPU with several GPUs); slurm: one job per cell, as a job array")
+                   "time (--workers K: K at once; one per GPU with several GPUs); slurm: one job per cell, as a job array")
     g.add_argument("--executor-config", help="TOML or JSON file of executor settings (the options below, with "
                    "underscores); command-line values win; unset: none")
     g.add_argument("--partition", help="SLURM partition; unset: the executor config's value, else the executor's own")
     g.add_argument("--gpus-per-job", type=int, help="GPUs per SLURM job (one cell per job); unset: the executor config's value, else the executor's own")
+    g.add_argument("--workers", type=int, help="local: cells trained at once, each in its own process with its "
+                   "share of the cores (e.g. --workers 2 on 2 cores: one thread each); unset: the executor config's "
+                   "value, else 1")
     g.add_argument("--cpus-per-task", type=int, help="CPUs per job, and each cell's torch threads; unset: the executor config's value, else the executor's own")
     g.add_argument("--mem-gb", type=float, help="memory per SLURM job (GB); unset: the executor config's value, else the executor's own")
     g.add_argument("--time-min", type=int, help="time limit per SLURM job (minutes); a cell that reaches it is "
@@ -302,11 +306,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
         config = _train_config(args, reference_config(args.reference))
     else:
         config = _train_config(args)
-    if args.log_to:
-        from factlens.errors import ConfigError
-
-        raise ConfigError("bios grid does not send its cells to a tracker: pass --log-to to bios train or bios "
-                          "patch, or read each cell's metrics.jsonl.")
     if not args.quiet:
         _grid_plan(args, config)
     try:
@@ -392,6 +391,8 @@ APPENDIX_STAGES = ("curriculum", "alpha_grid", "patching_grid", "templates", "ro
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     stages = list(dict.fromkeys(args.stages))
+    if not (args.quiet or args.report_only or args.collect):
+        _reproduce_plan(args, stages)
     appendix = [s for s in stages if s in APPENDIX_STAGES]
     code = _reproduce_stages(args, appendix) if appendix else 0
     code = (_reproduce_dynamics(args) if "dynamics" in stages else 0) or code
@@ -399,6 +400,74 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if forgetting:
         code = max(code, _reproduce_forgetting(args, forgetting))
     return code
+
+
+def _reproduce_configs(args: argparse.Namespace, stages: list[str]) -> tuple[int, list]:
+    """(cells in all, the configs still to train) of the requested stages. Fine-tuning cells, built from a base
+    run that may not exist yet, are counted as the base run's config at the fine-tuning length."""
+    import dataclasses
+
+    from factlens.bios.reproduce import reproduce_cells, with_overrides
+    from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, forgetting_cells
+    from factlens.bios.stages import scale_with, stage_cells
+
+    knobs = _knob_overrides(args)
+    cells = [c for stage in stages if stage in APPENDIX_STAGES
+             for c in stage_cells(stage, scale_with(args.scale, knobs), args.out)]
+    if "dynamics" in stages:
+        scale = with_overrides(args.scale, knobs) if knobs else args.scale
+        cells += [c for stage in ("scaling", "curriculum", "patching") for c in reproduce_cells(scale, args.out, stage)]
+    todo = []
+    for cell in cells:
+        try:
+            done = cell.finished()
+        except Exception:  # another run in its folder: the run itself refuses it, naming the fix
+            done = False
+        if not done:
+            todo.append(cell.config)
+    forgetting = [s for s in stages if s in ("hallucination", "finetune")]
+    if forgetting:
+        sc, n = FORGETTING_SCALES[args.scale], 1
+        pre = forgetting_cells(sc, args.out, "hallucination")
+        if "finetune" in forgetting and sc.rare is not None:
+            pre += forgetting_cells(sc, args.out, "rare")
+            n += 1
+        todo += [c.config for c in pre if not c.finished()]
+        cells += pre
+        if "finetune" in forgetting:
+            tuned = [dataclasses.replace(sc.base_config(), steps=sc.steps, checkpoint_every=sc.checkpoint_every)
+                     for _ in range(len(sc.cells()) + n - 1)]
+            done = [p for p in [*(Path(args.out) / "finetune").glob("*/"), Path(args.out) / "rare" / "finetune"]
+                    if (p / "config.json").exists()]
+            todo += tuned[len(done):]
+            return len(cells) + len(tuned), todo
+    return len(cells), todo
+
+
+def _reproduce_plan(args: argparse.Namespace, stages: list[str]) -> None:
+    """Print what ``bios reproduce`` trains, how long it takes here (measured steps), and where it writes."""
+    from factlens.bios.estimate import estimate_configs, format_seconds
+
+    ex = _executor(args)
+    total, todo = _reproduce_configs(args, stages)
+    toy = " (plus the toy model)" if "toy" in stages else ""
+    head = (f"factlens bios reproduce --scale {args.scale}: stages {', '.join(stages)}; {len(todo)} of {total} "
+            f"training runs still to train{toy}")
+    if args.scale == "tiny":
+        head += " (a SMOKE RUN: its numbers mean nothing)"
+    if not todo:
+        print(f"{head}; writes {args.out}", flush=True)
+        return
+    if ex.kind != "local":
+        print(f"{head}, as a SLURM job array (one job per run); writes {args.out} (job records and logs in "
+              f"{args.out}/jobs)", flush=True)
+        return
+    est = estimate_configs(todo, device=args.device, workers=ex.workers)
+    print(f"{head}, {ex.workers} at a time on {args.device or est_device()}\n"
+          f"  time:  about {format_seconds(est.total_s)} on this machine now ({est.steps:,} steps and "
+          f"{est.evals:,} evaluations, each set-up measured){toy}\n"
+          f"  where: {args.out} (one run folder per cell, {est.checkpoints:,} checkpoints; a table and a figure "
+          "per stage; HTML reports)", flush=True)
 
 
 def _reproduce_stages(args: argparse.Namespace, stages: list[str]) -> int:
@@ -635,6 +704,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="HTML only (PNGs need the png extra and a Chrome or Chromium browser)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
     _robustness_args(p)
+    p.add_argument("--log-to", choices=["tensorboard", "wandb"],
+                   help="also log every training cell's metrics, checkpoint steps and config to TensorBoard "
+                        "(CELL/tensorboard) or W&B (one run per cell); unset: metrics.jsonl only")
     add_compute(p)
     _executor_args(p)
     p.set_defaults(func=cmd_reproduce)

@@ -69,6 +69,6 @@ def resolve_device(device: str | None) -> str:
     """``--device``, or CUDA when available, else CPU: the one default of every command."""
     if device:
         return device
-    import torch
+    from factlens.inputs import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(default_device())

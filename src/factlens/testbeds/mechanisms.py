@@ -56,6 +56,7 @@ from factlens.bios.metrics_log import METRICS
 from factlens.bios.phases import ratio_phases
 from factlens.bios.run import Run
 from factlens.errors import CheckpointError, ConfigError
+from factlens.inputs import default_device
 from factlens.recall.final_layer import final_layer_hooks, split_from_run
 from factlens.recall.forward import center, head_outputs, run_at_end, unembed_params
 from factlens.recall.lens import logit_lens, logit_lens_hooks
@@ -254,7 +255,7 @@ def _loss_curve(run: Run, steps: list[int], computed: list[float]) -> tuple[list
 
 
 def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = None, steps: Sequence[int] | None = None,
-               *, n: int = 128, top: int = 3, k: int = 10, n_sequences: int = 128, device: str | torch.device = "cpu",
+               *, n: int = 128, top: int = 3, k: int = 10, n_sequences: int = 128, device: str | torch.device | None = None,
                seed: int = 0, folds: int = 5, progress: bool = True) -> MechanismsResult:
     """Run Lv et al.'s analyses on every (or each chosen) checkpoint of a biography run.
 
@@ -267,6 +268,7 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
         k: Top intercept tokens for the type purity.
         n_sequences: Held-out biographies for the attribute loss.
         folds: k of the out-of-fold intercepts of mitigation (b) (folds split by template).
+        device: Where the models run (default: CUDA when available, else CPU).
         progress: One progress bar over the checkpoints.
 
     Raises:
@@ -274,6 +276,7 @@ def mechanisms(run_dir: str | Path, attributes: Sequence[str | int] | None = Non
         ConfigError: An unknown attribute, or ``n``/``top``/``k`` below 1.
     """
     t0 = time.perf_counter()
+    device = default_device(device)
     run_dir = Path(run_dir)
     run = Run(run_dir)
     run.config  # noqa: B018 - validates the run once (RunNotFoundError naming the fix when there is none)

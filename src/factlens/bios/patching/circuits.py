@@ -34,7 +34,7 @@ from factlens.bios.patching.references import Reference
 from factlens.bios.run import Run
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
-from factlens.inputs import at_least_fp32
+from factlens.inputs import at_least_fp32, default_device
 from factlens.resources import track
 
 CIRCUITS = ("name_grouping→name", "extraction→name", "extraction→text")
@@ -153,13 +153,15 @@ def _seq_len(run: Run, step: int) -> int:
 
 
 def attention_to_name(run_dir: str | Path, steps: Sequence[int] | None = None, *, n_sequences: int = 512,
-                      batch_size: int = 64, device: str | torch.device = "cpu",
+                      batch_size: int = 64, device: str | torch.device | None = None,
                       progress: bool = True) -> AttentionToNameResult:
     """Measure both circuits on ``n_sequences`` held-out-template biographies at every chosen checkpoint.
 
     Works on GPT-2 and OPT runs alike; ``steps`` defaults to every checkpoint of the run, and every step is
-    checked (it must be a saved checkpoint) before any model is loaded.
+    checked (it must be a saved checkpoint) before any model is loaded. ``device``: default CUDA when available,
+    else CPU.
     """
+    device = default_device(device)
     run, steps, batches = probe_batches(run_dir, steps, n_sequences, batch_size)
     values = []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):

@@ -31,6 +31,7 @@ from factlens.bios.patching.circuits import AttentionToNameResult, probe_batches
 from factlens.bios.patching.references import Reference
 from factlens.display import ResultDisplay
 from factlens.errors import ConfigError
+from factlens.inputs import default_device
 from factlens.resources import track
 
 CAUSAL_TOL = 1e-4  # attention mass on future keys above this is not a causal pattern
@@ -127,16 +128,17 @@ class AttentionSharpnessResult(ResultDisplay):
 
 
 def attention_sharpness(run_dir: str | Path, steps: Sequence[int] | None = None, *, n_sequences: int = 512,
-                        batch_size: int = 64, device: str | torch.device = "cpu",
+                        batch_size: int = 64, device: str | torch.device | None = None,
                         progress: bool = True) -> AttentionSharpnessResult:
     """Per-layer attention sharpness at every chosen checkpoint of a run (default: all), on ``n_sequences``
     held-out-template biographies (the sequences :func:`~factlens.bios.patching.circuits.attention_to_name`
-    reads). Every step is checked before any model is loaded.
+    reads). Every step is checked before any model is loaded. ``device``: default CUDA when available, else CPU.
 
     Example:
         >>> result = attention_sharpness("runs/demo", steps=[0, 200, 1000])    # doctest: +SKIP
         >>> result.plot(attention_to_name("runs/demo", steps=[0, 200, 1000]))  # doctest: +SKIP
     """
+    device = default_device(device)
     run, steps, batches = probe_batches(run_dir, steps, n_sequences, batch_size)
     values = []
     for step in track(steps, device=device, disable=not progress, desc="checkpoints"):
