@@ -64,3 +64,17 @@ def test_reproduce_prints_its_plan_counting_only_unfinished_runs(tmp_path, capsy
     one, two = estimate_configs(configs), estimate_configs(configs, workers=2)
     assert one.steps == two.steps == 72 and one.evals == sum(len(c.checkpoint_steps()) for c in configs)
     assert two.total_s < one.total_s  # two workers share the runs
+
+
+def test_capitals_analyze_prints_what_how_long_and_where_before_it_starts(tmp_path, capsys):
+    from factlens.recall.report import ANALYSIS_PASSES
+
+    out = tmp_path / "an"
+    assert main(["capitals", "analyze", "--model", "tiny-gpt2", "--out", str(out), "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("factlens capitals analyze: tiny-gpt2"))
+    assert "path patching" in lines[head] and "mitigation table" in lines[head]
+    assert lines[head + 1].lstrip().startswith("time:  about") and "forward pass of the prompts measured" in lines[head + 1]
+    one_pass = float(lines[head + 1].split("measured: ")[1].split(" s")[0])
+    assert one_pass > 0 and ANALYSIS_PASSES > 1
+    assert str(out / "report.html") in lines[head + 2] and (out / "report.html").exists()

@@ -1,8 +1,9 @@
 """The recall testbed (``recall-testbed`` preset): its committed recipe reproduces the shipped checkpoint.
 
 ``tests/data/recall_testbed`` is the final checkpoint of ``python scripts/build_recall_testbed.py --ship``
-(4 layers). The fast tests read it; the slow one retrains the preset from scratch and checks the accuracy the
-docs state (docs/mechanisms.md) and that training, deterministic on CPU, gives the shipped weights.
+(6 layers). The fast tests read it; the slow one retrains the preset from scratch (one CPU thread, about 13
+minutes) and checks the accuracy the docs state (docs/mechanisms.md) and that training, deterministic on one
+CPU thread, gives the shipped weights.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from factlens.checkpoints import list_checkpoints, step_dir
 
 RUN = Path(__file__).parent / "data" / "recall_testbed"
 pytestmark = pytest.mark.skipif(not RUN.exists(), reason="the recall testbed checkpoint is not shipped")
-#: Held-out-template attribute accuracy of the final checkpoint: docs/mechanisms.md states 0.267 (lower bound here).
-DOCUMENTED_ACCURACY = 0.25
+#: Held-out-template attribute accuracy of the final checkpoint: docs/mechanisms.md states 0.999 (lower bound here).
+DOCUMENTED_ACCURACY = 0.99
 
 
 def test_shipped_run_is_the_preset():
@@ -34,15 +35,17 @@ def test_shipped_run_is_the_preset():
 @pytest.mark.slow
 def test_recipe_reproduces_the_shipped_checkpoint(tmp_path):
     from factlens.bios import train
+    from factlens.threads import use_threads
 
-    history = train(TrainConfig.preset("recall-testbed"), tmp_path / "run", progress=False)
+    with use_threads(1):  # the build script's thread count: the same sums in the same order
+        history = train(TrainConfig.preset("recall-testbed"), tmp_path / "run", device="cpu", progress=False)
     assert history.final["attr_acc"] >= DOCUMENTED_ACCURACY
     step = list_checkpoints(RUN / "checkpoints")[-1]
     shipped = load_file(step_dir(RUN / "checkpoints", step) / "model.safetensors")
     trained = load_file(step_dir(tmp_path / "run" / "checkpoints", step) / "model.safetensors")
     assert shipped.keys() == trained.keys()
     for k in shipped:
-        torch.testing.assert_close(trained[k], shipped[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(trained[k], shipped[k], rtol=0, atol=1e-4)  # other CPUs: other SIMD sums
 
 
 def test_build_script_ships_only_the_preset(tmp_path):

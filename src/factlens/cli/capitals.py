@@ -102,9 +102,15 @@ def run(args: argparse.Namespace) -> int:
             for shots in args.shots:
                 folder = target / f"{shots}shot" if len(args.shots) > 1 else target
                 if not args.quiet:
+                    from factlens.bios.estimate import format_seconds
+                    from factlens.recall.report import estimate_analysis
+
+                    one_pass, total = estimate_analysis(model, rel, shots=shots)
                     print(f"factlens capitals analyze: {name}, {rel.name}, {shots}-shot: logit lens, path patching, "
-                          f"mover heads, MLP decomposition, final layer, mitigation table (each stage timed in the "
-                          f"report); writes {folder / 'report.html'}", flush=True)
+                          f"mover heads, MLP decomposition, final layer, mitigation table\n"
+                          f"  time:  about {format_seconds(total)} on this machine now (a forward pass of the "
+                          f"prompts measured: {one_pass:.2f} s)\n  where: {folder / 'report.html'} (each stage "
+                          "timed in the report)", flush=True)
                 report = analyze(model, rel, shots=shots, out_dir=folder, progress=not args.quiet)
                 print(f"{name}, {rel.name}, {shots}-shot: report {folder / 'report.html'}")
                 print(report.to_markdown())

@@ -173,6 +173,33 @@ def shared_hooks(model: TransformerBridge) -> list[str]:
     return list(dict.fromkeys(name for names in declared for name in names))
 
 
+ANALYSIS_PASSES = 8.0
+""":func:`analyze`'s wall time in plain forward passes of its prompts (no hooks), as measured on GPT-2-small and
+tiny twins, zero-shot, on CPU (``benchmarks/bench_analyze_estimate.py`` prints the ratio; docs/performance.md)."""
+
+
+def estimate_analysis(model: TransformerBridge, relation: Relation = CAPITALS, shots: int = 0, *,
+                      n: int | None = None, seed: int = 0, max_batch: int = 64) -> tuple[float, float]:
+    """``(seconds of one plain forward pass of the prompts, estimated seconds of analyze)`` on this machine now.
+
+    The pass is timed here (its prompts are :func:`analyze`'s own); the estimate is that time ×
+    :data:`ANALYSIS_PASSES`.
+
+    Example:
+        >>> import factlens
+        >>> from factlens.recall.report import estimate_analysis
+        >>> one_pass, total = estimate_analysis(factlens.tiny("gpt2"))
+        >>> 0 < one_pass < total
+        True
+    """
+    require_eval(model, "estimate_analysis")
+    ds = dataset_for(model, relation, shots=shots, seed=seed, n=n)
+    t0 = time.perf_counter()
+    run_at_end(model, ds, (), max_batch=max_batch)
+    one_pass = time.perf_counter() - t0
+    return one_pass, one_pass * ANALYSIS_PASSES
+
+
 def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int = 0, out_dir: str | Path | None = None, *,
             n: int | None = None, folds: int = 5, top_k: int = 3, seed: int = 0, max_batch: int = 64,
             patch_batch: int = 1024, progress: bool = True) -> CapitalsReport:
@@ -253,4 +280,4 @@ def analyze(model: TransformerBridge, relation: Relation = CAPITALS, shots: int 
     return report
 
 
-__all__ = ["CapitalsReport", "analyze", "shared_hooks"]
+__all__ = ["ANALYSIS_PASSES", "CapitalsReport", "analyze", "estimate_analysis", "shared_hooks"]
