@@ -16,7 +16,8 @@ import time
 import torch
 
 import factlens
-from factlens.resources import available_bytes, cache_nbytes, estimate_cache, format_bytes
+from factlens.cache import cache_nbytes, estimate_cache
+from factlens.resources import available_bytes, format_bytes
 
 
 def main() -> None:

@@ -16,7 +16,9 @@ import pandas as pd
 import torch
 from transformer_lens import patching
 
-from factlens.hooks import Intervention, hook, intervene
+from factlens.cache import run_with_cache
+from factlens.hooks import Intervention, hook
+from factlens.intervening import intervene
 from factlens.recall import (
     dataset_for,
     evaluate,
@@ -35,7 +37,6 @@ from factlens.recall.mitigation import _fit_from_acts
 from factlens.recall.mlp_decomposition import capture_mlp_activations
 from factlens.recall.path_patching import MetricSpec, _metric_fn, _result, _senders
 from factlens.recall.relations import CAPITALS
-from factlens.resources import run_with_cache
 
 
 def path_patch_reference(model, dataset: RelationDataset, counterfactual: RelationDataset | None = None, *,

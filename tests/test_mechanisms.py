@@ -26,6 +26,7 @@ from factlens.recall.final_layer import (
 from factlens.recall.forward import run_at_end, unembed_params
 from factlens.recall.lens import logit_lens
 from factlens.testbeds import mechanisms as mech
+from factlens.testbeds import mechanisms_result as mres
 from factlens.tokenizers import gpt2_tokenizer
 
 RUN = Path(__file__).parent / "data" / "bios_demo_run"
@@ -46,7 +47,7 @@ def test_command_runs_on_the_shipped_run_and_writes_its_figure(tmp_path):
     assert row["top_head_effect"] < 0 and row["name_attention"] > 0.8
     assert row["type_purity"] >= 0.8  # the last MLP's intercept points at cities
     assert row["attr_loss"] < no_knowledge_baseline(Run(RUN).population().pools)
-    parts = row[[f"final_{p}" for p in mech.FINAL_PARTS]].sum()
+    parts = row[[f"final_{p}" for p in mres.FINAL_PARTS]].sum()
     assert parts == pytest.approx(row["delta_logit"], abs=1e-6)
     heads = pd.read_csv(out / "top_heads.csv")
     assert heads["effect"].is_monotonic_increasing and len(heads) == 3
@@ -182,12 +183,12 @@ def test_a_head_that_attends_to_the_name_scores_higher_than_one_that_does_not():
 
 
 # ------------------------------------------------------------------------------------- phases and onset
-def _result(delta_prob: list[float], losses: list[float]) -> mech.MechanismsResult:
+def _result(delta_prob: list[float], losses: list[float]) -> mres.MechanismsResult:
     steps = [0, 100, 200, 300, 400, 500][: len(delta_prob)]
-    values = torch.zeros(len(steps), 1, len(mech.MEASURES), dtype=torch.float64)
-    values[:, 0, mech.MEASURES.index("delta_prob")] = torch.tensor(delta_prob, dtype=torch.float64)
+    values = torch.zeros(len(steps), 1, len(mres.MEASURES), dtype=torch.float64)
+    values[:, 0, mres.MEASURES.index("delta_prob")] = torch.tensor(delta_prob, dtype=torch.float64)
     drop, plateau = ratio_phases(steps, losses, 6.0)
-    return mech.MechanismsResult(steps=steps, attributes=["birth_place"], values=values,
+    return mres.MechanismsResult(steps=steps, attributes=["birth_place"], values=values,
                                  final_logit=torch.zeros(len(steps), 1, 4, dtype=torch.float64),
                                  top_heads=pd.DataFrame(), attr_loss=torch.tensor(losses, dtype=torch.float64),
                                  loss_steps=steps, loss_curve=losses, baseline=6.0, drop_end=drop, plateau_end=plateau)

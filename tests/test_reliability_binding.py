@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import factlens
 from factlens import recall
+from factlens.edits import add_vector, attend_to_self, patch_pattern
 from factlens.errors import (
     ArchitectureMismatchError,
     ConfigError,
@@ -25,7 +26,7 @@ from factlens.errors import (
     ShapeError,
     TokenizationError,
 )
-from factlens.hooks import add_vector, attend_to_self, model_signature, patch_pattern
+from factlens.hooks import model_signature
 from factlens.recall.datasets import make_dataset
 from factlens.recall.relations import CAPITALS
 from factlens.tokenizers import gpt2_tokenizer, opt_style_tokenizer

@@ -1,4 +1,4 @@
-"""factlens.resources: exact cache prediction, the memory guard, and memory reporting in training."""
+"""factlens.cache and factlens.resources: exact cache prediction, the memory guard, and memory reporting in training."""
 
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import torch
 import factlens
 from factlens import resources
 from factlens.bios.trainer import PatchConfig, TrainConfig, Trainer, train
+from factlens.cache import CacheEstimate, cache_nbytes, estimate_cache, pos_slice_indices, run_with_cache
 from factlens.resources import (
-    CacheEstimate,
     budget_bytes,
-    cache_nbytes,
     check_fits,
-    estimate_cache,
     format_bytes,
     memory_usage,
     parse_bytes,
-    pos_slice_indices,
-    run_with_cache,
     saved_tensor_bytes,
     set_memory_budget,
 )

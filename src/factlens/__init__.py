@@ -42,12 +42,13 @@ __version__ = "0.1.0"
 # Everything that imports torch is imported on first attribute access (PEP 562), so that `import factlens` and
 # `factlens --help` stay light: name -> (module, attribute or None for the module itself).
 _LAZY = {
-    **{name: ("factlens.hooks", name) for name in ("HookRecord", "Intervention", "add_vector", "attend_to_self",
-                                                   "edit_scores", "hook", "intervene", "patch_pattern",
-                                                   "run_with_interventions")},
+    **{name: ("factlens.hooks", name) for name in ("HookRecord", "Intervention", "hook")},
+    **{name: ("factlens.edits", name) for name in ("add_vector", "attend_to_self", "edit_scores", "patch_pattern")},
+    **{name: ("factlens.intervening", name) for name in ("intervene", "run_with_interventions")},
     **{name: ("factlens.models", name) for name in ("SUPPORTED", "bridge_from_hf", "build_hf", "full_size", "load",
                                                     "prepare", "resolve", "tiny")},
-    **{name: ("factlens.resources", name) for name in ("memory_usage", "run_with_cache")},
+    "memory_usage": ("factlens.resources", "memory_usage"),
+    "run_with_cache": ("factlens.cache", "run_with_cache"),
     "bios": ("factlens.bios", None),
     "capitals": ("factlens.capitals", None),
     "plot": ("factlens.plot", None),

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Int
 
-from factlens.hooks import resolve_heads, resolve_layers
+from factlens.edits import resolve_heads, resolve_layers
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

@@ -374,7 +374,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_mechanisms(args: argparse.Namespace) -> int:
-    from factlens.testbeds.mechanisms import check_out, mechanisms, write_mechanisms
+    from factlens.testbeds.mechanisms import mechanisms
+    from factlens.testbeds.mechanisms_result import check_out, write_mechanisms
 
     out = check_out(args.out if args.out else Path(args.run) / "mechanisms")  # refuse a bad --out before the work
     result = mechanisms(args.run, attributes=args.attributes, steps=args.steps, n=args.prompts,

@@ -32,7 +32,8 @@ import torch
 from jaxtyping import Float, Int
 
 from factlens.errors import ConfigError, HookDidNotFireError, ModeError
-from factlens.hooks import Intervention, OnNoEffect, intervene
+from factlens.hooks import Intervention, OnNoEffect
+from factlens.intervening import intervene
 from factlens.loading import require_compat
 from factlens.recall.datasets import RelationDataset, check_dataset
 from factlens.resources import track

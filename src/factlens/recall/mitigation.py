@@ -44,9 +44,10 @@ import torch
 from jaxtyping import Float, Int
 
 from factlens.display import ResultDisplay
+from factlens.edits import Positions, add_vector, attend_to_self
 from factlens.errors import ConfigError, ShapeError
-from factlens.hooks import Positions, add_vector, attend_to_self, intervene
 from factlens.indices import check_index
+from factlens.intervening import intervene
 from factlens.loading import is_twin
 from factlens.models import SUPPORTED, family_of
 from factlens.recall.datasets import RelationDataset, dataset_for

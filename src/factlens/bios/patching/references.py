@@ -36,8 +36,9 @@ from jaxtyping import Float, Int
 from factlens.bios.patching.training import PatternRecorder
 from factlens.bios.run import reference_checkpoint
 from factlens.checkpoints import load_checkpoint
+from factlens.edits import patch_pattern
 from factlens.errors import ArchitectureMismatchError, ConfigError, ShapeError
-from factlens.hooks import intervene, patch_pattern
+from factlens.intervening import intervene
 from factlens.models import boot, unwrap
 
 if TYPE_CHECKING:
