@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 
 from factlens.bios.config import TrainConfig
-from factlens.bios.executor import run_cells
+from factlens.bios.executor import ExecutorConfig, run_cells
 from factlens.bios.stages import SCALES, curriculum_cells, curriculum_summary, templates_cells
 
 pytestmark = pytest.mark.slow
 
 TEMPLATE_PEOPLE, TEMPLATE_STEPS = 64, 400
-WARMUP_PEOPLE, WARMUP_STEPS = 650, 500
 
 
 def demo(**overrides) -> TrainConfig:
@@ -45,14 +44,17 @@ def test_one_training_template_learns_less_than_four(template_runs):
 
 
 def test_best_warmup_beats_uniform_in_final_accuracy(tmp_path):
-    # N large for the budget: uniform sampling is still on its plateau when warm-ups on a subset have passed theirs
-    scale = SCALES["cpu"].__class__(**{**SCALES["cpu"].__dict__, "curriculum_people": (WARMUP_PEOPLE,),
-                                       "alphas": (), "celebrities": (), "warmups": ((80 / 650, 10), (160 / 650, 8)),
-                                       "curriculum_steps": WARMUP_STEPS,
-                                       "overrides": dict(n_unseen=0, checkpoint_every=50)})
-    cells = curriculum_cells(scale, tmp_path)
-    assert {c.config.steps for c in cells} == {WARMUP_STEPS} and len(cells) == 3
-    report = run_cells(cells, jobs_dir=tmp_path / "jobs", progress=False)
+    """The cpu scale's curriculum cells at its largest N (uniform and every warm-up setting, 1,000 steps, as the
+    ``curriculum`` stage runs them: two workers of one thread): the best warm-up, picked by final loss as the
+    stage picks it, ends with a clearly higher accuracy than uniform (docs/reproduction.md: 0.47 against 0.18)."""
+    scale = SCALES["cpu"]
+    n = max(scale.curriculum_people)
+    cells = [c for c in curriculum_cells(scale, tmp_path)
+             if c.config.n_people == n and c.config.sampler.get("kind", "uniform") in ("uniform", "warmup")]
+    assert len(cells) == 1 + len(scale.warmups) and {c.config.steps for c in cells} == {scale.curriculum_steps}
+    report = run_cells(cells, ExecutorConfig(workers=2, cpus_per_task=1), jobs_dir=tmp_path / "jobs",
+                       progress=False)
     best, _ = curriculum_summary(cells, {s.cell.key: s.cell.history() for s in report.statuses})
     by_class = best.set_index("sampler")
-    assert by_class.loc["warmup", "final_acc"] > by_class.loc["uniform", "final_acc"]
+    assert by_class.loc["warmup", "final_acc"] > by_class.loc["uniform", "final_acc"] + 0.1
+    assert by_class.loc["warmup", "plateau_end"] < by_class.loc["uniform", "plateau_end"]
