@@ -117,3 +117,23 @@ def test_the_cli_offers_every_stage():
     from factlens.cli.bios import APPENDIX_STAGES
 
     assert tuple(STAGES) == APPENDIX_STAGES
+
+
+@pytest.mark.slow
+def test_a_stage_writes_its_png(tmp_path):
+    import factlens.figures as figures
+
+    if not figures.png_support()[0]:
+        pytest.skip(figures.png_support()[1])
+    run_stage("templates", "tiny", tmp_path, progress=False, write_png=True)
+    assert (tmp_path / "templates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stage_without_png_support_names_what_is_missing(tmp_path, monkeypatch):
+    import factlens.figures as figures
+    from factlens.errors import MissingDependencyError
+
+    monkeypatch.setattr(figures, "png_support", lambda: (False, 'PNG export needs kaleido: pip install "factlens[png]"'))
+    with pytest.raises(MissingDependencyError, match="kaleido"):
+        run_stage("templates", "tiny", tmp_path, progress=False, write_png=True)
+    assert (tmp_path / "templates.html").exists()  # the HTML figure is written first

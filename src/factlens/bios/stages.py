@@ -406,9 +406,12 @@ def stage_cells(stage: str, scale: str | StageScale, root: str | Path) -> list[C
 
 
 def run_stage(stage: str, scale: str | StageScale, root: str | Path, *, executor: ExecutorConfig | None = None,
-              wait: bool = True, device=None, progress: bool = True, train_missing: bool = True) -> StageResult:
+              wait: bool = True, device=None, progress: bool = True, train_missing: bool = True,
+              write_png: bool = False) -> StageResult:
     """Run (or resume, or submit) a stage's cells under ``root`` and write ``root/<stage>.csv`` and
-    ``root/<stage>.html`` from the finished ones.
+    ``root/<stage>.html`` from the finished ones (and ``root/<stage>.png`` with ``write_png``: it needs the
+    ``png`` extra and a Chrome or Chromium, and raises :class:`~factlens.errors.MissingDependencyError` naming
+    them when this machine lacks them).
 
     Cells that patch attention from a reference run start after it (on SLURM: after its job). ``executor``,
     ``wait``: as :func:`factlens.bios.executor.run_cells`; ``train_missing=False`` starts nothing.
@@ -439,6 +442,10 @@ def run_stage(stage: str, scale: str | StageScale, root: str | Path, *, executor
     table, fig = STAGES[stage].summary(cells, histories)
     atomic_write(root / f"{stage}.csv", table.to_csv(index=False))
     atomic_write(root / f"{stage}.html", fig.to_html())
+    if write_png:
+        from factlens.figures import write_png as png
+
+        png(fig, root / f"{stage}.png", scale=1.5)
     return StageResult(stage, table, fig, missing=[c.key for c in cells if c.key not in histories])
 
 

@@ -475,7 +475,12 @@ def _reproduce_stages(args: argparse.Namespace, stages: list[str]) -> int:
     """The §3 and appendix stages (:mod:`factlens.bios.stages`), each writing OUT/<stage>.csv and .html."""
     from factlens.bios.stages import run_stage, scale_with, stage_cells
 
+    from factlens.figures import png_support
+
     scale = scale_with(args.scale, _knob_overrides(args))
+    png = not args.no_png and png_support()[0]
+    if not args.no_png and not png:
+        print(f"no PNGs: {png_support()[1]}; the HTML figures are complete")
     for stage in stages:
         t0 = time.perf_counter()
         cells = stage_cells(stage, scale, args.out)
@@ -483,11 +488,11 @@ def _reproduce_stages(args: argparse.Namespace, stages: list[str]) -> int:
               f"(finished ones are read, not retrained)")
         result = run_stage(stage, scale, args.out, executor=_executor(args), device=args.device,
                            progress=not args.quiet, train_missing=not (args.report_only or args.collect),
-                           wait=not (args.no_wait or args.collect or args.report_only))
+                           wait=not (args.no_wait or args.collect or args.report_only), write_png=png)
         print(result.table.to_string(index=False))
         missing = f"; not finished: {result.missing}" if result.missing else ""
         print(f"{stage}: {time.perf_counter() - t0:.0f} s; table {args.out}/{stage}.csv, figure "
-              f"{args.out}/{stage}.html{missing}")
+              f"{args.out}/{stage}.html{f' and .png' if png else ''}{missing}")
     return 0
 
 
