@@ -474,7 +474,6 @@ def _reproduce_plan(args: argparse.Namespace, stages: list[str]) -> None:
 def _reproduce_stages(args: argparse.Namespace, stages: list[str]) -> int:
     """The §3 and appendix stages (:mod:`factlens.bios.stages`), each writing OUT/<stage>.csv and .html."""
     from factlens.bios.stages import run_stage, scale_with, stage_cells
-
     from factlens.figures import png_support
 
     scale = scale_with(args.scale, _knob_overrides(args))
@@ -492,7 +491,7 @@ def _reproduce_stages(args: argparse.Namespace, stages: list[str]) -> int:
         print(result.table.to_string(index=False))
         missing = f"; not finished: {result.missing}" if result.missing else ""
         print(f"{stage}: {time.perf_counter() - t0:.0f} s; table {args.out}/{stage}.csv, figure "
-              f"{args.out}/{stage}.html{f' and .png' if png else ''}{missing}")
+              f"{args.out}/{stage}.html{' and .png' if png else ''}{missing}")
     return 0
 
 
