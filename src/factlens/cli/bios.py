@@ -505,6 +505,7 @@ def _reproduce_forgetting(args: argparse.Namespace, stages: tuple[str, ...]) -> 
                                   train_missing=not collect, executor=_executor(args),
                                   wait=not (collect or getattr(args, "no_wait", False)))
     for name, table in (("hallucination", result.hallucination), ("fine-tuning", result.finetune),
+                        ("fine-tuning on rare, already-seen people (non-celebrities)", result.rare),
                         ("toy", None if result.toy is None else result.toy.final())):
         if table is not None:
             print(f"{name}:\n{table.round(4).to_string(index=False)}")
