@@ -229,7 +229,7 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "out/reproduce",
     """Run (or resume) the three stages at ``scale`` under ``out_dir`` and write the report.
 
     Args:
-        scale: ``"tiny"`` (seconds: a smoke run for tests), ``"cpu"`` (about 45 min on 2 CPU cores) or
+        scale: ``"tiny"`` (seconds: a smoke run for tests), ``"cpu"`` (32 min on 2 idle CPU cores) or
             ``"gpu"`` (the paper preset: 8 layers, d_model 512, batch 128, N up to 64k), or a :class:`Scale`.
         out_dir: where the cells and the report go.
         plateau_ratio, plateau_min_step: the plateau-end rule (first checkpoint below ``ratio × baseline`` at

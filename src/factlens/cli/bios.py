@@ -697,7 +697,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_grid)
     p = bios.add_parser("reproduce", help="plateau vs N, attention patching, curriculum: runs + HTML report (resumable)")
     p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu",
-                   help="tiny: seconds (smoke); cpu: about 45 min on 2 cores; gpu: the paper preset")
+                   help="tiny: seconds (smoke); cpu: 6-32 min per stage on 2 cores (docs/reproduction.md; the "
+                        "command prints its own measured estimate first); gpu: the paper preset")
     p.add_argument("--out", required=True, help="report folder (one run folder per cell; resumable)")
     p.add_argument("--stages", nargs="+",
                    choices=["dynamics", "hallucination", "finetune", "toy", *APPENDIX_STAGES],
