@@ -181,3 +181,26 @@ def test_a_finished_cell_reports_the_job_its_records_name(tmp_path):
     status = run_cells([cell], ExecutorConfig(kind="slurm"), jobs_dir=jobs, submit=False, wait=False,
                        progress=False).statuses[0]
     assert (status.state, status.job_id) == ("finished", None)
+
+
+def test_workers_start_from_a_script_without_a_main_guard(tmp_path):
+    """Each worker is a fresh interpreter on ``factlens.bios.cell_worker``: the caller's script is not re-run in
+    it, so a plain script (or a notebook) with ``workers=2`` trains its cells."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "grid.py"
+    script.write_text(textwrap.dedent(f"""
+        from factlens.bios.cells import Cell
+        from factlens.bios.config import TrainConfig
+        from factlens.bios.executor import ExecutorConfig, run_cells
+        cells = [Cell(f"c{{i}}", TrainConfig.preset("tiny", steps=2, checkpoint_every=1, seed=i), f"{tmp_path}/c{{i}}")
+                 for i in range(2)]
+        report = run_cells(cells, ExecutorConfig(workers=2, cpus_per_task=1), jobs_dir="{tmp_path}/jobs",
+                           progress=False)
+        print([s.state for s in report.statuses])
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['finished', 'finished']"

@@ -4,8 +4,8 @@
 :class:`CellStatus` per cell: ``finished``, ``pending``/``running`` (a SLURM job), or ``failed`` (with the job
 id, its log and the last lines of its error). Finished cells are read, never retrained.
 
-- ``local``: one cell after another in this process; with ``workers=K``, ``K`` cells at once, each in its own
-  process with its share of the cores (small models train faster as several one-thread processes than as one
+- ``local``: one cell after another in this process; with ``workers=K``, ``K`` cells at once, each in a fresh
+  interpreter (:mod:`factlens.bios.cell_worker`) with its share of the cores (small models train faster as several one-thread processes than as one
   many-thread process); with several GPUs (and no ``device``), one cell per GPU at a time. A failing cell is
   reported and the others go on.
 - ``slurm``: the unfinished cells are submitted as one job array (``executor.batch()``) with the partition,
@@ -36,7 +36,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,29 +289,29 @@ def _run_local(todo: list[Cell], ex: ExecutorConfig, device, progress: bool, tot
     return out
 
 
-def _train_cell(cell: Cell, threads: int, device, log_to: str | None) -> None:
-    """The body of one worker process (module level, so that ``spawn`` can pickle it)."""
-    run_cell(cell, threads=threads, device=device, progress=False, log_to=log_to)
-
-
 def _run_processes(todo: list[Cell], ex: ExecutorConfig, device, bar) -> dict[str, CellStatus]:
-    """``ex.workers`` cells at once, each in a fresh (``spawn``) process with its share of the threads."""
-    import multiprocessing
+    """``ex.workers`` cells at once, each in a fresh interpreter (:mod:`factlens.bios.cell_worker`) with its share
+    of the threads; a worker that fails is reported with the last lines of its traceback."""
+    import pickle
+    import sys
 
     from factlens.threads import resolve_threads
 
     workers = min(ex.workers, len(todo))
     threads = resolve_threads(ex.cpus_per_task, concurrent=workers)
-    out: dict[str, CellStatus] = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_cell, cell, threads, device, ex.log_to): cell for cell in todo}
-        for future in as_completed(futures):
-            cell = futures[future]
-            err = future.exception()
-            out[cell.key] = (CellStatus(cell, "finished") if err is None else
-                             CellStatus(cell, "failed", error=_tail("".join(traceback.format_exception(err)))))
-            bar.update(1)
-    return {c.key: out[c.key] for c in todo}
+
+    def one(cell: Cell) -> CellStatus:
+        job = pickle.dumps((cell, threads, None if device is None else str(device), ex.log_to))
+        done = subprocess.run([sys.executable, "-m", "factlens.bios.cell_worker"], input=job, capture_output=True,
+                              check=False)
+        bar.update(1)
+        if done.returncode == 0:
+            return CellStatus(cell, "finished")
+        error = done.stderr.decode(errors="replace") or f"the worker exited with code {done.returncode}"
+        return CellStatus(cell, "failed", error=_tail(error))
+
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip([c.key for c in todo], pool.map(one, todo), strict=True))
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
