@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import factlens
+from factlens import threads
 from factlens.cli import build_parser
 from factlens.cli import capitals as capitals_cli
 from factlens.errors import ConfigError, UnknownModelError
@@ -93,10 +94,16 @@ def test_thread_policy(monkeypatch):
     cores = available_cores()
     assert 1 <= default_threads() <= cores
     assert default_threads(concurrent=cores) == 1  # one thread per concurrent cell when cells fill the cores
+    monkeypatch.setattr(threads, "_runnable_now", lambda: cores + 5)
     monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
     assert default_threads() == 1  # a busy machine gets one thread, never zero
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert default_threads() == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
+    monkeypatch.setattr(threads, "_runnable_now", lambda: 0)
+    assert default_threads() == cores  # the average still counts a job that has just ended: nothing runs now
+    monkeypatch.setattr(threads, "_runnable_now", lambda: None)
+    assert default_threads() == 1  # no running count (not Linux): the average alone
     monkeypatch.setenv(ENV, "3")
     assert default_threads() == 3 and resolve_threads(None) == 3 and resolve_threads(2) == 2
     for bad in ("0", "two"):

@@ -4,7 +4,8 @@ torch's default is one intra-op thread per core. When several processes share th
 side by side, other users' jobs, a second notebook) every one of them starts that many threads and they fight
 for the cores: on two shared cores one small training run measured several times slower than with one thread.
 :func:`default_threads` picks a count that fits: the cores this process may use, split between the processes
-that run at once (``concurrent``), less the cores other work keeps busy (the one-minute load average). The
+that run at once (``concurrent``), less the cores other work keeps busy (the one-minute load average, or the
+threads runnable right now when fewer: the average still counts a job minutes after it ended). The
 ``FACTLENS_THREADS`` environment variable and every computing command's ``--threads`` option override it.
 
 Example:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 from factlens.errors import ConfigError
@@ -43,12 +45,30 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _runnable_now(looks: int = 5, pause_s: float = 0.02) -> int | None:
+    """Threads of other processes runnable right now: the most of a few looks at the running count of Linux's
+    ``/proc/loadavg`` (which counts this process's running thread too), ``None`` where there is no such file."""
+    counts = []
+    for i in range(looks):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < looks:
+            time.sleep(pause_s)
+    return max(0, max(counts) - 1)
+
+
 def _busy_cores() -> float:
-    """Cores kept busy by other work: the one-minute load average (0 where the OS does not report it)."""
+    """Cores kept busy by other work: the one-minute load average, or fewer when fewer threads are runnable
+    right now (the average lags by minutes after a job ends); 0 where the OS reports neither."""
     try:
-        return os.getloadavg()[0]
+        load = os.getloadavg()[0]
     except (AttributeError, OSError):
-        return 0.0
+        load = 0.0
+    now = _runnable_now()
+    return load if now is None else min(load, float(now))
 
 
 def default_threads(concurrent: int = 1) -> int:
