@@ -5,8 +5,7 @@
 id, its log and the last lines of its error). Finished cells are read, never retrained.
 
 - ``local``: one cell after another in this process; with ``workers=K``, ``K`` cells at once, each in a fresh
-  interpreter (:mod:`factlens.bios.cell_worker`) with its share of the cores (small models train faster as several one-thread processes than as one
-  many-thread process); with several GPUs (and no ``device``), one cell per GPU at a time. A failing cell is
+  interpreter (:mod:`factlens.bios.cell_worker`) with its share of the cores; with several GPUs (and no ``device``), one cell per GPU at a time. A failing cell is
   reported and the others go on.
 - ``slurm``: the unfinished cells are submitted as one job array (``executor.batch()``) with the partition,
   GPUs, CPUs, memory, time limit, array parallelism and extra ``sbatch`` options of :class:`ExecutorConfig`.
@@ -70,7 +69,7 @@ class ExecutorConfig:
         array_parallelism: at most this many cells of the array run at once.
         sbatch: extra ``sbatch`` options, e.g. ``{"account": "mylab", "qos": "high", "constraint": "a100"}``.
         poll_s: seconds between two looks at SLURM while waiting.
-        workers: local cells trained at once, each in its own process; each takes ``cpus_per_task`` threads,
+        workers: local cells trained at once, each in a fresh interpreter; each takes ``cpus_per_task`` threads,
             else the free cores split between the workers (``FACTLENS_THREADS`` wins when set).
         log_to: also send each cell's metrics, checkpoint steps and config to ``"tensorboard"`` (event files in
             the cell's run folder) or ``"wandb"`` (one W&B run per cell); see :mod:`factlens.bios.tracking`.

@@ -193,6 +193,37 @@ def forgetting_cells(sc: ForgettingScale, out: str | Path, stage: str) -> list[C
                  str(out / "finetune" / f"new{k}_w{w:g}")) for k, w in sc.cells()]
 
 
+def planned_configs(sc: ForgettingScale, out: str | Path, stages: tuple[str, ...]) -> tuple[int, list[TrainConfig]]:
+    """``(training runs in all, configs still to train)`` of the ``hallucination`` / ``finetune`` ``stages``.
+
+    A fine-tuning cell is built from its base run's last checkpoint; while that run is not finished, the cell
+    counts as the base run's config at the fine-tuning length (what it costs per step).
+
+    Example:
+        >>> from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, planned_configs
+        >>> total, todo = planned_configs(FORGETTING_SCALES["tiny"], "runs/none-yet", ("finetune",))
+        >>> total, len(todo), sorted({c.steps for c in todo})
+        (7, 7, [10, 30])
+    """
+    groups = [("hallucination", "finetune", len(sc.cells()))]
+    if "finetune" in stages and sc.rare is not None:
+        groups.append(("rare", "rare_finetune", 1))
+    total, todo = 0, []
+    for base_stage, tune_stage, n_tuned in groups:
+        (base,) = forgetting_cells(sc, out, base_stage)
+        done = base.finished()
+        total += 1
+        todo += [] if done else [base.config]
+        if "finetune" not in stages:
+            continue
+        total += n_tuned
+        if done:
+            todo += [c.config for c in forgetting_cells(sc, out, tune_stage) if not c.finished()]
+        else:
+            todo += [dataclasses.replace(base.config, steps=sc.steps, checkpoint_every=sc.checkpoint_every)] * n_tuned
+    return total, todo
+
+
 def _run(cells: list[Cell], result: ForgettingResult, run: dict) -> dict[str, TrainingHistory]:
     """Run the cells through the executor; record their statuses; the finished cells' histories."""
     report = run_cells(cells, **run)
@@ -406,4 +437,4 @@ def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> N
 
 
 __all__ = ["FORGETTING_SCALES", "STAGES", "ForgettingResult", "ForgettingScale", "forgetting_cells",
-           "hallucination_table", "plateau_step", "reproduce_forgetting"]
+           "hallucination_table", "planned_configs", "plateau_step", "reproduce_forgetting"]

@@ -404,12 +404,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _reproduce_configs(args: argparse.Namespace, stages: list[str]) -> tuple[int, list]:
-    """(cells in all, the configs still to train) of the requested stages. Fine-tuning cells, built from a base
-    run that may not exist yet, are counted as the base run's config at the fine-tuning length."""
-    import dataclasses
-
+    """(cells in all, the configs still to train) of the requested stages."""
     from factlens.bios.reproduce import reproduce_cells, with_overrides
-    from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, forgetting_cells
+    from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, planned_configs
     from factlens.bios.stages import scale_with, stage_cells
 
     knobs = _knob_overrides(args)
@@ -426,23 +423,9 @@ def _reproduce_configs(args: argparse.Namespace, stages: list[str]) -> tuple[int
             done = False
         if not done:
             todo.append(cell.config)
-    forgetting = [s for s in stages if s in ("hallucination", "finetune")]
-    if forgetting:
-        sc, n = FORGETTING_SCALES[args.scale], 1
-        pre = forgetting_cells(sc, args.out, "hallucination")
-        if "finetune" in forgetting and sc.rare is not None:
-            pre += forgetting_cells(sc, args.out, "rare")
-            n += 1
-        todo += [c.config for c in pre if not c.finished()]
-        cells += pre
-        if "finetune" in forgetting:
-            tuned = [dataclasses.replace(sc.base_config(), steps=sc.steps, checkpoint_every=sc.checkpoint_every)
-                     for _ in range(len(sc.cells()) + n - 1)]
-            done = [p for p in [*(Path(args.out) / "finetune").glob("*/"), Path(args.out) / "rare" / "finetune"]
-                    if (p / "config.json").exists()]
-            todo += tuned[len(done):]
-            return len(cells) + len(tuned), todo
-    return len(cells), todo
+    forgetting = tuple(s for s in stages if s in ("hallucination", "finetune"))
+    total, tuned = planned_configs(FORGETTING_SCALES[args.scale], args.out, forgetting) if forgetting else (0, [])
+    return len(cells) + total, todo + tuned
 
 
 def _reproduce_plan(args: argparse.Namespace, stages: list[str]) -> None:
