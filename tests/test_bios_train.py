@@ -155,8 +155,15 @@ def test_resume_after_sigkill_gives_identical_losses(tmp_path):
     timing = ("tokens_per_s", "rss_gib", "peak_rss_gib")
     rows = [{k: v for k, v in json.loads(ln).items() if k not in timing}
             for ln in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{k: v for k, v in json.loads(ln).items() if k not in timing}
-                    for ln in (reference / "metrics.jsonl").read_text().splitlines()]  # no duplicate or lost row
+    expected = [{k: v for k, v in json.loads(ln).items() if k not in timing}
+                for ln in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [(r["kind"], r["step"]) for r in expected]  # none lost or doubled
+    assert [r for r in rows if r["kind"] == "train"] == [r for r in expected if r["kind"] == "train"]
+    # evaluation rows written by the killed process: another interpreter, whose BLAS may round a sum differently
+    # (MKL's results depend on memory alignment); a row from other weights or another step differs by far more
+    for ours, ref in zip((r for r in rows if r["kind"] == "eval"), (r for r in expected if r["kind"] == "eval")):
+        assert {k: v for k, v in ours.items() if k != "kind"} == pytest.approx(
+            {k: v for k, v in ref.items() if k != "kind"}, rel=1e-4)
     assert len(list_checkpoints(killed / "resume")) <= 2  # keep_resume
     a = load_checkpoint(killed / "checkpoints" / "step_0000040").state
     b = load_checkpoint(reference / "checkpoints" / "step_0000040").state
