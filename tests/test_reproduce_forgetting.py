@@ -19,10 +19,11 @@ from factlens.errors import ConfigError
 def test_reproduce_forgetting_tiny_runs_every_stage_and_resumes(tmp_path):
     result = reproduce_forgetting("tiny", tmp_path, progress=False)
     sc = FORGETTING_SCALES["tiny"]
-    assert len(result.trained) == 1 + 1 + len(sc.cells()) + 1 + 1  # base runs, fine-tuning cells, rare, toy
+    assert len(result.trained) == 1 + 1 + len(sc.all_cells()) + 1 + 1  # base runs, fine-tuning cells, rare, toy
     assert list(result.rare["celebrities"]) == [16] and "rare" in result.figures()
     assert set(result.hallucination["people"]) == {"seen", "unseen"}
-    assert len(result.finetune) == len(sc.cells())
+    assert len(result.finetune) == len(sc.all_cells())
+    assert list(result.finetune["optimizer"]) == ["fresh"] * len(sc.cells()) + ["pre-training"] * len(sc.keep_optimizer)
     assert set(result.drift.tv["layer"]) == {0, 1}
     summary = json.loads((tmp_path / "forgetting_summary.json").read_text())
     assert summary["finetune"][0]["old_acc_start"] == result.finetune["old_acc_start"].iloc[0]
@@ -36,7 +37,8 @@ def test_reproduce_forgetting_tiny_runs_every_stage_and_resumes(tmp_path):
 def test_forgetting_stages_run_their_cells_through_the_executor_and_never_retrain_a_finished_one(tmp_path,
                                                                                                  monkeypatch):
     scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
-                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2, rare=None)
+                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2, rare=None,
+                                keep_optimizer=())
     calls = []
 
     def recording(cells, executor=None, **kw):
@@ -68,7 +70,8 @@ def test_a_failing_forgetting_cell_is_reported_and_the_others_go_on(tmp_path, mo
     import factlens.bios.executor as executor
 
     scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
-                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2, rare=None)
+                                new_sizes=(4,), replay_weights=(0.5,), steps=4, checkpoint_every=2, rare=None,
+                                keep_optimizer=())
     real = executor.run_cell
 
     def failing(cell, **kw):
@@ -96,7 +99,8 @@ def test_rare_cells_fine_tune_a_celebrity_run_on_its_own_non_celebrities(tmp_pat
     from factlens.bios.run import Run
 
     scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
-                                new_sizes=(4,), replay_weights=(), steps=4, checkpoint_every=2, rare=(0.25, 4))
+                                new_sizes=(4,), replay_weights=(), steps=4, checkpoint_every=2, rare=(0.25, 4),
+                                keep_optimizer=())
     result = reproduce_forgetting(scale, tmp_path, stages=("finetune",), progress=False)
     base = TrainConfig.preset("tiny", steps=10, n_unseen=8, checkpoint_every=5)
     rare_base = Run(tmp_path / "rare" / "base")
@@ -119,6 +123,29 @@ def test_rare_cells_fine_tune_a_celebrity_run_on_its_own_non_celebrities(tmp_pat
     assert json.loads((tmp_path / "forgetting_summary.json").read_text())["rare"][0]["celebrities"] == 16
 
 
+def test_kept_optimizer_cells_carry_the_pretraining_adamw_state(tmp_path):
+    """A ``_keep`` cell is its fresh twin with the base run's AdamW state at the last step: same people, same
+    start weights, same first batch, and a different update from the second step on."""
+    import torch
+
+    from factlens.bios.run import Run
+
+    scale = dataclasses.replace(FORGETTING_SCALES["tiny"], overrides=dict(steps=10, n_unseen=8, checkpoint_every=5),
+                                new_sizes=(4,), replay_weights=(), steps=4, checkpoint_every=2, rare=None,
+                                keep_optimizer=((4, 0.0),))
+    result = reproduce_forgetting(scale, tmp_path, stages=("finetune",), progress=False)
+    assert list(result.finetune["optimizer"]) == ["fresh", "pre-training"]
+    fresh, kept = Run(tmp_path / "finetune" / "new4_w0"), Run(tmp_path / "finetune" / "new4_w0_keep")
+    assert kept.config.finetune.keep_optimizer and not fresh.config.finetune.keep_optimizer
+    assert dataclasses.replace(kept.config.finetune, keep_optimizer=False) == fresh.config.finetune
+    start = Run(tmp_path / "hallucination" / "base").checkpoint(10).state
+    for run in (fresh, kept):
+        assert all(torch.equal(a, start[k]) for k, a in run.checkpoint(0).state.items())
+    moved = [not torch.equal(a, kept.checkpoint(2).state[k]) for k, a in fresh.checkpoint(2).state.items()]
+    assert any(moved), "the carried AdamW state changed no update"
+    assert "new4_w0_keep" in result.histories and rf.cell_name(4, 0.0, True) == "new4_w0_keep"
+
+
 def test_unknown_stage_or_scale_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown stages"):
         reproduce_forgetting("tiny", tmp_path, stages=("hallucinations",))
@@ -139,7 +166,7 @@ def test_cpu_scale_forgetting_is_fast_and_replay_limits_it(tmp_path):
     by at least half within the first tenth of fine-tuning while new-people accuracy rises; with replay, the
     final old accuracy is higher; fine-tuning on rare, already-seen people (Fig. P) causes no such fall."""
     scale = dataclasses.replace(FORGETTING_SCALES["cpu"], new_sizes=(20,), replay_weights=(1 / 16,),
-                                checkpoint_every=5, drift_sequences=16)
+                                checkpoint_every=5, drift_sequences=16, keep_optimizer=())
     result = reproduce_forgetting(scale, tmp_path, stages=("finetune",), progress=False)
     ft = result.finetune.set_index(["new_people", "replay_weight"])
     plain, replay = ft.loc[(20, 0.0)], ft.loc[(20, 1 / 16)]

@@ -67,6 +67,8 @@ class ForgettingScale:
         toy: the :class:`ToyMemoryConfig` preset of the toy stage.
         rare: ``(fraction of N that are celebrities, their weight)`` of the Fig. P pre-training run, fine-tuned on
             its non-celebrities; ``None``: no such cells.
+        keep_optimizer: ``(new people, replay weight)`` cells trained a second time with the pre-training run's
+            AdamW state carried over (``finetune/newK_wW_keep``); the other cells start AdamW afresh.
     """
 
     preset: str
@@ -80,6 +82,7 @@ class ForgettingScale:
     drift_sequences: int
     toy: str
     rare: tuple[float, float] | None = None
+    keep_optimizer: tuple[tuple[int, float], ...] = ()
 
     def base_config(self) -> TrainConfig:
         config = TrainConfig.preset(self.preset, **self.overrides)
@@ -96,9 +99,14 @@ class ForgettingScale:
         return TrainConfig.preset(self.preset, **{**self.overrides, "sampler": sampler})
 
     def cells(self) -> list[tuple[int, float]]:
-        """``(new people, replay weight)`` of every fine-tuning cell (no replay first)."""
+        """``(new people, replay weight)`` of every fine-tuning cell with a fresh AdamW (no replay first)."""
         cells = [(k, 0.0) for k in self.new_sizes] + [(self.replay_new, w) for w in self.replay_weights]
         return list(dict.fromkeys(cells))
+
+    def all_cells(self) -> list[tuple[int, float, bool]]:
+        """``(new people, replay weight, keep_optimizer)`` of every fine-tuning cell: :meth:`cells`, then
+        ``keep_optimizer``'s."""
+        return [(k, w, False) for k, w in self.cells()] + [(k, w, True) for k, w in dict.fromkeys(self.keep_optimizer)]
 
 
 # cpu: the demo model and recipe (2 layers, batch 32, AdamW (0.9, 0.995), LR 2e-3 cosine to 4e-4, small pools)
@@ -106,18 +114,20 @@ class ForgettingScale:
 # unseen people; fine-tuning for a sixth of that at a constant LR of a quarter of the peak (the paper: 4k steps
 # after 16k, LR 3e-5 after a 4e-4 peak), on 1/16 to 1/2 as many new people as old ones (the paper: 1/64 to 1/4),
 # replay with 20 new people (1/16, as the paper's 4k of 64k); Fig. P with the paper's 1/16 of the people as
-# celebrities of weight 8.
+# celebrities of weight 8; three cells again with the pre-training AdamW state.
 FORGETTING_SCALES: dict[str, ForgettingScale] = {
     "tiny": ForgettingScale(preset="tiny", overrides=dict(steps=30, n_unseen=16, checkpoint_every=10),
                             new_sizes=(4, 16), replay_new=4, replay_weights=(1.0, 0.25), steps=10, lr=1e-3,
-                            checkpoint_every=5, drift_sequences=8, toy="tiny", rare=(0.25, 4)),
+                            checkpoint_every=5, drift_sequences=8, toy="tiny", rare=(0.25, 4),
+                            keep_optimizer=((4, 0.0),)),
     "cpu": ForgettingScale(preset="demo", overrides=dict(n_people=325, steps=900, n_unseen=192),
                            new_sizes=(20, 40, 80, 160), replay_new=20, replay_weights=(1.0, 0.25, 1 / 16, 1 / 32),
                            steps=150, lr=5e-4, checkpoint_every=10, drift_sequences=64, toy="paper",
-                           rare=(1 / 16, 8)),
+                           rare=(1 / 16, 8), keep_optimizer=((20, 0.0), (160, 0.0), (20, 1.0))),
     "gpu": ForgettingScale(preset="paper", overrides=dict(n_unseen=16_000), new_sizes=(1000, 2000, 4000, 8000, 16_000),
                            replay_new=4000, replay_weights=(2.0, 1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32), steps=4000,
-                           lr=3e-5, checkpoint_every=None, drift_sequences=256, toy="paper", rare=(1 / 16, 8)),
+                           lr=3e-5, checkpoint_every=None, drift_sequences=256, toy="paper", rare=(1 / 16, 8),
+                           keep_optimizer=((4000, 0.0), (16_000, 0.0), (4000, 1.0))),
 }
 
 
@@ -129,7 +139,8 @@ class ForgettingResult(ResultDisplay):
         hallucination: rows ``phase`` (plateau / end) × ``people`` (seen / unseen), columns ``step, attr_loss,
             attr_acc, top_prob, entropy`` and the paper's numbers where it gives them (``paper_*``).
         finetune: one row per fine-tuning cell: ``new_people``, ``new_fraction`` (of the old population),
-            ``replay_weight`` and :func:`~factlens.bios.forgetting.forgetting_summary`'s numbers.
+            ``replay_weight``, ``optimizer`` (``fresh`` AdamW, or the ``pre-training`` run's state) and
+            :func:`~factlens.bios.forgetting.forgetting_summary`'s numbers.
         rare: Fig. P, one row: the celebrity run's ``celebrities`` and ``non_celebrities`` counts and
             :func:`~factlens.bios.forgetting.forgetting_summary` of fine-tuning on the non-celebrities (``old_*``:
             the celebrities, ``new_*``: the non-celebrities, already seen in pre-training).
@@ -166,7 +177,8 @@ class ForgettingResult(ResultDisplay):
 
 def forgetting_cells(sc: ForgettingScale, out: str | Path, stage: str) -> list[Cell]:
     """The training cells of a stage: ``hallucination`` (the pre-training run ``hallucination/base``),
-    ``finetune`` (``finetune/new{K}_w{W}``, built from the base run's last checkpoint: it must be finished),
+    ``finetune`` (``finetune/new{K}_w{W}``, built from the base run's last checkpoint: it must be finished; with
+    ``_keep`` the pre-training AdamW state is carried over),
     ``rare`` (the celebrity pre-training run ``rare/base``) or ``rare_finetune`` (``rare/finetune``: its
     non-celebrities, from its last checkpoint, without replay).
 
@@ -188,9 +200,21 @@ def forgetting_cells(sc: ForgettingScale, out: str | Path, stage: str) -> list[C
     if stage != "finetune":
         raise ConfigError(f"unknown stage {stage!r}; choose hallucination, finetune, rare or rare_finetune.")
     base_dir = out / "hallucination" / "base"
-    return [Cell(f"finetune/new{k}_w{w:g}", finetune_config(base_dir, n_new=k, old_weight=w, steps=sc.steps,
-                                                             lr=sc.lr, checkpoint_every=sc.checkpoint_every),
-                 str(out / "finetune" / f"new{k}_w{w:g}")) for k, w in sc.cells()]
+    return [Cell(f"finetune/{cell_name(k, w, keep)}",
+                 finetune_config(base_dir, n_new=k, old_weight=w, steps=sc.steps, lr=sc.lr, keep_optimizer=keep,
+                                 checkpoint_every=sc.checkpoint_every),
+                 str(out / "finetune" / cell_name(k, w, keep))) for k, w, keep in sc.all_cells()]
+
+
+def cell_name(new_people: int, replay_weight: float, keep_optimizer: bool = False) -> str:
+    """A fine-tuning cell's folder name: ``new{K}_w{W}``, with ``_keep`` when it carries the AdamW state over.
+
+    Example:
+        >>> from factlens.bios.reproduce_forgetting import cell_name
+        >>> cell_name(20, 0.0), cell_name(20, 1 / 32, keep_optimizer=True)
+        ('new20_w0', 'new20_w0.03125_keep')
+    """
+    return f"new{new_people}_w{replay_weight:g}" + ("_keep" if keep_optimizer else "")
 
 
 def planned_configs(sc: ForgettingScale, out: str | Path, stages: tuple[str, ...]) -> tuple[int, list[TrainConfig]]:
@@ -203,9 +227,9 @@ def planned_configs(sc: ForgettingScale, out: str | Path, stages: tuple[str, ...
         >>> from factlens.bios.reproduce_forgetting import FORGETTING_SCALES, planned_configs
         >>> total, todo = planned_configs(FORGETTING_SCALES["tiny"], "runs/none-yet", ("finetune",))
         >>> total, len(todo), sorted({c.steps for c in todo})
-        (7, 7, [10, 30])
+        (8, 8, [10, 30])
     """
-    groups = [("hallucination", "finetune", len(sc.cells()))]
+    groups = [("hallucination", "finetune", len(sc.all_cells()))]
     if "finetune" in stages and sc.rare is not None:
         groups.append(("rare", "rare_finetune", 1))
     total, todo = 0, []
@@ -305,14 +329,14 @@ def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Pa
         rows = []
         n_old = sc.base_config().n_people
         histories = _run(forgetting_cells(sc, out, "finetune"), result, run)
-        for k, w in sc.cells():
-            name = f"new{k}_w{w:g}"
+        for k, w, keep in sc.all_cells():
+            name = cell_name(k, w, keep)
             history = histories.get(f"finetune/{name}")
             if history is None:
                 continue
             result.histories[name] = history
             rows.append({"new_people": k, "new_fraction": k / n_old, "replay_weight": w,
-                         **forgetting_summary(history)})
+                         "optimizer": "pre-training" if keep else "fresh", **forgetting_summary(history)})
         result.finetune = pd.DataFrame(rows)
         if rare is not None:
             tuned = _run(forgetting_cells(sc, out, "rare_finetune"), result, run).get("rare/finetune")
@@ -322,8 +346,8 @@ def reproduce_forgetting(scale: str | ForgettingScale = "cpu", out_dir: str | Pa
                 result.rare = pd.DataFrame([{"celebrities": n_celebrities,
                                              "non_celebrities": sc.base_config().n_people - n_celebrities,
                                              "celebrity_weight": sc.rare[1], **forgetting_summary(tuned)}])
-        biggest = out / "finetune" / f"new{max(sc.new_sizes)}_w0"
-        if f"new{max(sc.new_sizes)}_w0" in result.histories:
+        biggest = out / "finetune" / cell_name(max(sc.new_sizes), 0.0)
+        if biggest.name in result.histories:
             result.drift = attention_drift(biggest, n_sequences=sc.drift_sequences, device=device or "cpu",
                                            progress=progress)
     if "toy" in stages:
@@ -364,11 +388,13 @@ def _figures(result: ForgettingResult) -> dict:
             for col, metric in ((1, "old_attr_acc"), (2, "new_attr_acc")):
                 fig.add_trace(go.Scatter(x=h.evals["step"], y=h.evals[metric], mode="lines", name=name,
                                          legendgroup=name, showlegend=col == 1,
-                                         line=dict(dash="solid" if name.endswith("_w0") else "dot")), 1, col)
+                                         line=dict(dash="solid" if "_w0" in name and "_w0." not in name else "dot",
+                                                   width=3 if name.endswith("_keep") else 2)), 1, col)
         fig.update_xaxes(title_text="fine-tuning step")
         fig.update_yaxes(title_text="fraction of values", range=[0, 1.02])
         fig.update_layout(template="plotly_white", height=430, width=1050,
-                          title="Fine-tuning on new people: newK_wW = K new people, replay weight W (solid: none)")
+                          title="Fine-tuning on new people: newK_wW = K new people, replay weight W (solid: none); "
+                                "_keep: pre-training AdamW state")
         figs["forgetting"] = fig
     if "rare" in result.histories:
         ev = result.histories["rare"].evals
@@ -436,5 +462,5 @@ def _write_report(result: ForgettingResult, sc: ForgettingScale, out: Path) -> N
     atomic_write(out / "forgetting_summary.json", json.dumps(summary, indent=1, default=float))
 
 
-__all__ = ["FORGETTING_SCALES", "STAGES", "ForgettingResult", "ForgettingScale", "forgetting_cells",
+__all__ = ["FORGETTING_SCALES", "STAGES", "ForgettingResult", "ForgettingScale", "cell_name", "forgetting_cells",
            "hallucination_table", "planned_configs", "plateau_step", "reproduce_forgetting"]
