@@ -112,6 +112,7 @@ def test_pattern_tv_is_half_l1_averaged_over_real_queries():
     assert pattern_tv(a, a, mask) == 0.0
 
 
+@pytest.mark.slow  # a fine-tuning run and its attention drift through the CLI (9-14 s): .ci/run runs it in its slow step
 def test_cli_finetune_writes_curves_summary_and_attention_drift(pre, tmp_path, capsys):
     from factlens.cli import main
 

@@ -81,6 +81,7 @@ def test_local_cells_go_on_past_a_failure_and_finished_cells_are_read(tmp_path):
     assert (tmp_path / "good" / "metrics.jsonl").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # two worker processes train three cells (9-14 s): .ci/run runs it in its slow step
 def test_local_workers_train_cells_in_processes_exactly_as_one_after_another(tmp_path):
     """Two worker processes give each cell the metrics of a serial run with the same threads; a failing cell is
     reported with its error (the remote traceback) and the others finish."""
@@ -113,6 +114,7 @@ def test_a_cell_whose_folder_holds_another_run_is_refused_before_anything_trains
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.slow  # a stage's cells trained through the CLI (9-14 s): .ci/run runs it in its slow step
 def test_a_failed_reproduction_cell_is_in_the_report_and_the_other_cells_go_on(tmp_path, monkeypatch, capsys):
     import factlens.bios.executor as executor
     from factlens.bios.reproduce import SCALES, Scale, reproduce

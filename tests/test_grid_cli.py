@@ -29,6 +29,7 @@ def test_grid_runs_every_cell_and_resumes(tmp_path):
         run_grid(config, tmp_path, reference_steps=[3])
 
 
+@pytest.mark.slow  # train, plot, eval and patch through the CLI (9-14 s): .ci/run runs it in its slow step
 def test_cli_train_plot_eval_patch(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["bios", "train", "--preset", "tiny", "--steps", "10", "--people", "64", "--out", str(out), "--quiet"]) == 0

@@ -84,6 +84,7 @@ def test_templates_stage_writes_its_table_and_figure_and_resumes(tmp_path):
         run_cells(swapped, jobs_dir=tmp_path / "jobs", progress=False)
 
 
+@pytest.mark.slow  # every appendix stage's cells trained (9-14 s): .ci/run runs it in its slow step
 def test_summaries_of_the_other_stages_on_tiny_runs(tmp_path):
     for stage in ("curriculum", "patching_grid", "robustness"):
         result = run_stage(stage, "tiny", tmp_path, progress=False)
