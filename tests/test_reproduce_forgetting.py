@@ -144,6 +144,10 @@ def test_kept_optimizer_cells_carry_the_pretraining_adamw_state(tmp_path):
     moved = [not torch.equal(a, kept.checkpoint(2).state[k]) for k, a in fresh.checkpoint(2).state.items()]
     assert any(moved), "the carried AdamW state changed no update"
     assert "new4_w0_keep" in result.histories and rf.cell_name(4, 0.0, True) == "new4_w0_keep"
+    fig = result.figures()["optimizer"]
+    assert [t.name for t in fig.data] == ["new4_w0: fresh AdamW", "new4_w0: pre-training AdamW"]
+    assert list(fig.data[1].y) == list(result.histories["new4_w0_keep"].evals["old_attr_acc"])
+    assert "Optimizer state" in (tmp_path / "forgetting_report.html").read_text()
 
 
 def test_unknown_stage_or_scale_is_refused(tmp_path):

@@ -373,6 +373,9 @@ def _toy(config: ToyMemoryConfig, path: Path, result: ForgettingResult, progress
 
 
 # ------------------------------------------------------------------------------------------------ report
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
 def _figures(result: ForgettingResult) -> dict:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -396,6 +399,19 @@ def _figures(result: ForgettingResult) -> dict:
                           title="Fine-tuning on new people: newK_wW = K new people, replay weight W (solid: none); "
                                 "_keep: pre-training AdamW state")
         figs["forgetting"] = fig
+    kept = [k for k in cells if k.endswith("_keep") and k.removesuffix("_keep") in cells]
+    if kept:
+        fig = go.Figure()
+        for i, name in enumerate(kept):
+            twin = name.removesuffix("_keep")
+            for run, label, dash in ((twin, "fresh AdamW", "solid"), (name, "pre-training AdamW", "dash")):
+                ev = cells[run].evals
+                fig.add_scatter(x=ev["step"], y=ev["old_attr_acc"], mode="lines", name=f"{twin}: {label}",
+                                line=dict(dash=dash, color=_COLORS[i % len(_COLORS)]))
+        fig.update_layout(template="plotly_white", height=420, width=850, xaxis_title="fine-tuning step",
+                          yaxis_title="old people's accuracy", yaxis_range=[0, 1.02],
+                          title="Fine-tuning with a fresh AdamW (solid) or the pre-training run's state (dashed)")
+        figs["optimizer"] = fig
     if "rare" in result.histories:
         ev = result.histories["rare"].evals
         fig = go.Figure()
@@ -424,6 +440,7 @@ recomputed.</p>{% if missing %}<p><b>Not finished yet:</b> {{ missing|join(", ")
 <pre>{{ f.error }}</pre></p>{% endfor %}
 {% if hallucination %}<h2>Hallucinations over pre-training</h2>{{ figs.hallucination }}{{ hallucination }}{% endif %}
 {% if finetune %}<h2>Fine-tuning, forgetting and replay</h2>{{ figs.forgetting }}{{ finetune }}{% endif %}
+{% if figs.optimizer %}<h2>Optimizer state</h2>{{ figs.optimizer }}{% endif %}
 {% if figs.rare %}<h2>Fine-tuning on rare, already-seen people</h2>{{ figs.rare }}{{ rare }}{% endif %}
 {% if figs.attention_drift %}<h2>Attention drift during fine-tuning</h2>{{ figs.attention_drift }}{% endif %}
 {% if figs.toy %}<h2>Toy associative memory</h2>{{ figs.toy }}{{ toy }}{% endif %}
