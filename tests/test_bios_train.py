@@ -152,7 +152,7 @@ def test_resume_after_sigkill_gives_identical_losses(tmp_path):
     # the killed trainer's lock is released by the kernel: the resume takes it over
     train(tiny_config(steps=40, resume_every=5), killed, progress=False)  # resumes
     assert train_losses(killed) == train_losses(reference)
-    timing = ("tokens_per_s", "rss_gib", "peak_rss_gib")
+    timing = ("tokens_per_s", "rss_gib", "peak_rss_gib", "threads")
     rows = [{k: v for k, v in json.loads(ln).items() if k not in timing}
             for ln in (killed / "metrics.jsonl").read_text().splitlines()]
     expected = [{k: v for k, v in json.loads(ln).items() if k not in timing}

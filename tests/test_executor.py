@@ -18,7 +18,7 @@ from factlens.cli.bios import _executor, _executor_args
 from factlens.errors import ClusterError
 from test_bios_train import tiny_config
 
-TIMING = ("tokens_per_s", "rss_gib", "peak_rss_gib", "wall_s", "step_s")
+TIMING = ("tokens_per_s", "rss_gib", "peak_rss_gib", "wall_s", "step_s", "threads")
 
 
 def test_executor_settings_from_toml_json_and_the_command_line(tmp_path):

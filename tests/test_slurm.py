@@ -36,7 +36,7 @@ def _slurm_reachable() -> bool:
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not _slurm_reachable(), reason="no SLURM cluster here (sbatch absent or sinfo "
                                  "fails); scripts/slurm_local.sh start starts one")]
-TIMING = ("tokens_per_s", "rss_gib", "peak_rss_gib")
+TIMING = ("tokens_per_s", "rss_gib", "peak_rss_gib", "threads")
 
 
 def _records(out):

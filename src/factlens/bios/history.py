@@ -30,7 +30,8 @@ class TrainingHistory(ResultDisplay):
 
     Attributes:
         evals: one row per checkpoint (``step``, ``attr_loss``, ``attr_acc``, ``unseen_*``...).
-        train: one row per logging interval (``step``, ``loss``, ``lr``, ``tokens_per_s``).
+        train: one row per logging interval (``step``, ``loss``, ``lr``, ``tokens_per_s``, ``threads``: torch's
+            CPU threads, which fix the order of CPU sums, so two runs are bit-identical only at the same count).
         baseline: the no-knowledge attribute loss of the run's pools (nats).
     """
 

@@ -414,7 +414,8 @@ class Trainer:
         mem = memory_usage(self.device)
         self._record(self.out / "metrics.jsonl", {
             "kind": "train", "step": self.step, "loss": float(torch.stack(window).mean()),
-            "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s, **mem.to_dict()})
+            "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s,
+            "threads": torch.get_num_threads(), **mem.to_dict()})  # CPU sums follow the thread count
         return mem.short()
 
     def _record(self, path: Path, record: dict) -> None:
