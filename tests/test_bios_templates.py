@@ -109,6 +109,7 @@ def test_bad_template_counts_orders_and_model_sizes_are_refused():
         config(model=dict(n_layer=0))
 
 
+@pytest.mark.slow  # runs trained through the CLI (6-7 s): .ci/run runs it in its slow step
 def test_cli_sets_templates_order_and_robustness_knobs(tmp_path):
     out = tmp_path / "run"
     argv = ["bios", "train", "--preset", "tiny", "--steps", "2", "--people", "16", "--templates", "2",

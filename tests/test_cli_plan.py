@@ -3,6 +3,7 @@ measurement leaves the run as an uninterrupted one; --keep-checkpoints last keep
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from factlens.bios.estimate import measure
@@ -24,6 +25,7 @@ def test_train_prints_its_plan_first_and_the_measurement_does_not_change_the_run
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
 
 
+@pytest.mark.slow  # a demo run kept to its last checkpoint (6-7 s): .ci/run runs it in its slow step
 def test_keep_last_checkpoint_leaves_a_finished_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["bios", "train", "--preset", "tiny", "--out", str(out), "--keep-checkpoints", "last",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from factlens.bios.run import Run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "forgetting_lr.py"
 
 
+@pytest.mark.slow  # a pre-training run and two fine-tuning cells (6-7 s): .ci/run runs it in its slow step
 def test_forgetting_lr_fine_tunes_at_the_given_lr_and_prints_the_table(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("forgetting_lr", SCRIPT)
     script = importlib.util.module_from_spec(spec)
