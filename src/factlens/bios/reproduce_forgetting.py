@@ -373,41 +373,43 @@ def _toy(config: ToyMemoryConfig, path: Path, result: ForgettingResult, progress
 
 
 # ------------------------------------------------------------------------------------------------ report
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
-
-
 def _figures(result: ForgettingResult) -> dict:
     import plotly.graph_objects as go
+    from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
     figs = {}
     if "base" in result.histories:
         figs["hallucination"] = result.histories["base"].plot("Pre-training: seen people (held-out templates) vs "
                                                               "people never seen (dotted)")
-    cells = {k: h for k, h in result.histories.items() if k not in ("base", "rare")}
+    # the fine-tuning cells by their table rows (people, replay weight, optimizer), never by parsing names
+    rows = [] if result.finetune is None else result.finetune.to_dict("records")
+    cells = {cell_name(r["new_people"], r["replay_weight"], r["optimizer"] == "pre-training"): r for r in rows}
     if cells:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("Old people's accuracy", "New people's accuracy"))
-        for name, h in cells.items():
+        for name, r in cells.items():
+            ev = result.histories[name].evals
             for col, metric in ((1, "old_attr_acc"), (2, "new_attr_acc")):
-                fig.add_trace(go.Scatter(x=h.evals["step"], y=h.evals[metric], mode="lines", name=name,
+                fig.add_trace(go.Scatter(x=ev["step"], y=ev[metric], mode="lines", name=name,
                                          legendgroup=name, showlegend=col == 1,
-                                         line=dict(dash="solid" if "_w0" in name and "_w0." not in name else "dot",
-                                                   width=3 if name.endswith("_keep") else 2)), 1, col)
+                                         line=dict(dash="solid" if r["replay_weight"] == 0 else "dot",
+                                                   width=3 if r["optimizer"] == "pre-training" else 2)), 1, col)
         fig.update_xaxes(title_text="fine-tuning step")
         fig.update_yaxes(title_text="fraction of values", range=[0, 1.02])
         fig.update_layout(template="plotly_white", height=430, width=1050,
                           title="Fine-tuning on new people: newK_wW = K new people, replay weight W (solid: none); "
                                 "_keep: pre-training AdamW state")
         figs["forgetting"] = fig
-    kept = [k for k in cells if k.endswith("_keep") and k.removesuffix("_keep") in cells]
-    if kept:
+    twins = [(cell_name(r["new_people"], r["replay_weight"]), name) for name, r in cells.items()
+             if r["optimizer"] == "pre-training" and cell_name(r["new_people"], r["replay_weight"]) in cells]
+    if twins:
         fig = go.Figure()
-        for i, name in enumerate(kept):
-            twin = name.removesuffix("_keep")
-            for run, label, dash in ((twin, "fresh AdamW", "solid"), (name, "pre-training AdamW", "dash")):
-                ev = cells[run].evals
-                fig.add_scatter(x=ev["step"], y=ev["old_attr_acc"], mode="lines", name=f"{twin}: {label}",
-                                line=dict(dash=dash, color=_COLORS[i % len(_COLORS)]))
+        colors = qualitative.D3
+        for i, (fresh, kept) in enumerate(twins):
+            for run, label, dash in ((fresh, "fresh AdamW", "solid"), (kept, "pre-training AdamW", "dash")):
+                ev = result.histories[run].evals
+                fig.add_scatter(x=ev["step"], y=ev["old_attr_acc"], mode="lines", name=f"{fresh}: {label}",
+                                line=dict(dash=dash, color=colors[i % len(colors)]))
         fig.update_layout(template="plotly_white", height=420, width=850, xaxis_title="fine-tuning step",
                           yaxis_title="old people's accuracy", yaxis_range=[0, 1.02],
                           title="Fine-tuning with a fresh AdamW (solid) or the pre-training run's state (dashed)")
